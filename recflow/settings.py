@@ -1,0 +1,237 @@
+"""recflow settings: one place for every knob.
+
+Values come, highest priority first, from keyword arguments, environment variables
+(``RECFLOW_`` prefix, ``__`` between nested names, e.g. ``RECFLOW_FEAST__ONLINE_STORE=redis``),
+a TOML file (``RECFLOW_CONFIG`` or ``./recflow.toml``), then the defaults below.
+
+Nothing is read or created at import time: call :func:`load_settings`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = "recflow.toml"
+
+
+class DataSettings(BaseModel):
+    """Where the raw data comes from and how strict ingestion is."""
+
+    source: Literal["completejourney", "generic"] = "completejourney"
+    interactions_path: Path | None = Field(
+        default=None, description="Shop's interactions file (CSV or parquet) when source=generic."
+    )
+    items_path: Path | None = Field(default=None, description="Optional items file for source=generic.")
+    users_path: Path | None = Field(default=None, description="Optional users file for source=generic.")
+    max_bad_share: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="Fail ingestion when more than this share of rows is bad."
+    )
+    now: datetime | None = Field(
+        default=None, description="Reference time for the 'future timestamp' check (default: wall clock)."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename map from recflow's column names to the file's, e.g. {'user_id': 'customer'}.",
+    )
+    default_event_type: Literal["view", "cart", "purchase"] = Field(
+        default="purchase", description="Event type for generic rows that carry none."
+    )
+
+
+class FeatureSettings(BaseModel):
+    """Feature computation."""
+
+    history_length: int = Field(default=50, ge=1, le=500, description="Items kept in the recent-history list.")
+    user_windows_days: tuple[int, ...] = (7, 30, 90)
+    item_windows_days: tuple[int, ...] = (7, 30)
+
+
+class FeastSettings(BaseModel):
+    """Feast feature store."""
+
+    project: str = "recflow"
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    redis_connection_string: str = "127.0.0.1:6379"
+    user_ttl_days: int = Field(default=400, ge=1)
+    item_ttl_days: int = Field(default=400, ge=1)
+    training_service: str = "training_v1"
+    serving_service: str = "serving_v1"
+
+
+class TrainingSettings(BaseModel):
+    """Model training, evaluation and search."""
+
+    cutoff: datetime | None = Field(
+        default=None,
+        description="Train on events before this; validate on the next week, test on the week after. "
+        "Default: three weeks before the last event, at midnight UTC.",
+    )
+    eval_days: int = Field(default=7, ge=1)
+    trials: int = Field(default=4, ge=1)
+    max_minutes: float = Field(default=10.0, gt=0)
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    gpus_per_trial: float = Field(default=0.25, ge=0, description="Used only when CUDA is present.")
+    seed: int = 42
+    model_name: str = "recflow_two_tower"
+
+
+class ServingSettings(BaseModel):
+    """BentoML service."""
+
+    host: str = "127.0.0.1"
+    port: int = 3000
+    token: str | None = Field(default=None, description="Bearer token required by mutating endpoints.")
+    default_k: int = Field(default=10, ge=1, le=100)
+    index: Literal["exact", "ann"] = "exact"
+
+
+class MonitoringSettings(BaseModel):
+    """Evidently reports and the drift policy."""
+
+    window_days: int = Field(default=7, ge=1)
+    drift_share_threshold: float = Field(default=0.3, ge=0, le=1)
+    quality_drop_threshold: float = Field(default=0.1, ge=0, le=1)
+    min_samples: int = Field(default=200, ge=1)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every file location recflow uses, derived from ``Settings.home``. Nothing is created here."""
+
+    home: Path
+
+    @property
+    def canonical(self) -> Path:
+        return self.home / "canonical"
+
+    @property
+    def events(self) -> Path:
+        return self.canonical / "events.parquet"
+
+    @property
+    def items(self) -> Path:
+        return self.canonical / "items.parquet"
+
+    @property
+    def users(self) -> Path:
+        return self.canonical / "users.parquet"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.home / "quarantine"
+
+    @property
+    def features(self) -> Path:
+        return self.home / "features"
+
+    def feature_table(self, name: str) -> Path:
+        return self.features / f"{name}.parquet"
+
+    @property
+    def feast(self) -> Path:
+        return self.home / "feast"
+
+    @property
+    def feast_registry(self) -> Path:
+        return self.feast / "registry.db"
+
+    @property
+    def feast_online(self) -> Path:
+        return self.feast / "online.db"
+
+    @property
+    def training_sets(self) -> Path:
+        return self.home / "training_sets"
+
+    @property
+    def models(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def bentoml_home(self) -> Path:
+        return self.home / "bentoml"
+
+    @property
+    def ray_results(self) -> Path:
+        return self.home / "ray_results"
+
+    @property
+    def event_log(self) -> Path:
+        return self.home / "event_log"
+
+    @property
+    def request_log(self) -> Path:
+        return self.home / "request_log"
+
+    @property
+    def reports(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def cache(self) -> Path:
+        return self.home / "cache"
+
+
+class Settings(BaseSettings):
+    """All recflow settings. Build with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECFLOW_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    home: Path = Field(default=Path(".recflow"), description="Root folder for data, store, models and logs.")
+    data: DataSettings = DataSettings()
+    features: FeatureSettings = FeatureSettings()
+    feast: FeastSettings = FeastSettings()
+    training: TrainingSettings = TrainingSettings()
+    serving: ServingSettings = ServingSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def paths(self) -> Paths:
+        return Paths(self.home)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = Path(os.environ.get("RECFLOW_CONFIG", DEFAULT_CONFIG_FILE))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        elif "RECFLOW_CONFIG" in os.environ:
+            raise FileNotFoundError(
+                f"RECFLOW_CONFIG points at {config_file}, which does not exist. "
+                "Create it or unset RECFLOW_CONFIG to use the defaults."
+            )
+        return tuple(sources)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from arguments, environment and the TOML file (in that order of priority)."""
+    return Settings(**overrides)  # type: ignore[arg-type]
