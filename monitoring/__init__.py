@@ -1,0 +1,31 @@
+"""recflow monitoring: Evidently drift and quality reports, the drift policy, the on-call index page.
+
+Entry point: :func:`monitoring.run_monitor` (see :mod:`monitoring.run`). Importing this package
+does nothing else: names are resolved lazily, and Evidently is imported only when a report runs.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from monitoring.index import write_index
+    from monitoring.policy import Decision, DriftPolicy, decide
+    from monitoring.run import MonitorResult, run_monitor
+
+_LAZY = {
+    "run_monitor": "monitoring.run",
+    "MonitorResult": "monitoring.run",
+    "write_index": "monitoring.index",
+    "decide": "monitoring.policy",
+    "Decision": "monitoring.policy",
+    "DriftPolicy": "monitoring.policy",
+}
+__all__ = ["Decision", "DriftPolicy", "MonitorResult", "decide", "run_monitor", "write_index"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'monitoring' has no attribute {name!r}")

@@ -98,12 +98,51 @@ class ServingSettings(BaseModel):
 
 
 class MonitoringSettings(BaseModel):
-    """Evidently reports and the drift policy."""
+    """Evidently reports and the drift policy (see ``monitoring/policy.py``)."""
 
     window_days: int = Field(default=7, ge=1)
-    drift_share_threshold: float = Field(default=0.3, ge=0, le=1)
-    quality_drop_threshold: float = Field(default=0.1, ge=0, le=1)
-    min_samples: int = Field(default=200, ge=1)
+    drift_share_threshold: float = Field(
+        default=0.3, ge=0, le=1, description="Drift when more than this share of served user features drifted."
+    )
+    prediction_drift_share_threshold: float = Field(
+        default=0.3, ge=0, le=1, description="Drift when more than this share of prediction descriptors drifted."
+    )
+    quality_drop_threshold: float = Field(
+        default=0.1, ge=0, le=1, description="Drift when NDCG/recall/hit rate fall more than this, relative to the reference."
+    )
+    advisory_change_threshold: float = Field(
+        default=0.5, ge=0, description="Flag (without deciding drift) novelty/popularity/coverage/personalisation "
+        "moving more than this, relative to the reference.",
+    )
+    min_samples: int = Field(default=200, ge=1, description="No decision below this many requests on either side.")
+    min_feedback_users: int = Field(
+        default=50, ge=1, description="Quality metrics need at least this many users with feedback on each side."
+    )
+    metric_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Per-metric threshold overrides, e.g. {'ndcg_at_k': 0.2}."
+    )
+    k: int = Field(default=10, ge=1, le=100, description="Cut-off of the ranking metrics (NDCG@k, ...).")
+    horizon_days: int = Field(
+        default=7, ge=1, description="A recommended item is relevant when the user buys it within this horizon."
+    )
+    popularity_days: int = Field(
+        default=28, ge=1, description="Item popularity (novelty, popularity bias) = distinct buyers over this many days before the window."
+    )
+    endpoints: tuple[str, ...] = Field(default=("recommend",), description="Request-log endpoints monitored.")
+    feedback_sources: tuple[Literal["event_log", "canonical"], ...] = Field(
+        default=("event_log", "canonical"), description="Where feedback purchases are read from (union)."
+    )
+    mix_level: Literal["department", "category"] = "department"
+    mix_top_n: int = Field(default=8, ge=1, le=50, description="Groups with their own share column; the rest is 'other'.")
+    max_rows: int = Field(
+        default=10_000, ge=100, description="Drift reports sample at most this many rows per side (recorded in summary)."
+    )
+    max_quality_users: int = Field(default=5_000, ge=100, description="Quality report samples at most this many users.")
+    drift_method: str | None = Field(
+        default=None, description="Evidently stat test for every column (default: Evidently picks by type and size)."
+    )
+    drift_method_threshold: float | None = Field(default=None, description="Threshold for drift_method.")
+    seed: int = 0
 
 
 @dataclass(frozen=True)
