@@ -57,10 +57,9 @@ def _read_window(files: Sequence[Path], ts_column: str, start: pd.Timestamp, end
             f"SELECT * FROM read_parquet($files, union_by_name=true) "
             f"WHERE {ts_column} >= $start AND {ts_column} < $end {where}"
         )
-        result = con.execute(
-            query, {"files": [str(f) for f in files], "start": start.to_pydatetime(), "end": end.to_pydatetime()}
-        )
-        to_arrow = getattr(result, "to_arrow_table", None) or result.arrow  # duckdb >= 2.0 renamed it
+        params = {"files": [str(f) for f in files], "start": start.to_pydatetime(), "end": end.to_pydatetime()}
+        relation = con.sql(query, params=params)
+        to_arrow = getattr(relation, "to_arrow_table", None) or relation.arrow  # renamed in duckdb 2.0
         return to_arrow()
     finally:
         con.close()
@@ -112,6 +111,44 @@ def check_log_frame(df: pd.DataFrame, *, name: str) -> None:
             f"{name}: missing column(s) {missing}. Pass a request-log-shaped frame "
             f"(recflow.schemas.REQUEST_LOG_SCHEMA: at least {list(REQUIRED_LOG_COLUMNS)})."
         )
+
+
+def log_problems(df: pd.DataFrame, *, name: str) -> list[str]:
+    """Expectations on a request-log frame; returns one readable line per violated expectation.
+
+    Checks: unique ``request_id``; ``item_ids`` and ``scores`` of equal length; scores non-increasing
+    within a list (list order is taken as the served rank); no duplicate item within a list; no
+    empty list; ``features`` present.
+    """
+    problems: list[str] = []
+    n = len(df)
+    if n == 0:
+        return problems
+    if "request_id" in df and df["request_id"].duplicated().any():
+        problems.append(f"{name}: {int(df['request_id'].duplicated().sum())} duplicated request_id(s)")
+    items = pa.array(df["item_ids"].tolist(), type=pa.list_(pa.string()))
+    lengths = pc.fill_null(pc.list_value_length(items), 0).to_numpy()
+    if (lengths == 0).any():
+        problems.append(f"{name}: {int((lengths == 0).sum())} of {n} requests served an empty list")
+    long = explode_lists(df)
+    if len(long):
+        if long.duplicated(["row", "item_id"]).any():
+            rows = long.loc[long.duplicated(["row", "item_id"]), "row"].nunique()
+            problems.append(f"{name}: {rows} request(s) list the same item twice")
+        scored = long.dropna(subset=["score"])
+        n_scores = scored.groupby("row").size().reindex(range(n), fill_value=0).to_numpy()
+        mismatch = int(((n_scores != lengths) & (n_scores > 0)).sum())
+        if mismatch:
+            problems.append(f"{name}: {mismatch} request(s) with len(scores) != len(item_ids)")
+        if (n_scores == 0).all():
+            problems.append(f"{name}: no scores logged; score descriptors cannot be monitored")
+        rising = scored.groupby("row")["score"].diff() > 1e-6
+        if rising.any():
+            problems.append(f"{name}: {scored.loc[rising, 'row'].nunique()} request(s) with scores not in "
+                            "descending order (list order is taken as the served rank)")
+    if df["features"].isna().all():
+        problems.append(f"{name}: no features logged; feature drift cannot be monitored")
+    return problems
 
 
 def sample_rows(df: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:

@@ -128,6 +128,7 @@ def run_monitor(
     if "endpoint" in ref.columns:
         ref = ref[ref["endpoint"].isin(list(ms.endpoints)) | ref["endpoint"].isna()]
     drift_log = log[(log["ts"] >= start_ts) & (log["ts"] < end_ts)]
+    notes += mdata.log_problems(ref, name="reference") + mdata.log_problems(drift_log, name="current")
     q_start, q_end = start_ts - horizon, end_ts - horizon
     quality_log = log[(log["ts"] >= q_start) & (log["ts"] < q_end)]
 
