@@ -128,7 +128,7 @@ def run_monitor(
     if "endpoint" in ref.columns:
         ref = ref[ref["endpoint"].isin(list(ms.endpoints)) | ref["endpoint"].isna()]
     drift_log = log[(log["ts"] >= start_ts) & (log["ts"] < end_ts)]
-    notes += mdata.log_problems(ref, name="reference") + mdata.log_problems(drift_log, name="current")
+    warnings = mdata.log_problems(ref, name="reference") + mdata.log_problems(drift_log, name="current")
     q_start, q_end = start_ts - horizon, end_ts - horizon
     quality_log = log[(log["ts"] >= q_start) & (log["ts"] < q_end)]
 
@@ -175,8 +175,8 @@ def run_monitor(
         drift_share=policy.rules[FEATURE_DRIFT].threshold, method=ms.drift_method,
         threshold=ms.drift_method_threshold,
     )
-    if f_info["only_reference"] or f_info["only_current"]:
-        notes.append(f"feature schema changed: only in reference {f_info['only_reference']}, "
+    if len(f_ref) and len(f_cur) and (f_info["only_reference"] or f_info["only_current"]):
+        warnings.append(f"feature schema changed: only in reference {f_info['only_reference']}, "
                      f"only in current {f_info['only_current']}")
     timings["feature_drift"] = time.perf_counter() - t
 
@@ -233,6 +233,7 @@ def run_monitor(
         observations.append(Observation(metric=name, value=qual.current.get(name),
                                         reference=qual.reference.get(name), n=n))
     decision = decide(observations, policy, n_current=len(drift_log), n_reference=len(ref))
+    decision.reasons.extend(f"warning: {w}" for w in warnings)  # data problems on-call should see
 
     reports = {"feature_drift": feat.files, "prediction_drift": pred.files, "recommendation_quality": qual.files}
     verdict = "insufficient_data" if decision.drift is None else ("drift" if decision.drift else "ok")
@@ -261,6 +262,7 @@ def run_monitor(
         "policy": policy.model_dump(),
         "reports": {name: {"html": f.html.name, "json": f.json.name} for name, f in reports.items()},
         "notes": notes,
+        "warnings": warnings,
         "evidently_version": _evidently_version(),
     }
     timings["total"] = time.perf_counter() - t0

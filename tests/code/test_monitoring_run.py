@@ -111,3 +111,13 @@ def test_package_import_is_side_effect_free(tmp_path) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=60,
                    env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[2])})
     assert not any(tmp_path.iterdir())
+
+
+def test_missing_served_features_surface_as_a_warning(tmp_path) -> None:
+    settings, reference = _world(tmp_path, shift=0.0, n=400)
+    current = synthetic_log(400, 300, START, 7, items=synthetic_items(n_items=150), seed=9)
+    current["features"] = '{"purchases_7d": 1}'
+    result = run_monitor(settings, reference=reference, current=current, start=START, end=END)
+    warning = next(r for r in result.decision.reasons if r.startswith("warning: feature schema changed"))
+    assert "spend_30d" in warning
+    assert result.summary["features"]["only_reference"] and "spend_30d" in result.summary["features"]["only_reference"]
