@@ -28,6 +28,7 @@ from recflow.schemas import EVENTS_SCHEMA, REQUEST_LOG_SCHEMA
 ID_COLUMNS: frozenset[str] = frozenset(
     {"request_id", "user_id", "item_id", "event_id", "basket_id", "household_key", "product_id", "model_version"}
 )
+MISSING = "(missing)"
 REQUIRED_LOG_COLUMNS: tuple[str, ...] = ("user_id", "ts", "features", "item_ids", "scores")
 
 
@@ -232,7 +233,9 @@ def feature_frames(reference: pd.DataFrame, current: pd.DataFrame) -> tuple[pd.D
     """Flattened served features of both sides, restricted to drift-testable common columns.
 
     Returns ``(ref, cur, info)`` with ``info = {numerical, categorical, skipped, only_reference,
-    only_current}``. Categorical columns are cast to ``str`` (nulls kept).
+    only_current, null_share}``. Categorical columns are cast to ``str`` with nulls as the category
+    ``"(missing)"`` (so a change in missing profiles counts as drift); numerical nulls stay NaN
+    (Evidently ignores them) and their share per side is in ``info["null_share"]``.
     """
     ref = flatten_features(reference["features"]) if "features" in reference else pd.DataFrame(index=reference.index)
     cur = flatten_features(current["features"]) if "features" in current else pd.DataFrame(index=current.index)
@@ -247,13 +250,15 @@ def feature_frames(reference: pd.DataFrame, current: pd.DataFrame) -> tuple[pd.D
             (numerical if col in numerical else categorical).remove(col)
     cols = numerical + categorical
     ref, cur = ref[cols].copy(), cur[cols].copy()
+    null_share = {c: {"reference": float(ref[c].isna().mean()), "current": float(cur[c].isna().mean())}
+                  for c in cols if ref[c].isna().any() or cur[c].isna().any()}
     for frame in (ref, cur):
         for col in numerical:
             frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
         for col in categorical:
-            frame[col] = frame[col].astype(str).where(frame[col].notna(), None)
+            frame[col] = frame[col].astype(str).where(frame[col].notna(), MISSING)
     info = {"numerical": numerical, "categorical": categorical, "skipped": skipped,
-            "only_reference": only_ref, "only_current": only_cur}
+            "only_reference": only_ref, "only_current": only_cur, "null_share": null_share}
     return ref, cur, info
 
 

@@ -178,6 +178,10 @@ def run_monitor(
     if len(f_ref) and len(f_cur) and (f_info["only_reference"] or f_info["only_current"]):
         warnings.append(f"feature schema changed: only in reference {f_info['only_reference']}, "
                      f"only in current {f_info['only_current']}")
+    for col, share in f_info["null_share"].items():
+        if abs(share["current"] - share["reference"]) > 0.1:
+            warnings.append(f"feature {col}: null share {share['current']:.0%} now vs {share['reference']:.0%} "
+                            "in the reference")
     timings["feature_drift"] = time.perf_counter() - t
 
     # --- prediction drift -----------------------------------------------------------------------

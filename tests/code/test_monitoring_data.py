@@ -158,3 +158,12 @@ def test_sample_rows_caps_and_is_deterministic() -> None:
     assert md.sample_rows(df, 2000, 0) is df
     a, b = md.sample_rows(df, 100, 7), md.sample_rows(df, 100, 7)
     assert len(a) == 100 and a.equals(b)
+
+
+def test_missing_categorical_values_become_a_category_and_null_shares_are_reported() -> None:
+    ref = _log([{"features": '{"age": "25-34", "spend": 1.0}'}, {"features": '{"age": "35-44", "spend": 2.0}'}])
+    cur = _log([{"features": '{"age": null, "spend": null}'}, {"features": '{"age": "35-44", "spend": 3.0}'}])
+    f_ref, f_cur, info = md.feature_frames(ref, cur)
+    assert f_cur["age"].tolist() == [md.MISSING, "35-44"]
+    assert f_cur["spend"].isna().tolist() == [True, False]
+    assert info["null_share"]["spend"] == {"reference": 0.0, "current": 0.5}

@@ -144,3 +144,11 @@ def test_coverage_counts_only_top_k_training_items() -> None:
     long = pd.DataFrame({"item_id": ["a", "b", "z"], "rank": [1, 2, 4]})
     assert coverage(long, pd.Index(["a", "b", "z", "q"]), k=3) == pytest.approx(0.5)
     assert coverage(long, pd.Index([]), k=3) is None
+
+
+def test_profiles_going_missing_is_drift(tmp_path) -> None:
+    ref = pd.DataFrame({"age": ["25-34", "35-44"] * 800})
+    cur = pd.DataFrame({"age": ["25-34", "35-44"] * 200 + [md.MISSING] * 1200})
+    out = drift_report(ref, cur, numerical=[], categorical=["age"], out_dir=tmp_path, name="f", title="t",
+                       subtitle="s", drift_share=0.3)
+    assert out.drifted_columns == ["age"] and out.share == 1.0
