@@ -168,10 +168,14 @@ def flatten_features(features: pd.Series) -> pd.DataFrame:
     """One column per key of the request log's ``features`` JSON objects (index kept).
 
     Nested objects become ``a.b`` columns (``pd.json_normalize``); null or empty strings give
-    all-null rows. Raises ``ValueError`` with the offending row when a value is not a JSON object.
+    all-null rows; already-parsed dicts are accepted too. Raises ``ValueError`` with the offending row when a value is not a JSON object.
     """
     if features.empty:
         return pd.DataFrame(index=features.index)
+    if features.map(lambda v: isinstance(v, dict)).any():  # already parsed (e.g. built in memory)
+        flat = pd.json_normalize([v if isinstance(v, dict) else {} for v in features])
+        flat.index = features.index
+        return flat
     texts = features.where(features.notna() & (features.astype(str).str.len() > 0), "{}")
     try:
         parsed = json.loads("[" + ",".join(texts.astype(str)) + "]")

@@ -167,3 +167,8 @@ def test_missing_categorical_values_become_a_category_and_null_shares_are_report
     assert f_cur["age"].tolist() == [md.MISSING, "35-44"]
     assert f_cur["spend"].isna().tolist() == [True, False]
     assert info["null_share"]["spend"] == {"reference": 0.0, "current": 0.5}
+
+
+def test_flatten_features_accepts_parsed_dicts() -> None:
+    flat = md.flatten_features(pd.Series([{"a": 1}, None, {"b": "x"}]))
+    assert flat.shape == (3, 2) and flat.loc[0, "a"] == 1 and flat.loc[2, "b"] == "x"
