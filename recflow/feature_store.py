@@ -1,0 +1,193 @@
+"""The Feast feature store as recflow uses it: config from settings, apply, materialise, push, read.
+
+``feature_repo/`` holds the Feast definitions only. Feast imports its files as top-level modules
+(``entities``, ``features``, ...), so recflow loads them the same way: with the repo folder on
+``sys.path`` and a fresh import each time, so that the definitions always reflect the current
+settings (paths under ``RECFLOW_HOME``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import yaml
+
+from recflow.settings import Settings
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+    from feast.repo_config import RepoConfig
+
+DEFINITION_MODULES = ("entities", "data_sources", "features", "feature_services")
+
+
+def feature_repo_path() -> Path:
+    """Folder of the Feast definitions (inside the installed ``feature_repo`` package)."""
+    import feature_repo
+
+    return Path(feature_repo.__file__).resolve().parent
+
+
+def repo_config(settings: Settings) -> RepoConfig:
+    """Feast RepoConfig: ``feature_repo/feature_store.yaml`` with recflow's settings applied."""
+    from feast.repo_config import RepoConfig
+
+    repo = feature_repo_path()
+    text = (repo / "feature_store.yaml").read_text().replace("${RECFLOW_HOME}", str(settings.home))
+    raw: dict[str, Any] = yaml.safe_load(text)
+    raw["project"] = settings.feast.project
+    if settings.feast.online_store == "redis":
+        raw["online_store"] = {"type": "redis", "connection_string": settings.feast.redis_connection_string}
+    return RepoConfig(repo_path=repo, **raw)
+
+
+def get_store(settings: Settings) -> FeatureStore:
+    """A FeatureStore on recflow's configuration. Creates the store's folder if needed."""
+    from feast import FeatureStore
+
+    settings.paths.feast.mkdir(parents=True, exist_ok=True)
+    return FeatureStore(config=repo_config(settings))
+
+
+def load_definitions() -> list[Any]:
+    """Import the definition modules afresh and collect their Feast objects (deduplicated by identity)."""
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+
+    repo = str(feature_repo_path())
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    for name in DEFINITION_MODULES:
+        sys.modules.pop(name, None)
+    objects: list[Any] = []
+    for name in DEFINITION_MODULES:
+        module = importlib.import_module(name)
+        for value in vars(module).values():
+            if isinstance(value, Entity | DataSource | FeatureView | FeatureService) and not any(
+                value is o for o in objects
+            ):
+                objects.append(value)
+    return objects
+
+
+@dataclass
+class ApplyResult:
+    """Names of what ``apply`` registered."""
+
+    entities: list[str]
+    feature_views: list[str]
+    feature_services: list[str]
+    data_sources: list[str]
+
+
+def apply(settings: Settings, store: FeatureStore | None = None) -> ApplyResult:
+    """Register the definitions in the registry and create online tables (idempotent, like ``feast apply``)."""
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+
+    store = store or get_store(settings)
+    objects = load_definitions()
+    store.apply(objects)
+    return ApplyResult(
+        entities=sorted(o.name for o in objects if isinstance(o, Entity)),
+        feature_views=sorted(o.name for o in objects if isinstance(o, FeatureView)),
+        feature_services=sorted(o.name for o in objects if isinstance(o, FeatureService)),
+        data_sources=sorted(o.name for o in objects if isinstance(o, DataSource)),
+    )
+
+
+@dataclass
+class MaterializeResult:
+    """Rows read from the offline tables inside the window, and how long materialisation took."""
+
+    start: datetime
+    end: datetime
+    rows_in_window: int
+    seconds: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_in_window / self.seconds if self.seconds else 0.0
+
+
+def _utc(ts: datetime | pd.Timestamp | str) -> datetime:
+    t = pd.Timestamp(ts)
+    return (t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")).to_pydatetime()
+
+
+def feature_time_range(settings: Settings) -> tuple[datetime, datetime]:
+    """[first, last] event_timestamp over all feature tables (for the default materialisation window)."""
+    import duckdb
+
+    from recflow.schemas import FEATURE_TABLES
+
+    files = [str(settings.paths.feature_table(n)) for n in FEATURE_TABLES]
+    missing = [f for f in files if not Path(f).exists()]
+    if missing:
+        raise FileNotFoundError(f"feature tables missing: {missing}; run `recflow features` first.")
+    lo, hi = duckdb.execute(
+        f"SELECT min(event_timestamp), max(event_timestamp) FROM read_parquet({files!r}, union_by_name=true)"
+    ).fetchone()  # type: ignore[misc]
+    return _utc(lo), _utc(hi)
+
+
+def materialize(
+    settings: Settings,
+    start: datetime | str,
+    end: datetime | str,
+    store: FeatureStore | None = None,
+    feature_views: list[str] | None = None,
+) -> MaterializeResult:
+    """Load the latest feature values with event_timestamp in [start, end) into the online store.
+
+    Idempotent: the same window over the same tables always writes the same online values.
+    """
+    import duckdb
+
+    from recflow.schemas import FEATURE_TABLES
+
+    start_dt, end_dt = _utc(start), _utc(end)
+    if end_dt <= start_dt:
+        raise ValueError(f"materialisation window is empty: start={start_dt} end={end_dt}; end must be after start.")
+    names = feature_views or list(FEATURE_TABLES)
+    files = [str(settings.paths.feature_table(n)) for n in names]
+    rows = duckdb.execute(
+        f"SELECT count(*) FROM read_parquet({files!r}, union_by_name=true) "
+        "WHERE event_timestamp >= ? AND event_timestamp < ?",
+        [start_dt, end_dt],
+    ).fetchone()[0]  # type: ignore[index]
+    store = store or get_store(settings)
+    # Feast's window is inclusive of its end; recflow's contract is [start, end).
+    feast_end = end_dt - timedelta(microseconds=1)
+    t = time.perf_counter()
+    store.materialize(start_date=start_dt, end_date=feast_end, feature_views=names)
+    return MaterializeResult(start_dt, end_dt, int(rows), time.perf_counter() - t)
+
+
+def online_features(
+    settings: Settings,
+    entity_rows: list[dict[str, Any]],
+    service: str | None = None,
+    store: FeatureStore | None = None,
+) -> pd.DataFrame:
+    """Online values of a feature service (default: the serving service) for the given entity rows."""
+    store = store or get_store(settings)
+    fs = store.get_feature_service(service or settings.feast.serving_service)
+    return store.get_online_features(features=fs, entity_rows=entity_rows, full_feature_names=True).to_df()
+
+
+def push(settings: Settings, push_source: str, df: pd.DataFrame, store: FeatureStore | None = None) -> None:
+    """Write rows straight to the online store through a push source (visible to the next read)."""
+    store = store or get_store(settings)
+    store.push(push_source, df)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
