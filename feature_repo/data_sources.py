@@ -6,9 +6,9 @@ fresh user activity and history online the moment feedback arrives.
 
 from feast import FileSource, PushSource
 
-from recflow.settings import load_settings
+from recflow.settings import active_settings
 
-_paths = load_settings().paths
+_paths = active_settings().paths
 
 
 def _file_source(name: str) -> FileSource:

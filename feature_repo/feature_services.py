@@ -3,9 +3,9 @@
 from feast import FeatureService
 from features import item_catalog, item_popularity, user_activity, user_history, user_profile
 
-from recflow.settings import load_settings
+from recflow.settings import active_settings
 
-_feast = load_settings().feast
+_feast = active_settings().feast
 
 training = FeatureService(
     name=_feast.training_service,

@@ -15,9 +15,9 @@ from feast import FeatureView, Field
 from feast.types import Array, FeastType, Float64, Int64, String
 
 from recflow.schemas import FEATURE_TABLES
-from recflow.settings import load_settings
+from recflow.settings import active_settings
 
-_feast = load_settings().feast
+_feast = active_settings().feast
 _TYPES: dict[pa.DataType, FeastType] = {
     pa.int64(): Int64,
     pa.float64(): Float64,

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import yaml
 
-from recflow.settings import Settings
+from recflow.progress import report
+from recflow.settings import Settings, use_settings
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -56,8 +57,9 @@ def get_store(settings: Settings) -> FeatureStore:
     return FeatureStore(config=repo_config(settings))
 
 
-def load_definitions() -> list[Any]:
-    """Import the definition modules afresh and collect their Feast objects (deduplicated by identity)."""
+def load_definitions(settings: Settings) -> list[Any]:
+    """Import the definition modules afresh under ``settings`` and collect their Feast objects
+    (deduplicated by identity)."""
     from feast import Entity, FeatureService, FeatureView
     from feast.data_source import DataSource
 
@@ -67,8 +69,11 @@ def load_definitions() -> list[Any]:
     for name in DEFINITION_MODULES:
         sys.modules.pop(name, None)
     objects: list[Any] = []
-    for name in DEFINITION_MODULES:
-        module = importlib.import_module(name)
+    modules = []
+    with use_settings(settings):
+        for name in DEFINITION_MODULES:
+            modules.append(importlib.import_module(name))
+    for module in modules:
         for value in vars(module).values():
             if isinstance(value, Entity | DataSource | FeatureView | FeatureService) and not any(
                 value is o for o in objects
@@ -93,7 +98,7 @@ def apply(settings: Settings, store: FeatureStore | None = None) -> ApplyResult:
     from feast.data_source import DataSource
 
     store = store or get_store(settings)
-    objects = load_definitions()
+    objects = load_definitions(settings)
     store.apply(objects)
     return ApplyResult(
         entities=sorted(o.name for o in objects if isinstance(o, Entity)),
@@ -138,6 +143,12 @@ def feature_time_range(settings: Settings) -> tuple[datetime, datetime]:
     return _utc(lo), _utc(hi)
 
 
+def default_window(settings: Settings) -> tuple[datetime, datetime]:
+    """[first feature timestamp, last feature timestamp + 1 s): everything the tables hold."""
+    lo, hi = feature_time_range(settings)
+    return lo, hi + timedelta(seconds=1)
+
+
 def materialize(
     settings: Settings,
     start: datetime | str,
@@ -167,7 +178,10 @@ def materialize(
     # Feast's window is inclusive of its end; recflow's contract is [start, end).
     feast_end = end_dt - timedelta(microseconds=1)
     t = time.perf_counter()
-    store.materialize(start_date=start_dt, end_date=feast_end, feature_views=names)
+    for i, name in enumerate(names):
+        report("materialize", i, len(names), f"materialising {name}")
+        store.materialize(start_date=start_dt, end_date=feast_end, feature_views=[name])
+    report("materialize", len(names), len(names), "done")
     return MaterializeResult(start_dt, end_dt, int(rows), time.perf_counter() - t)
 
 

@@ -10,6 +10,8 @@ Nothing is read or created at import time: call :func:`load_settings`.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -274,3 +276,23 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Read settings from arguments, environment and the TOML file (in that order of priority)."""
     return Settings(**overrides)  # type: ignore[arg-type]
+
+
+_active: Settings | None = None
+
+
+@contextmanager
+def use_settings(settings: Settings) -> Iterator[Settings]:
+    """Make ``settings`` what :func:`active_settings` returns inside the block (e.g. while Feast
+    definitions are imported), so code that cannot take arguments sees the caller's settings."""
+    global _active
+    previous, _active = _active, settings
+    try:
+        yield settings
+    finally:
+        _active = previous
+
+
+def active_settings() -> Settings:
+    """The settings installed by :func:`use_settings`, else freshly loaded ones."""
+    return _active if _active is not None else load_settings()

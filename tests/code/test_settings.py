@@ -1,0 +1,56 @@
+"""Settings: defaults, environment, TOML file, and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recflow.settings import Settings, active_settings, load_settings, use_settings
+
+
+def test_defaults_and_derived_paths(make_settings, tmp_path: Path) -> None:
+    s = make_settings()
+    assert s.home == (tmp_path / "home").resolve()
+    assert s.paths.events == s.home / "canonical" / "events.parquet"
+    assert s.paths.feature_table("user_activity") == s.home / "features" / "user_activity.parquet"
+    assert s.feast.online_store == "sqlite"
+    assert not s.home.exists(), "building settings must not create folders"
+
+
+def test_environment_overrides_nested_values(make_settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECFLOW_FEAST__ONLINE_STORE", "redis")
+    monkeypatch.setenv("RECFLOW_DATA__MAX_BAD_SHARE", "0.2")
+    s = make_settings()
+    assert s.feast.online_store == "redis"
+    assert s.data.max_bad_share == 0.2
+
+
+def test_toml_file_is_read_and_env_wins(make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "custom.toml"
+    cfg.write_text('[features]\nhistory_length = 7\n\n[data]\nmax_bad_share = 0.5\n')
+    monkeypatch.setenv("RECFLOW_CONFIG", str(cfg))
+    monkeypatch.setenv("RECFLOW_DATA__MAX_BAD_SHARE", "0.1")
+    s = make_settings()
+    assert s.features.history_length == 7
+    assert s.data.max_bad_share == 0.1
+
+
+def test_missing_config_file_is_a_clear_error(make_settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECFLOW_CONFIG", "/nonexistent/recflow.toml")
+    with pytest.raises(FileNotFoundError, match="RECFLOW_CONFIG"):
+        make_settings()
+
+
+def test_invalid_value_names_the_field(make_settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECFLOW_DATA__MAX_BAD_SHARE", "1.5")
+    with pytest.raises(ValueError, match="max_bad_share"):
+        make_settings()
+
+
+def test_use_settings_scopes_the_active_settings(make_settings, tmp_path: Path) -> None:
+    mine = make_settings(home=tmp_path / "other")
+    with use_settings(mine):
+        assert active_settings() is mine
+    assert active_settings().home != mine.home
+    assert isinstance(load_settings(), Settings)

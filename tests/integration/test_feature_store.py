@@ -1,0 +1,126 @@
+"""Feast on the tiny shop: apply, point-in-time joins, materialisation, push, and the flow."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from recflow import feature_store as fs
+from recflow.features.training_set import build_training_set, get_training_features
+
+
+@pytest.fixture
+def applied(tiny_features):  # noqa: ANN001, ANN201
+    store = fs.get_store(tiny_features)
+    result = fs.apply(tiny_features, store)
+    return tiny_features, store, result
+
+
+def _online_users(settings, store, users=("a", "b", "c")) -> pd.DataFrame:
+    return fs.online_features(settings, [{"user_id": u} for u in users], store=store).set_index("user_id")
+
+
+def test_apply_registers_everything(applied) -> None:
+    _, store, result = applied
+    assert result.entities == ["item", "user"]
+    assert result.feature_views == ["item_catalog", "item_popularity", "user_activity", "user_history", "user_profile"]
+    assert {"training_v1", "serving_v1"} <= set(result.feature_services)
+    assert {"user_activity_push", "user_history_push"} <= set(result.data_sources)
+    serving = store.get_feature_service("serving_v1")
+    assert {p.name for p in serving.feature_view_projections} == {"user_activity", "user_history", "user_profile"}
+
+
+def test_point_in_time_never_joins_a_later_row(applied) -> None:
+    settings, store, _ = applied
+    entity = pd.DataFrame(
+        {
+            "user_id": ["a", "a", "a", "a"],
+            "item_id": ["x", "x", "z", "x"],
+            "event_timestamp": pd.to_datetime(
+                ["2024-01-01T23:59:59Z", "2024-01-05T12:00:00Z", "2024-02-20T08:00:00Z", "2024-01-06T00:00:00Z"]
+            ),
+        }
+    )
+    out, lookups = get_training_features(settings, entity, store=store)
+    assert lookups == {"user_id": 4, "item_id": 4}
+    assert out[["user_id", "item_id"]].equals(entity[["user_id", "item_id"]].astype("string")), "row order kept"
+    # Before the first row (valid from 01-02) there is nothing to join.
+    assert pd.isna(out.loc[0, "user_activity__purchases_7d"])
+    # On 01-05 at noon the 01-05 09:00 purchase is not visible yet (its row is valid from 01-06).
+    assert out.loc[1, "user_activity__purchases_7d"] == 2
+    assert list(out.loc[1, "user_history__history_item_ids"]) == ["y", "x"]
+    # The target basket of 02-20 is not in its own history.
+    assert "z" not in list(out.loc[2, "user_history__history_item_ids"])
+    # Exactly at the row's timestamp the row is joined (valid from).
+    assert out.loc[3, "user_activity__purchases_7d"] == 3
+    assert out.loc[1, "item_popularity__purchases_7d"] == 2  # x: a on 01-01, b on 01-03
+
+
+def test_training_set_parquet(applied, tmp_path) -> None:
+    settings, store, _ = applied
+    entity = pd.DataFrame({"user_id": ["b"], "item_id": ["w"], "event_timestamp": ["2024-03-15T18:00:00Z"]})
+    result = build_training_set(settings, entity, out_path=tmp_path / "ts.parquet", store=store)
+    frame = pd.read_parquet(result.path)
+    assert result.rows == 1 and "user_profile__age" in frame.columns
+    assert frame.loc[0, "user_profile__age"] == "45-54"
+    with pytest.raises(ValueError, match="missing column"):
+        build_training_set(settings, entity.drop(columns="item_id"), store=store)
+    with pytest.raises(ValueError, match="unparsable event_timestamp"):
+        build_training_set(settings, entity.assign(event_timestamp="soon"), store=store)
+
+
+def test_materialized_online_values_equal_latest_offline(applied) -> None:
+    settings, store, _ = applied
+    start, end = fs.default_window(settings)
+    result = fs.materialize(settings, start, end, store=store)
+    assert result.rows_in_window > 0
+    online = _online_users(settings, store)
+    offline = pd.read_parquet(settings.paths.feature_table("user_activity"))
+    latest = offline.sort_values("event_timestamp").groupby("user_id").tail(1).set_index("user_id")
+    for user in ("a", "b", "c"):
+        for col in ("purchases_7d", "purchases_90d", "spend_90d", "distinct_items_90d", "last_purchase_ts"):
+            assert online.loc[user, f"user_activity__{col}"] == latest.loc[user, col], (user, col)
+    hist = pd.read_parquet(settings.paths.feature_table("user_history"))
+    last_hist = hist.sort_values("event_timestamp").groupby("user_id").tail(1).set_index("user_id")
+    assert list(online.loc["a", "user_history__history_item_ids"]) == list(last_hist.loc["a", "history_item_ids"])
+    items = fs.online_features(settings, [{"item_id": "v"}], service="item_index_v1", store=store)
+    assert items.loc[0, "item_catalog__title"] == "Sparkling water", "unsold items are online for cold start"
+
+
+def test_materialize_respects_the_window(applied) -> None:
+    settings, store, _ = applied
+    fs.materialize(settings, "2024-01-01", "2024-01-10", store=store, feature_views=["user_activity"])
+    online = _online_users(settings, store)
+    # Latest row of user a stamped before 01-10 is 01-09 (purchases_7d = 1); 01-13 is outside.
+    assert online.loc["a", "user_activity__purchases_7d"] == 1
+    with pytest.raises(ValueError, match="empty"):
+        fs.materialize(settings, "2024-01-10", "2024-01-01", store=store)
+
+
+def test_push_is_visible_online_at_once(applied) -> None:
+    settings, store, _ = applied
+    fs.materialize(settings, *fs.default_window(settings), store=store)
+    row = pd.read_parquet(settings.paths.feature_table("user_history")).query("user_id == 'a'").tail(1).copy()
+    now = pd.Timestamp("2024-05-01T12:00:00Z")
+    row["event_timestamp"] = now
+    row["created_timestamp"] = now
+    row["history_item_ids"] = [["v", "z", "x", "y", "x"]]
+    row["history_ts"] = [[int(now.timestamp())] + list(row["history_ts"].iloc[0])]
+    fs.push(settings, "user_history_push", row, store=store)
+    online = _online_users(settings, store, users=("a",))
+    assert list(online.loc["a", "user_history__history_item_ids"]) == ["v", "z", "x", "y", "x"]
+
+
+def test_build_features_flow_twice_gives_identical_online_values(prefect_harness, tiny_settings) -> None:
+    from flows.features import build_features
+
+    first = build_features(settings=tiny_settings)
+    assert first["ingest"]["tables"]["events"]["accepted_rows"] == 10
+    assert first["features"]["rows"]["user_profile"] == 3
+    store = fs.get_store(tiny_settings)
+    before = _online_users(tiny_settings, store)
+    second = build_features(settings=tiny_settings)
+    after = _online_users(tiny_settings, store)
+    assert first["materialize"] == {**second["materialize"], "seconds": first["materialize"]["seconds"]}
+    pd.testing.assert_frame_equal(before, after)
+    assert after.loc["c", "user_activity__purchases_90d"] == 2
