@@ -125,6 +125,11 @@ def _print_ingest(report: dict[str, Any]) -> None:
 @app.callback()
 def main(home: HomeOpt = None) -> None:
     """recflow: Prefect flows, a Feast feature store, a fine-tuned MiniLM two-tower model, BentoML, Evidently."""
+    import warnings
+
+    # Third-party deprecation chatter (ibis, feast) is not actionable for recflow's users.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     _set_env("RECFLOW_HOME", home)
 
 
