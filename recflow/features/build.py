@@ -16,6 +16,7 @@ Timing semantics (what makes the tables point-in-time correct):
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,8 @@ class FeatureBuildReport:
 
 def connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection working in UTC."""
-    con = duckdb.connect(config={"threads": threads or max(1, os.cpu_count() or 1)})
+    spill = Path(tempfile.gettempdir()) / "recflow-duckdb"  # not DuckDB's default ./.tmp in the cwd
+    con = duckdb.connect(config={"threads": threads or max(1, os.cpu_count() or 1), "temp_directory": str(spill)})
     con.execute("SET TimeZone='UTC'")
     con.execute("SET enable_progress_bar=false")
     return con
