@@ -11,6 +11,7 @@ server at --redis).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 RESULTS = Path(__file__).resolve().parent / "results" / "features.json"
 
@@ -53,13 +55,16 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=None, help="Work folder (default: a temporary one).")
     parser.add_argument("--reads", type=int, default=1000, help="Online read calls per measurement.")
     parser.add_argument("--online-stores", default="sqlite", help="Comma-separated: sqlite,redis")
-    parser.add_argument("--redis", default="127.0.0.1:6379", help="Redis connection string for the redis column.")
+    parser.add_argument(
+        "--redis", default=None, help="Redis 'host:port' for the redis column (default: start redis-server on a free port)."
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     from recflow import feature_store as fs
     from recflow.datasets import ingest
     from recflow.features.build import build_feature_tables
+    from recflow.local_services import redis_server
     from recflow.settings import FeastSettings, load_settings
 
     home = args.home or Path(tempfile.mkdtemp(prefix="recflow-bench-"))
@@ -85,16 +90,21 @@ def main() -> None:
         "feature_rows": built.tables,
         "online_stores": {},
     }
-    for name in [s.strip() for s in args.online_stores.split(",") if s.strip()]:
+    stack = contextlib.ExitStack()
+    stores = [s.strip() for s in args.online_stores.split(",") if s.strip()]
+    redis_address = args.redis
+    if "redis" in stores and redis_address is None:
+        redis_address = stack.enter_context(redis_server())
+    for name in stores:
         store_settings = settings.model_copy(
-            update={"feast": FeastSettings(online_store=name, redis_connection_string=args.redis)}
+            update={"feast": FeastSettings(online_store=name, redis_connection_string=redis_address or "")}
         )
         store = fs.get_store(store_settings)
         fs.apply(store_settings, store)
         start, end = fs.default_window(store_settings)
         m = fs.materialize(store_settings, start, end, store=store)
         service = store.get_feature_service(store_settings.feast.serving_service)
-        users = sorted(__import__("pandas").read_parquet(settings.paths.users, columns=["user_id"]).user_id)
+        users = sorted(pd.read_parquet(settings.paths.users, columns=["user_id"]).user_id)
         one = read_latency(store, service, users, args.reads, 1)
         hundred = read_latency(store, service, users, max(50, args.reads // 10), 100)
         result["online_stores"][name] = {  # type: ignore[index]
@@ -107,6 +117,7 @@ def main() -> None:
             "online_read_100_p50_ms": round(hundred["p50_ms"], 3),
         }
         print(f"{name}: {result['online_stores'][name]}")  # type: ignore[index]
+    stack.close()
     # Top-level keys of the contract: the embedded default store (SQLite).
     default = result["online_stores"].get("sqlite") or next(iter(result["online_stores"].values()))  # type: ignore[union-attr]
     for key in ("materialize_rows_per_s", "online_read_p50_ms", "online_read_p99_ms", "online_read_100_p99_ms"):

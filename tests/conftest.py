@@ -8,6 +8,7 @@ real Complete Journey data and MiniLM weights).
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,22 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A real redis-server on 127.0.0.1 and a free port, for the session; yields 'host:port'.
+
+    CI installs Debian's redis-server (see .ci/run); there a missing binary is a failure, elsewhere a skip.
+    """
+    from recflow.local_services import redis_server as run_redis
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed; .ci/run installs it with apt-get")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    with run_redis() as address:
+        yield address
 
 
 @pytest.fixture

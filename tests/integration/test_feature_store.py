@@ -9,11 +9,22 @@ from recflow import feature_store as fs
 from recflow.features.training_set import build_training_set, get_training_features
 
 
-@pytest.fixture
-def applied(tiny_features):  # noqa: ANN001, ANN201
-    store = fs.get_store(tiny_features)
-    result = fs.apply(tiny_features, store)
-    return tiny_features, store, result
+@pytest.fixture(params=["sqlite", "redis"])
+def applied(request, tiny_features):  # noqa: ANN001, ANN201
+    """The tiny shop applied to Feast, once per online store (Redis: a real server, flushed per test)."""
+    settings = tiny_features
+    if request.param == "redis":
+        import redis
+
+        address = request.getfixturevalue("redis_server")
+        host, port = address.split(":")
+        redis.Redis(host=host, port=int(port)).flushall()
+        settings = settings.model_copy(
+            update={"feast": settings.feast.model_copy(update={"online_store": "redis", "redis_connection_string": address})}
+        )
+    store = fs.get_store(settings)
+    result = fs.apply(settings, store)
+    return settings, store, result
 
 
 def _online_users(settings, store, users=("a", "b", "c")) -> pd.DataFrame:
