@@ -217,6 +217,34 @@ def training_set(
 
 
 @app.command()
+def schedule(
+    pool: Annotated[str | None, typer.Option(help="Register the deployments on the Prefect server's work pool.")] = None,
+    serve: Annotated[bool, typer.Option("--serve", help="Run the schedules in this process instead.")] = False,
+) -> None:
+    """Register every flow's deployment (schedules, drift trigger) on a Prefect server, or serve them here."""
+    from flows.deployments import deploy_all, deployments, serve_all
+
+    if pool and serve or not (pool or serve):
+        raise _fail(ValueError("give exactly one of --pool NAME or --serve"))
+    if serve:
+        console.print(f"Serving {len(deployments())} deployment(s); Ctrl-C stops.")
+        serve_all()
+        return
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        ids = deploy_all(pool)  # type: ignore[arg-type]
+    except ObjectNotFound as exc:
+        raise _fail(
+            ValueError(f"work pool {pool!r} does not exist on the Prefect server"),
+            f"Create it: prefect work-pool create {pool} --type process",
+        ) from exc
+    for d, i in zip(deployments(), ids, strict=True):
+        console.print(f"deployment [bold]{d.flow_name}/{d.name}[/bold] -> {i}")
+    console.print(f"Start a worker: prefect worker start --pool {pool}")
+
+
+@app.command()
 def config() -> None:
     """Print the effective settings (defaults, TOML file and RECFLOW_* environment applied) as JSON."""
     settings = _settings()
