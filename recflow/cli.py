@@ -43,6 +43,11 @@ InteractionsOpt = Annotated[
 ]
 ItemsOpt = Annotated[Path | None, typer.Option("--items", help="Optional items file (CSV or parquet).", show_default=False)]
 UsersOpt = Annotated[Path | None, typer.Option("--users", help="Optional users file (CSV or parquet).", show_default=False)]
+UntilOpt = Annotated[
+    datetime | None,
+    typer.Option("--until", help="Keep events at or after this UTC time out of the canonical table (holdout for replay).",
+                 show_default=False),
+]
 MaxBadOpt = Annotated[
     float | None,
     typer.Option("--max-bad-share", help="Fail when a larger share of rows is rejected (default 0.05).", show_default=False),
@@ -55,7 +60,12 @@ def _set_env(name: str, value: Any) -> None:
 
 
 def _data_options(
-    source: str | None, interactions: Path | None, items: Path | None, users: Path | None, max_bad_share: float | None
+    source: str | None,
+    interactions: Path | None,
+    items: Path | None,
+    users: Path | None,
+    max_bad_share: float | None,
+    until: datetime | None = None,
 ) -> None:
     if interactions is not None and source is None:
         source = "generic"
@@ -64,6 +74,7 @@ def _data_options(
     _set_env("RECFLOW_DATA__ITEMS_PATH", items)
     _set_env("RECFLOW_DATA__USERS_PATH", users)
     _set_env("RECFLOW_DATA__MAX_BAD_SHARE", max_bad_share)
+    _set_env("RECFLOW_DATA__UNTIL", until.isoformat() if until else None)
 
 
 def _settings():  # noqa: ANN202 - returns recflow.settings.Settings
@@ -140,12 +151,13 @@ def ingest(
     items: ItemsOpt = None,
     users: UsersOpt = None,
     max_bad_share: MaxBadOpt = None,
+    until: UntilOpt = None,
 ) -> None:
     """Validate a source and write the canonical events, items and users tables; bad rows go to quarantine."""
     from recflow.datasets import IngestError
     from recflow.datasets import ingest as run_ingest
 
-    _data_options(source, interactions, items, users, max_bad_share)
+    _data_options(source, interactions, items, users, max_bad_share, until)
     settings = _settings()
     try:
         with progress_bar():
@@ -166,11 +178,12 @@ def features(
     items: ItemsOpt = None,
     users: UsersOpt = None,
     max_bad_share: MaxBadOpt = None,
+    until: UntilOpt = None,
 ) -> None:
     """Run the build_features flow: ingest, feature tables, feast apply, materialise [start, end)."""
     from recflow.datasets import IngestError
 
-    _data_options(source, interactions, items, users, max_bad_share)
+    _data_options(source, interactions, items, users, max_bad_share, until)
     settings = _settings()
     from flows.features import build_features
 
@@ -242,6 +255,33 @@ def schedule(
     for d, i in zip(deployments(), ids, strict=True):
         console.print(f"deployment [bold]{d.flow_name}/{d.name}[/bold] -> {i}")
     console.print(f"Start a worker: prefect worker start --pool {pool}")
+
+
+@app.command()
+def reports(
+    serve: Annotated[bool, typer.Option("--serve", help="Serve the reports folder on 127.0.0.1 until Ctrl-C.")] = False,
+    port: Annotated[int, typer.Option(help="Port for --serve (0: a free one).")] = 0,
+) -> None:
+    """Write the on-call index page linking every dated drift and quality report (and optionally serve it)."""
+    from monitoring.index import write_index
+
+    settings = _settings()
+    folder = settings.paths.reports
+    folder.mkdir(parents=True, exist_ok=True)
+    index = write_index(folder)
+    runs = sum(1 for p in folder.iterdir() if p.is_dir())
+    console.print(f"{runs} report run(s) indexed: {index}")
+    if serve:
+        import functools
+        import http.server
+
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as httpd:
+            console.print(f"Serving http://127.0.0.1:{httpd.server_address[1]}/index.html (Ctrl-C stops)")
+            try:
+                httpd.serve_forever()
+            except KeyboardInterrupt:
+                console.print("stopped")
 
 
 @app.command()

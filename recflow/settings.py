@@ -43,6 +43,11 @@ class DataSettings(BaseModel):
     now: datetime | None = Field(
         default=None, description="Reference time for the 'future timestamp' check (default: wall clock)."
     )
+    until: datetime | None = Field(
+        default=None,
+        description="Events at or after this time stay out of the canonical table and go to "
+        "canonical/holdout_events.parquet (what `recflow replay` feeds back as live traffic).",
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Rename map from recflow's column names to the file's, e.g. {'user_id': 'customer'}.",
@@ -168,6 +173,10 @@ class Paths:
     @property
     def users(self) -> Path:
         return self.canonical / "users.parquet"
+
+    @property
+    def holdout_events(self) -> Path:
+        return self.canonical / "holdout_events.parquet"
 
     @property
     def quarantine(self) -> Path:

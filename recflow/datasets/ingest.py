@@ -127,19 +127,35 @@ def ingest(settings: Settings) -> IngestReport:
         reports["items"] = TableReport("items", len(items), len(items), notes=["no items file: built from event item ids, no text"])
 
     report("ingest", 2, 3, "writing canonical tables")
+    tables: dict[Path, pa.Table] = {}
+    outputs = {"events": str(paths.events), "items": str(paths.items), "users": str(paths.users)}
+    if cfg.until is not None:
+        until = pd.Timestamp(cfg.until)
+        until = until.tz_localize("UTC") if until.tzinfo is None else until.tz_convert("UTC")
+        later = (accepted["event_timestamp"] >= until).to_numpy()
+        tables[paths.holdout_events] = events_table(accepted[later])
+        outputs["holdout_events"] = str(paths.holdout_events)
+        reports["events"].notes.append(
+            f"{int(later.sum()):,} accepted events at or after {until.isoformat()} (data.until) were "
+            f"written to {paths.holdout_events}, not to the canonical events"
+        )
+        accepted = accepted[~later]
+        if accepted.empty:
+            raise IngestError(f"events: no accepted event is before data.until={until.isoformat()}.")
+    elif paths.holdout_events.exists():
+        paths.holdout_events.unlink()  # a previous --until run's holdout no longer applies
     items = finalise_items(items, accepted)
     users = build_users(accepted, profiles)
-    write_tables_atomically(
-        {
-            paths.events: events_table(accepted),
-            paths.items: conform(items, ITEMS_SCHEMA, name="items"),
-            paths.users: conform(users, USERS_SCHEMA, name="users"),
-        }
-    )
+    tables |= {
+        paths.events: events_table(accepted),
+        paths.items: conform(items, ITEMS_SCHEMA, name="items"),
+        paths.users: conform(users, USERS_SCHEMA, name="users"),
+    }
+    write_tables_atomically(tables)
     result = IngestReport(
         source=cfg.source,
         tables=reports,
-        outputs={"events": str(paths.events), "items": str(paths.items), "users": str(paths.users)},
+        outputs=outputs,
         seconds=time.perf_counter() - started,
     )
     (paths.canonical / "ingest_report.json").write_text(result.to_json())

@@ -24,6 +24,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 
+from recflow.event_log import EventLog
 from recflow.progress import report as progress
 from recflow.schemas import FEATURE_TABLES, feature_table_schema
 from recflow.settings import Settings
@@ -48,11 +49,17 @@ def connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _stage_events(con: duckdb.DuckDBPyConnection, events: Path, items: Path) -> None:
-    """Events with their UTC day, spend and category, as a temp table ``ev``."""
+def _stage_events(con: duckdb.DuckDBPyConnection, events: Path, items: Path, feedback: list[Path]) -> None:
+    """Canonical events plus flushed feedback segments (one row per event id, canonical first), with
+    their UTC day, spend and category, as a temp table ``ev``."""
+    sources = [str(events)] + [str(p) for p in feedback]
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE ev AS
+        WITH all_events AS (
+            SELECT * EXCLUDE (filename) FROM read_parquet({sources!r}, filename = true)
+            QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY filename <> '{events}', filename) = 1
+        )
         SELECT e.event_id, e.user_id, e.item_id, e.event_type,
                e.event_timestamp::TIMESTAMP AS ts,
                CAST(e.event_timestamp::TIMESTAMP AS DATE) AS day,
@@ -60,7 +67,7 @@ def _stage_events(con: duckdb.DuckDBPyConnection, events: Path, items: Path) -> 
                coalesce(e.quantity, 1.0) * coalesce(e.price, 0.0) AS spend,
                e.event_type = 'purchase' AS is_purchase,
                coalesce(i.category, i.department, '') AS category
-        FROM read_parquet('{events}') e
+        FROM all_events e
         LEFT JOIN read_parquet('{items}') i USING (item_id)
         """
     )
@@ -269,7 +276,9 @@ def build_feature_tables(settings: Settings) -> FeatureBuildReport:
     try:
         t = time.perf_counter()
         progress("features", 0, len(FEATURE_TABLES) + 1, "staging events")
-        _stage_events(con, paths.events, paths.items)
+        feedback = EventLog(paths.event_log)
+        feedback.flush()  # journal rows become a segment, so accepted feedback is part of this build
+        _stage_events(con, paths.events, paths.items, feedback.segments())
         w_max = max(cfg.user_windows_days)
         _sliding_distinct(con, key="user_id", element="item_id", window=w_max, name="u_items", where="is_purchase")
         _sliding_distinct(con, key="user_id", element="category", window=w_max, name="u_cats", where="is_purchase")

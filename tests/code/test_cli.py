@@ -21,7 +21,7 @@ def _commands() -> list[str]:
 
 def test_every_command_has_help() -> None:
     commands = _commands()
-    assert {"ingest", "features", "training-set", "config"} <= set(commands)
+    assert {"ingest", "features", "training-set", "config", "schedule", "reports"} <= set(commands)
     for name in commands:
         result = runner.invoke(app, [name, "--help"])
         assert result.exit_code == 0, (name, result.output)
@@ -54,3 +54,10 @@ def test_config_prints_effective_settings(make_settings, monkeypatch: pytest.Mon
     result = runner.invoke(app, ["config"])
     assert result.exit_code == 0
     assert json.loads(result.stdout)["feast"]["online_store"] == "redis"
+
+
+def test_reports_writes_the_index(make_settings, tmp_path) -> None:
+    make_settings()
+    result = runner.invoke(app, ["--home", str(tmp_path / "r"), "reports"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "reports" / "index.html").exists()

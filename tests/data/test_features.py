@@ -119,3 +119,27 @@ def test_rebuild_is_byte_identical(tiny_features) -> None:
     build_feature_tables(tiny_features)
     after = {n: tiny_features.paths.feature_table(n).read_bytes() for n in FEATURE_TABLES}
     assert before == after
+
+
+def test_logged_feedback_is_part_of_the_next_build(tiny_features) -> None:
+    from recflow.event_log import EventLog
+    from recflow.features.build import build_feature_tables
+
+    feedback = pd.DataFrame(
+        {
+            "event_id": ["fb1", "e04"],  # e04 is already canonical: it must not count twice
+            "user_id": ["a", "a"],
+            "item_id": ["y", "z"],
+            "event_type": ["purchase", "purchase"],
+            "event_timestamp": pd.to_datetime(["2024-04-29T10:00:00Z", "2024-02-20T08:00:00Z"]),
+            "basket_id": [None, "b3"],
+            "quantity": [1.0, 1.0],
+            "price": [1.0, 4.0],
+        }
+    )
+    EventLog(tiny_features.paths.event_log).append(feedback)
+    build_feature_tables(tiny_features)
+    row = _row(_table(tiny_features, "user_activity"), "user_id", "a", "2024-04-30")
+    assert (row.purchases_7d, row.purchases_90d) == (1, 2)  # fb1, plus z on 02-20 (once)
+    hist = _row(_table(tiny_features, "user_history"), "user_id", "a", "2024-04-30")
+    assert hist.history_item_ids.tolist()[:2] == ["y", "z"]

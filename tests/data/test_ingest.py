@@ -164,3 +164,18 @@ def test_naive_and_numeric_timestamps(make_settings, tmp_path: Path) -> None:
     assert ev.item_id.tolist() == ["10", "11"], "integral float ids keep a stable string form"
     assert ev.event_timestamp.iloc[0] == pd.Timestamp("2024-01-01T00:00:00Z")
     assert ev.event_id.str.startswith("ev-").all() and ev.event_id.is_unique
+
+
+def test_until_keeps_later_events_as_holdout(make_settings, tiny_shop) -> None:
+    s = make_settings(
+        data=DataSettings(source="generic", interactions_path=tiny_shop["interactions"], items_path=tiny_shop["items"],
+                          now="2024-06-01T00:00:00Z", until="2024-03-01T00:00:00Z")
+    )
+    report = ingest(s)
+    canonical, holdout = pd.read_parquet(s.paths.events), pd.read_parquet(s.paths.holdout_events)
+    assert len(canonical) + len(holdout) == 10
+    assert canonical.event_timestamp.max() < pd.Timestamp("2024-03-01", tz="UTC") <= holdout.event_timestamp.min()
+    assert sorted(holdout.event_id) == ["e08", "e10"]
+    assert any("holdout" in n for n in report.tables["events"].notes)
+    items = pd.read_parquet(s.paths.items).set_index("item_id")
+    assert pd.isna(items.loc["w", "first_seen"]), "first sold after 'until': unseen as of the canonical data"

@@ -1,0 +1,167 @@
+"""The feedback event log: accepted events are durable before they are acknowledged.
+
+Writers (the serving ``/feedback`` endpoint, replay) append canonical events to a SQLite journal
+(``<home>/event_log/journal.db``, WAL mode, ``synchronous=FULL``): once :meth:`EventLog.append`
+returns, the events survive a crash. Each row records whether it has been pushed to the Feast
+online store, so a failed push is retried from the log (:meth:`EventLog.pending_push`).
+:meth:`EventLog.flush` moves journal rows into immutable parquet segments
+(``events-<time>.parquet``, canonical schema) that the feature build and monitoring read.
+
+Several processes may use the log at once: SQLite serialises writers.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recflow.schemas import EVENTS_SCHEMA, conform
+
+JOURNAL = "journal.db"
+_COLUMNS = list(EVENTS_SCHEMA.names)
+_DDL = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    user_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    event_ts_us INTEGER NOT NULL,
+    basket_id TEXT,
+    quantity REAL,
+    price REAL,
+    received_ts_us INTEGER NOT NULL,
+    pushed INTEGER NOT NULL DEFAULT 0,
+    push_attempts INTEGER NOT NULL DEFAULT 0,
+    flushed INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_pending ON events (pushed, seq);
+CREATE INDEX IF NOT EXISTS events_unflushed ON events (flushed, seq);
+"""
+
+
+def _us(ts: pd.Series) -> pd.Series:
+    return pd.to_datetime(ts, utc=True).astype("datetime64[us, UTC]").astype("int64")
+
+
+class EventLog:
+    """Durable append-only log of accepted feedback events (see the module docstring)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.folder / JOURNAL, timeout=30, isolation_level=None)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            con.executescript(_DDL)
+            yield con
+        finally:
+            con.close()
+
+    def append(self, events: pd.DataFrame) -> int:
+        """Durably append canonical events; returns how many were new (known event ids are ignored).
+
+        Raises ``ValueError`` naming the column when the frame does not fit the canonical schema.
+        """
+        if events.empty:
+            return 0
+        conform(events[_COLUMNS], EVENTS_SCHEMA, name="feedback events")  # validates types and nulls
+        rows = pd.DataFrame(
+            {
+                "event_id": events["event_id"].astype(str),
+                "user_id": events["user_id"].astype(str),
+                "item_id": events["item_id"].astype(str),
+                "event_type": events["event_type"].astype(str),
+                "event_ts_us": _us(events["event_timestamp"]),
+                "basket_id": events["basket_id"].astype(object).where(events["basket_id"].notna(), None),
+                "quantity": events["quantity"].astype(object).where(events["quantity"].notna(), None),
+                "price": events["price"].astype(object).where(events["price"].notna(), None),
+                "received_ts_us": int(time.time() * 1e6),
+            }
+        )
+        with self._connect() as con:
+            before = con.total_changes
+            con.execute("BEGIN IMMEDIATE")
+            con.executemany(
+                "INSERT OR IGNORE INTO events (event_id, user_id, item_id, event_type, event_ts_us, basket_id, "
+                "quantity, price, received_ts_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows.itertuples(index=False, name=None),
+            )
+            con.execute("COMMIT")
+            return con.total_changes - before
+
+    def _frame(self, con: sqlite3.Connection, where: str, limit: int | None = None) -> pd.DataFrame:
+        query = f"SELECT * FROM events WHERE {where} ORDER BY seq" + (f" LIMIT {int(limit)}" if limit else "")
+        df = pd.read_sql_query(query, con)
+        df["event_timestamp"] = pd.to_datetime(df["event_ts_us"], unit="us", utc=True)
+        return df
+
+    def pending_push(self, limit: int = 10_000) -> pd.DataFrame:
+        """Accepted events not yet pushed to the online store, oldest first."""
+        with self._connect() as con:
+            df = self._frame(con, "pushed = 0", limit=limit)
+        return df[_COLUMNS + ["push_attempts"]]
+
+    def mark_pushed(self, event_ids: list[str], ok: bool = True) -> None:
+        """Record a push outcome: ``ok`` marks the events pushed, otherwise counts a failed attempt."""
+        if not event_ids:
+            return
+        column = "pushed = 1" if ok else "push_attempts = push_attempts + 1"
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            con.executemany(f"UPDATE events SET {column} WHERE event_id = ?", [(e,) for e in event_ids])
+            con.execute("COMMIT")
+
+    def flush(self) -> Path | None:
+        """Move journal rows not yet flushed into a new parquet segment; returns its path (None if none)."""
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            df = self._frame(con, "flushed = 0")
+            if df.empty:
+                con.execute("COMMIT")
+                return None
+            name = f"events-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{int(df.seq.iloc[-1])}.parquet"
+            path = self.folder / name
+            tmp = path.with_name(name + ".tmp")
+            pq.write_table(conform(df[_COLUMNS], EVENTS_SCHEMA, name="event log"), tmp)
+            tmp.rename(path)
+            con.execute("UPDATE events SET flushed = 1 WHERE seq <= ?", (int(df.seq.iloc[-1]),))
+            con.execute("COMMIT")
+        return path
+
+    def segments(self) -> list[Path]:
+        """Flushed parquet segments, oldest first."""
+        return sorted(self.folder.glob("events-*.parquet")) if self.folder.exists() else []
+
+    def read(self) -> pd.DataFrame:
+        """Every logged event (segments and journal), canonical columns, one row per event id."""
+        tables = [pq.read_table(p) for p in self.segments()]
+        if (self.folder / JOURNAL).exists():
+            with self._connect() as con:
+                tables.append(conform(self._frame(con, "flushed = 0")[_COLUMNS], EVENTS_SCHEMA, name="event log"))
+        if not tables:
+            return EVENTS_SCHEMA.empty_table().to_pandas()
+        df = pa.concat_tables(tables).to_pandas()
+        return df.drop_duplicates("event_id", keep="first").reset_index(drop=True)
+
+    def stats(self) -> dict[str, int]:
+        """Counts of logged, pushed, pending and flushed events."""
+        if not (self.folder / JOURNAL).exists():
+            return {"logged": 0, "pushed": 0, "pending_push": 0, "flushed": 0}
+        with self._connect() as con:
+            logged, pushed, flushed = con.execute(
+                "SELECT count(*), coalesce(sum(pushed), 0), coalesce(sum(flushed), 0) FROM events"
+            ).fetchone()
+        return {"logged": logged, "pushed": pushed, "pending_push": logged - pushed, "flushed": flushed}
