@@ -13,10 +13,7 @@ END = "<!-- settings-reference:end -->"
 
 
 def _default(field: Any) -> str:
-    if field.default_factory is not None:
-        value = field.default_factory()
-    else:
-        value = field.default
+    value = field.default_factory() if field.default_factory is not None else field.default
     if isinstance(value, BaseModel):
         return ""
     text = "unset" if value is None else str(value)
