@@ -60,6 +60,13 @@ def write_tables_atomically(tables: dict[Path, pa.Table]) -> None:
         os.replace(tmp, path)
 
 
+def _quarantine(table: TableReport, rejected: pd.DataFrame, settings: Settings, run_id: str) -> None:
+    """Write the rejected rows of ``table`` to quarantine, then fail if there are too many."""
+    path = write_quarantine(rejected, settings.paths.quarantine, table.name, run_id)
+    table.quarantine_path = str(path) if path else None
+    enforce_limit(table, settings.data.max_bad_share)
+
+
 def ingest(settings: Settings) -> IngestReport:
     """Read the configured source, validate every row, quarantine the bad ones, write canonical tables.
 
@@ -94,16 +101,12 @@ def ingest(settings: Settings) -> IngestReport:
         if cfg.items_path is not None:
             raw_items = generic.read_table(cfg.items_path, what="items", columns=cfg.columns)
             items, rejected_items, reports["items"] = generic.validate_items(raw_items)
-            path = write_quarantine(rejected_items, paths.quarantine, "items", run_id)
-            reports["items"].quarantine_path = str(path) if path else None
-            enforce_limit(reports["items"], cfg.max_bad_share)
+            _quarantine(reports["items"], rejected_items, settings, run_id)
             known_items = items["item_id"]
         if cfg.users_path is not None:
             raw_users = generic.read_table(cfg.users_path, what="users", columns=cfg.columns)
             profiles, rejected_users, reports["users"] = generic.validate_users(raw_users)
-            path = write_quarantine(rejected_users, paths.quarantine, "users", run_id)
-            reports["users"].quarantine_path = str(path) if path else None
-            enforce_limit(reports["users"], cfg.max_bad_share)
+            _quarantine(reports["users"], rejected_users, settings, run_id)
         prefix = "ev"
 
     report("ingest", 1, 3, f"validating {len(raw_events):,} events")
@@ -114,11 +117,8 @@ def ingest(settings: Settings) -> IngestReport:
         event_id_prefix=prefix,
         default_event_type=cfg.default_event_type,
     )
-    events_report = summarise("events", len(raw_events), len(accepted), rejected)
-    path = write_quarantine(rejected, paths.quarantine, "events", run_id)
-    events_report.quarantine_path = str(path) if path else None
-    reports["events"] = events_report
-    enforce_limit(events_report, cfg.max_bad_share)
+    reports["events"] = summarise("events", len(raw_events), len(accepted), rejected)
+    _quarantine(reports["events"], rejected, settings, run_id)
     if accepted.empty:
         raise IngestError("events: no valid rows were left after validation; see the quarantine file.")
 
