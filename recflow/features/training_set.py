@@ -24,9 +24,6 @@ from recflow.settings import Settings
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-REQUIRED = ("user_id", "item_id", "event_timestamp")
-
-
 @dataclass
 class TrainingSetResult:
     """Where the training set went and what it holds."""
@@ -38,36 +35,27 @@ class TrainingSetResult:
     lookups: dict[str, int]
 
 
-def _validate(entity_df: pd.DataFrame) -> pd.DataFrame:
-    missing = [c for c in REQUIRED if c not in entity_df.columns]
+def _validate(entity_df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    required = [*keys, "event_timestamp"]
+    missing = [c for c in required if c not in entity_df.columns]
     if missing:
-        raise ValueError(f"entity frame: missing column(s) {missing}; it needs {list(REQUIRED)}")
+        raise ValueError(f"entity frame: missing column(s) {missing}; it needs {required}")
     df = entity_df.copy()
     ts = pd.to_datetime(df["event_timestamp"], utc=True, errors="coerce")
     if ts.isna().any():
         bad = df.loc[ts.isna(), "event_timestamp"].head(3).tolist()
         raise ValueError(f"entity frame: {int(ts.isna().sum())} unparsable event_timestamp value(s), e.g. {bad}")
     df["event_timestamp"] = ts
-    for col in ("user_id", "item_id"):
+    for col in keys:
         if df[col].isna().any():
             raise ValueError(f"entity frame: {int(df[col].isna().sum())} null {col} value(s)")
         df[col] = df[col].astype("string")
     return df
 
 
-def get_training_features(
-    settings: Settings, entity_df: pd.DataFrame, store: FeatureStore | None = None
-) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Point-in-time features of the training FeatureService for every row of ``entity_df``.
-
-    Returns the frame (entity columns first, original row order kept) and the number of unique
-    lookups made per join key.
-    """
-    from recflow.feature_store import get_store
-
-    df = _validate(entity_df)
-    store = store or get_store(settings)
-    service = store.get_feature_service(settings.feast.training_service)
+def _refs_by_key(store: FeatureStore, service_name: str) -> dict[str, list[str]]:
+    """Feature references of a FeatureService grouped by the join key of their view."""
+    service = store.get_feature_service(service_name)
     by_key: dict[str, list[str]] = {}
     for projection in service.feature_view_projections:
         view = store.get_feature_view(projection.name)
@@ -75,7 +63,23 @@ def get_training_features(
         if len(keys) != 1 or keys[0] not in ("user_id", "item_id"):
             raise ValueError(f"feature view {view.name}: recflow expects one user_id or item_id key, got {keys}")
         by_key.setdefault(keys[0], []).extend(f"{projection.name}:{f.name}" for f in projection.features)
-    out = df.reset_index(drop=True)
+    return by_key
+
+
+def get_historical(
+    settings: Settings, entity_df: pd.DataFrame, service: str | None = None, store: FeatureStore | None = None
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Point-in-time features of a FeatureService (default: the training service) for every row.
+
+    ``entity_df`` needs ``event_timestamp`` and the join keys the service's views use
+    (``user_id`` and/or ``item_id``). Returns the frame (entity columns first, original row order
+    kept) and the number of unique lookups made per join key.
+    """
+    from recflow.feature_store import get_store
+
+    store = store or get_store(settings)
+    by_key = _refs_by_key(store, service or settings.feast.training_service)
+    out = _validate(entity_df, sorted(by_key)).reset_index(drop=True)
     lookups: dict[str, int] = {}
     for key, refs in by_key.items():
         unique = out[[key, "event_timestamp"]].drop_duplicates().reset_index(drop=True)
@@ -85,6 +89,13 @@ def get_training_features(
         joined[key] = joined[key].astype("string")
         out = out.merge(joined, on=[key, "event_timestamp"], how="left", validate="many_to_one")
     return out, lookups
+
+
+def get_training_features(
+    settings: Settings, entity_df: pd.DataFrame, store: FeatureStore | None = None
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Point-in-time features of the training FeatureService for (user_id, item_id, event_timestamp) rows."""
+    return get_historical(settings, entity_df, settings.feast.training_service, store=store)
 
 
 def build_training_set(

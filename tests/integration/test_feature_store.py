@@ -135,3 +135,14 @@ def test_build_features_flow_twice_gives_identical_online_values(prefect_harness
     assert first["materialize"] == {**second["materialize"], "seconds": first["materialize"]["seconds"]}
     pd.testing.assert_frame_equal(before, after)
     assert after.loc["c", "user_activity__purchases_90d"] == 2
+
+
+def test_serving_service_point_in_time_needs_only_user_keys(applied) -> None:
+    from recflow.features.training_set import get_historical
+
+    settings, store, _ = applied
+    entity = pd.DataFrame({"user_id": ["a"], "event_timestamp": ["2024-01-05T12:00:00Z"]})
+    out, lookups = get_historical(settings, entity, service="serving_v1", store=store)
+    assert lookups == {"user_id": 1}
+    assert out.loc[0, "user_activity__purchases_7d"] == 2
+    assert "item_popularity__trend" not in out.columns
