@@ -37,6 +37,8 @@ POPULARITY_FEATURES: tuple[str, ...] = ("purchases_7d", "purchases_30d", "buyers
 class ModelConfig:
     """Architecture of the two-tower + repeat model. Everything serving needs to rebuild it.
 
+    ``history_length`` caps the history lines read (most recent first) and ``max_history_items`` the
+    distinct history items (most recent first) that get a repeat bonus and enter the pooling.
     ``encoder`` is a ``BertConfig.to_dict()``; ``n_ids`` counts id rows including row 0, the
     out-of-vocabulary row that items unseen in training (cold start) use.
     """
@@ -49,6 +51,7 @@ class ModelConfig:
     use_id_embedding: bool = True
     temperature: float = 0.1
     history_length: int = 500
+    max_history_items: int = 256
     max_length: int = 32
     half_lives_days: tuple[float, ...] = (7.0, 30.0, 90.0, 365.0)
     activity_features: tuple[str, ...] = ACTIVITY_FEATURES

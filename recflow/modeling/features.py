@@ -43,6 +43,15 @@ class HistoryBatch:
     def batch_size(self) -> int:
         return len(self.offsets) - 1
 
+    def take(self, rows: np.ndarray) -> HistoryBatch:
+        """The users ``rows`` of this batch (vectorised CSR gather)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        lens = ends - starts
+        off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        idx = np.repeat(starts - off[:-1], lens) + np.arange(off[-1])
+        return HistoryBatch(off, self.items[idx], self.feats[idx], self.n_lines[rows], self.n_unique[rows], self.n_baskets[rows])
+
     def padded(self, max_items: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Dense ``items [B, H]`` (-1 = padding), ``feats [B, H, F]``, ``mask [B, H]``.
 

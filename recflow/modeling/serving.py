@@ -187,7 +187,7 @@ def user_tensors(
     """User vectors ``[B, dim]``, repeat bonuses ``[B, H]`` and their item positions ``[B, H]`` (-1 = pad)."""
     model.eval()
     dev = model.pop_mean.device
-    items, feats, mask = hist.padded()
+    items, feats, mask = hist.padded(model.config.max_history_items)
     safe = torch.from_numpy(np.where(items >= 0, items, 0)).to(dev)
     emb = model.catalogue_text_embeddings(safe.reshape(-1)).reshape(*safe.shape, -1)
     id_rows = model.item_id_row[safe]

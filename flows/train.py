@@ -1,0 +1,219 @@
+"""Prefect flow ``train``: training set (Feast) -> text embeddings -> Ray Tune -> test week -> registry.
+
+Thin: the work is in ``training/`` (data, model fitting, search, evaluation), ``recflow.features``
+(the point-in-time training set) and ``recflow.registry`` (BentoML store and champion pointer).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from recflow.settings import Settings, load_settings
+
+
+def _log(message: str) -> None:
+    get_run_logger().info(message)
+
+
+@task(name="load-tables", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def load_tables_task(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Canonical events and items, and the item popularity feature table."""
+    paths = settings.paths
+    for p in (paths.events, paths.items, paths.feature_table("item_popularity")):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist: run `recflow features` (ingest + feature tables) first")
+    events = pd.read_parquet(paths.events, columns=["user_id", "item_id", "event_type", "event_timestamp", "basket_id"])
+    items = pd.read_parquet(paths.items)
+    popularity = pd.read_parquet(paths.feature_table("item_popularity"))
+    _log(f"{len(events):,} events, {len(items):,} items, {len(popularity):,} item popularity rows")
+    return events, items, popularity
+
+
+@task(name="training-set", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def training_set_task(settings: Settings, entities: pd.DataFrame) -> str:
+    """Point-in-time user features of ``training_v1`` for every (user, anchor week), via Feast."""
+    from recflow.features.training_set import build_training_set
+
+    out = settings.paths.training_sets / f"{settings.feast.training_service}_weekly.parquet"
+    result = build_training_set(settings, entities, out_path=out)
+    _log(f"training set: {result.rows:,} rows in {result.seconds:.1f}s ({result.lookups} lookups) -> {result.path}")
+    return str(result.path)
+
+
+@task(name="text-embeddings", retries=1, cache_policy=NO_CACHE)
+def text_embeddings_task(settings: Settings, items: pd.DataFrame) -> Any:
+    from training.pipeline import text_embeddings
+
+    emb, info = text_embeddings(
+        items, settings.paths.cache, max_length=settings.training.text_max_length, progress=_log,
+    )
+    _log(f"MiniLM embeddings of {info['unique_texts']:,} unique texts "
+         f"({'cache hit' if info['cache_hit'] else 'encoded'}, {info['seconds']:.1f}s)")
+    return emb
+
+
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame, popularity: pd.DataFrame,
+                 training_set: str, cutoff: pd.Timestamp, emb: Any) -> Any:
+    import pyarrow.parquet as pq
+
+    from training.dataset import prepare_data
+    from training.pipeline import default_encoder_dir, encoder_config
+
+    enc_dir = default_encoder_dir()
+    data = prepare_data(
+        events=events, items=items, training_set=pq.read_table(training_set), item_popularity=popularity,
+        cutoff=cutoff, train_weeks=settings.training.train_weeks, text_emb=emb, encoder=encoder_config(enc_dir),
+        encoder_dir=str(enc_dir), eval_days=settings.training.eval_days,
+    )
+    _log(f"{len(data.train):,} training examples over {settings.training.train_weeks} weeks; "
+         f"validation users {len(data.val):,}; test users {len(data.test) if data.test else 0:,}")
+    return data
+
+
+@task(name="tune", cache_policy=NO_CACHE)
+def tune_task(settings: Settings, data: Any, trials: int, max_minutes: float) -> Any:
+    from training.trainer import TrainConfig
+    from training.tune import TuneConfig, run_search
+
+    t = settings.training
+    base = TrainConfig(
+        epochs=t.epochs, seed=t.seed, encoder_mode=t.encoder_mode,
+        history_length=min(500, settings.features.history_length),
+    )
+    space = {}
+    if settings.features.history_length < 500:
+        space["history_length"] = settings.features.history_length
+    tc = TuneConfig(
+        trials=trials, max_minutes=max_minutes, epochs=t.epochs, cpus_per_trial=t.cpus_per_trial,
+        gpus_per_trial=t.gpus_per_trial, storage_path=str(settings.paths.ray_results), seed=t.seed,
+        searcher=t.searcher, base=base, search_space=space,
+    )
+    return run_search(data, tc, progress=_log)
+
+
+@task(name="evaluate-test-week", cache_policy=NO_CACHE)
+def evaluate_task(data: Any, events: pd.DataFrame, model: Any) -> dict[str, Any]:
+    from training.pipeline import evaluate_all, goals
+
+    ev = data.test if data.test is not None else data.val
+    results = evaluate_all(model, data, events, ev, progress=_log)
+    return {"week": ev.name, "anchor": str(ev.anchor), "results": results, "goals": goals(results)}
+
+
+@task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def register_task(settings: Settings, model: Any, metadata: dict[str, Any], promote: bool) -> dict[str, Any]:
+    from recflow import registry
+
+    tag = registry.register(settings, model, metadata)
+    pointer = registry.set_champion(settings, tag, reason="train flow") if promote else registry.get_champion(settings)
+    _log(f"registered {tag}; champion: {pointer['tag'] if pointer else None}")
+    return {"tag": tag, "champion": pointer["tag"] if pointer else None, "path": str(registry.model_path(settings, tag))}
+
+
+@flow(name="train", log_prints=True)
+def train(
+    trials: int | None = None,
+    max_minutes: float | None = None,
+    cutoff: str | None = None,
+    home: str | None = None,
+) -> dict[str, Any]:
+    """Train, search, evaluate on the test week, register and promote the recommender.
+
+    ``trials`` / ``max_minutes`` default to ``settings.training`` (the search's time budget; the
+    flow adds data preparation and evaluation). ``cutoff`` (ISO date, UTC midnight) defaults to
+    ``settings.training.cutoff`` or, unset, (last event day + 1) - 2 * eval_days.
+    Returns a summary: ``tag``, ``champion``, ``cutoff``, ``window``, ``validation`` (best trial),
+    ``test`` (all models on the test week), ``goals``, ``best_config``, ``trials``, ``seconds``.
+    """
+    from dataclasses import asdict
+
+    from training.data import default_cutoff, entity_frame, split_anchors, to_utc
+    from training.pipeline import markdown_table
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = load_settings(**({"home": home} if home else {}))
+    t = settings.training
+    trials = trials or t.trials
+    max_minutes = max_minutes or t.max_minutes
+    log = get_run_logger()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def lap(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+
+    if settings.features.history_length < 500:
+        log.warning(
+            "features.history_length=%s: the re-buy signal needs long histories (top-frequency over the last "
+            "50 lines scored NDCG@10 0.184 vs 0.2805 over 500 on Complete Journey); consider 500",
+            settings.features.history_length,
+        )
+    t0 = time.perf_counter()
+    events, items, popularity = load_tables_task(settings)
+    lap("load", t0)
+    cut = to_utc(cutoff) if cutoff else (to_utc(t.cutoff) if t.cutoff else default_cutoff(events, t.eval_days))
+    train_anchors, val_anchor, test_anchor = split_anchors(cut, t.train_weeks, t.eval_days)
+    log.info("cutoff %s: %s training weeks from %s; validation from %s; test from %s",
+             cut.date(), t.train_weeks, train_anchors[0].date(), val_anchor.date(), test_anchor.date())
+    t0 = time.perf_counter()
+    entities = entity_frame(events, [*train_anchors, val_anchor, test_anchor], t.eval_days)
+    ts_path = training_set_task(settings, entities)
+    lap("training_set", t0)
+    t0 = time.perf_counter()
+    emb = text_embeddings_task(settings, items)
+    lap("text_embeddings", t0)
+    t0 = time.perf_counter()
+    data = prepare_task(settings, events, items, popularity, ts_path, cut, emb)
+    lap("prepare", t0)
+    t0 = time.perf_counter()
+    outcome = tune_task(settings, data, trials, max_minutes)
+    lap("tune", t0)
+    t0 = time.perf_counter()
+    evaluation = evaluate_task(data, events, outcome.model)
+    lap("evaluate", t0)
+    metadata = {
+        "metrics": {"validation": outcome.metrics, evaluation["week"]: evaluation["results"]["recflow"]},
+        "baselines": {k: v for k, v in evaluation["results"].items() if k != "recflow"},
+        "goals": evaluation["goals"],
+        "search": {"trials": trials, "max_minutes": max_minutes, "searcher": outcome.searcher,
+                   "space": outcome.search_space, "best_config": asdict(outcome.config)},
+        "data_window": data.window,
+        "feature_service": settings.feast.serving_service,
+        "training_feature_service": settings.feast.training_service,
+        "history_length_in_store": settings.features.history_length,
+    }
+    t0 = time.perf_counter()
+    reg = register_task(settings, outcome.model, metadata, t.promote)
+    lap("register", t0)
+    timings["total"] = round(time.perf_counter() - started, 1)
+    table = markdown_table(evaluation["results"], f"{evaluation['week']} week from {evaluation['anchor']}")
+    g = evaluation["goals"]
+    notes = (
+        f"\n\nModel `{reg['tag']}` (champion: `{reg['champion']}`). Best baseline: {g.get('best_baseline')}; "
+        f"NDCG@10 lift {g.get('ndcg@10_lift', 0) or 0:+.1%} (goal +5%: {'met' if g.get('ndcg@10_goal_met') else 'missed'}); "
+        f"new-to-user NDCG@10 ratio vs {g.get('new_reference')} {g.get('ndcg@10_new_ratio') or 0:.2f}x "
+        f"(goal 1.4x: {'met' if g.get('ndcg@10_new_goal_met') else 'missed'}). Timings (s): {timings}."
+    )
+    create_markdown_artifact(markdown=table + notes, key="recflow-train-metrics", description="recflow train: test-week metrics")
+    log.info("\n%s%s", table, notes)
+    return {
+        "tag": reg["tag"],
+        "champion": reg["champion"],
+        "model_path": reg["path"],
+        "cutoff": cut.isoformat(),
+        "window": data.window,
+        "validation": outcome.metrics,
+        "test": evaluation["results"],
+        "goals": evaluation["goals"],
+        "best_config": asdict(outcome.config),
+        "trials": outcome.trials,
+        "seconds": timings,
+    }

@@ -1,0 +1,105 @@
+"""Steps of a training run that flows (and benchmarks) chain: text embeddings, data, evaluation, tables.
+
+No Feast, Prefect or BentoML here: the caller builds the Feast training set and registers the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from recflow.modeling.build import unique_texts
+from recflow.modeling.model import RecModel
+from training.baselines import baseline_scorers
+from training.data import Catalogue
+from training.dataset import TrainData
+from training.evaluate import EvalSet, evaluate
+from training.text_cache import cached_embeddings, minilm_path
+from training.trainer import evaluate_model
+
+Progress = Callable[[str], None]
+TABLE_MODELS = ("popularity", "recent_popularity", "personal_top_frequency", "item_knn", "minilm_zero_shot", "recflow")
+TABLE_METRICS = ("ndcg@10", "recall@20", "hitrate@10", "coverage", "ndcg@10_new", "ndcg@10_repeat")
+
+
+def encoder_config(encoder_dir: Path) -> dict[str, Any]:
+    """The BertConfig dict of a local encoder folder (read from disk only)."""
+    from transformers import BertConfig
+
+    cfg = BertConfig.from_pretrained(str(encoder_dir), local_files_only=True).to_dict()
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
+
+
+def text_embeddings(
+    items: pd.DataFrame, cache_dir: Path, *, max_length: int = 32, device: str = "cpu", progress: Progress | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """MiniLM embeddings of the catalogue's unique texts (cached); returns ``(emb, info)``."""
+    started = time.perf_counter()
+    texts, _ = unique_texts(Catalogue.from_items(items).texts)
+    emb, hit = cached_embeddings(texts, cache_dir, max_length=max_length, device=device, progress=progress)
+    info = {"unique_texts": len(texts), "cache_hit": hit, "seconds": time.perf_counter() - started}
+    return emb, info
+
+
+def evaluate_all(
+    model: RecModel | None, data: TrainData, events: pd.DataFrame, ev: EvalSet, baselines: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, dict[str, float]]:
+    """Metrics of the model and of every baseline on ``ev`` (same users, same catalogue)."""
+    say = progress or (lambda _m: None)
+    out: dict[str, dict[str, float]] = {}
+    if baselines:
+        scorers = baseline_scorers(events, data.catalogue, ev, text_emb=data.text_emb, item_text=data.item_text)
+        for name, scorer in scorers.items():
+            t = time.perf_counter()
+            out[name] = evaluate(scorer, ev)
+            say(f"{ev.name} {name}: ndcg@10 {out[name]['ndcg@10']:.4f} ({time.perf_counter() - t:.1f}s)")
+    if model is not None:
+        out["recflow"] = evaluate_model(model, data, ev)
+        say(f"{ev.name} recflow: ndcg@10 {out['recflow']['ndcg@10']:.4f}")
+    return out
+
+
+def best_baseline(results: dict[str, dict[str, float]], metric: str = "ndcg@10") -> tuple[str, float]:
+    names = [n for n in TABLE_MODELS if n != "recflow" and n in results]
+    best = max(names, key=lambda n: results[n][metric])
+    return best, results[best][metric]
+
+
+def goals(results: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The issue's two goals, evaluated on ``results`` (one evaluation week)."""
+    if "recflow" not in results:
+        return {}
+    name, value = best_baseline(results)
+    model = results["recflow"]
+    new_ref_name = max(("popularity", "item_knn"), key=lambda n: results.get(n, {}).get("ndcg@10_new", -1))
+    new_ref = results[new_ref_name]["ndcg@10_new"]
+    return {
+        "best_baseline": name,
+        "ndcg@10_lift": model["ndcg@10"] / value - 1 if value else None,
+        "ndcg@10_goal_met": bool(value and model["ndcg@10"] >= 1.05 * value),
+        "new_reference": new_ref_name,
+        "ndcg@10_new_ratio": model["ndcg@10_new"] / new_ref if new_ref else None,
+        "ndcg@10_new_goal_met": bool(new_ref and model["ndcg@10_new"] >= 1.4 * new_ref),
+    }
+
+
+def markdown_table(results: dict[str, dict[str, float]], title: str = "") -> str:
+    """A markdown table of :data:`TABLE_METRICS` for the table models present in ``results``."""
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| model | " + " | ".join(TABLE_METRICS) + " |")
+    lines.append("|---|" + "---:|" * len(TABLE_METRICS))
+    for name in [*TABLE_MODELS, *sorted(set(results) - set(TABLE_MODELS))]:
+        if name in results:
+            row = results[name]
+            lines.append(f"| {name} | " + " | ".join(f"{row.get(m, float('nan')):.4f}" for m in TABLE_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def default_encoder_dir() -> Path:
+    return minilm_path()

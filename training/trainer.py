@@ -1,0 +1,493 @@
+"""Training loop of the recflow recommender (see :mod:`recflow.modeling` for the model).
+
+Loss: per (user, week) example, a multi-positive sampled softmax. The columns of a batch are the
+union of (a) every positive of the batch's users (in-batch negatives for the others), (b) every
+user's distinct history items (the re-buy candidates, also hard negatives) and (c) ``n_uniform``
+items drawn uniformly from the whole catalogue (mixed negative sampling). Each column's logit is
+corrected by ``-log q(item)`` (logQ correction; ``q`` = how often the item is a column, measured
+over an epoch's batches) except for the user's own history items, which are always there. Each
+positive competes with all non-positive columns; a user's positives are averaged.
+
+Batches hold users of one anchor week, so each column's popularity features are those of that week.
+Batches are built in numpy by a background thread; the step itself makes no host sync (losses
+are accumulated on the device and read once per log interval). On CUDA: bf16 autocast, fused
+AdamW, optional ``torch.compile`` of the scoring function.
+
+Encoder modes: ``frozen`` (text embeddings precomputed: the fast CPU path), ``top_k`` (the last
+``unfrozen_layers`` BERT layers train) and ``full``. When the encoder trains, the texts of the
+batch's positive and uniform columns (at most ``max_fresh_texts``) are re-encoded with gradients;
+the other columns and the history pooling read a table that is re-encoded every epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from recflow.modeling.build import new_model
+from recflow.modeling.config import ModelConfig
+from recflow.modeling.features import (
+    HistoryBatch,
+    encode_profile,
+    history_features,
+    popularity_transform,
+    user_dense,
+)
+from recflow.modeling.model import RecModel
+from recflow.modeling.serving import build_index, user_tensors
+from training.data import profile_vocabulary
+from training.dataset import TrainData
+from training.evaluate import EvalSet, Scorer, evaluate
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (plain dataclass: no settings library here)."""
+
+    dim: int = 64
+    hidden: int = 128
+    temperature: float = 0.1
+    lr: float = 3e-3
+    weight_decay: float = 1e-6
+    batch_size: int = 128
+    epochs: int = 3
+    history_length: int = 500
+    max_history_items: int = 256
+    n_uniform: int = 1024
+    id_dropout: float = 0.1
+    min_item_count: int = 1
+    use_id_embedding: bool = True
+    logq: bool = True
+    new_loss_weight: float = 1.0
+    encoder_mode: str = "frozen"  # frozen | top_k | full
+    unfrozen_layers: int = 0
+    encoder_lr: float = 3e-5
+    max_fresh_texts: int = 4096
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = True  # autocast on CUDA only
+    compile: bool = False
+    threads: int | None = None
+    max_seconds: float | None = None  # stop training (not evaluation) after this long
+    max_steps: int | None = None
+    log_every: int = 50
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def effective_mode(self) -> str:
+        if self.encoder_mode == "top_k" and self.unfrozen_layers <= 0:
+            return "frozen"
+        return self.encoder_mode
+
+
+@dataclass
+class TrainResult:
+    """The trained model, its validation metrics per epoch and timing."""
+
+    model: RecModel
+    val_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    samples: int = 0
+    steps: int = 0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+
+# --- model construction ------------------------------------------------------------------------
+def id_rows(data: TrainData, min_count: int) -> tuple[np.ndarray, int]:
+    """Id-embedding row of every item: 1.. for items bought at least ``min_count`` times before the
+    cutoff, 0 (shared cold-start row) for the rest."""
+    known = data.item_counts >= max(1, min_count)
+    rows = np.zeros(len(known), dtype=np.int64)
+    rows[known] = np.arange(1, int(known.sum()) + 1)
+    return rows, int(known.sum()) + 1
+
+
+def compute_history(data_rows: Any, cfg: TrainConfig, half_lives: tuple[float, ...]) -> HistoryBatch:
+    return history_features(
+        data_rows.hist_offsets, data_rows.hist_items, data_rows.hist_ts, data_rows.activity[:, -1],
+        history_length=cfg.history_length, half_lives_days=half_lives,
+    )
+
+
+def build_model(data: TrainData, cfg: TrainConfig, hist: HistoryBatch, dense: np.ndarray) -> RecModel:
+    """A fresh model over ``data``'s catalogue with normalisation statistics from the training rows."""
+    rows, n_ids = id_rows(data, cfg.min_item_count)
+    mc = ModelConfig(
+        encoder=dict(data.encoder), n_ids=n_ids, text_dim=data.text_emb.shape[1], dim=cfg.dim, hidden=cfg.hidden,
+        use_id_embedding=cfg.use_id_embedding, temperature=cfg.temperature, history_length=cfg.history_length,
+        max_history_items=cfg.max_history_items, profile_vocab=profile_vocabulary(data.train.profile),
+    )
+    tokenizer = None
+    state = None
+    if data.encoder_dir:
+        from recflow.modeling.build import pretrained_encoder
+
+        _, tokenizer, state = pretrained_encoder(data.encoder_dir)
+    model = new_model(
+        mc, list(data.catalogue.item_ids), data.catalogue.texts, text_emb=data.text_emb, id_rows=rows,
+        popularity=np.nan_to_num(data.pop_grid[data.end_anchor_idx], nan=0.0), tokenizer=tokenizer,
+    )
+    if state is not None:
+        model.encoder.load_state_dict(state, strict=False)
+    elif tokenizer is None:
+        from recflow.modeling.build import tiny_tokenizer
+
+        model.tokenizer = tiny_tokenizer()
+    with torch.no_grad():
+        n_train = len(data.anchors) - 3
+        pop = popularity_transform(data.pop_grid[:n_train].reshape(-1, data.pop_grid.shape[2]))
+        model.pop_mean.copy_(torch.from_numpy(pop.mean(0)))
+        model.pop_std.copy_(torch.from_numpy(pop.std(0) + 1e-3))
+        model.user_mean.copy_(torch.from_numpy(dense.mean(0)))
+        model.user_std.copy_(torch.from_numpy(dense.std(0) + 1e-3))
+        if len(hist.feats):
+            model.hist_mean.copy_(torch.from_numpy(hist.feats.mean(0)))
+            model.hist_std.copy_(torch.from_numpy(hist.feats.std(0) + 1e-3))
+    return model
+
+
+# --- batches ------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """One step's tensors (numpy until moved to the device)."""
+
+    cols: np.ndarray  # [C] catalogue positions
+    col_text: np.ndarray  # [C]
+    col_id: np.ndarray  # [C] id rows after id dropout
+    col_pop: np.ndarray  # [C, P] log popularity
+    col_logq: np.ndarray  # [C]
+    fresh: np.ndarray  # [C] bool: re-encode (trainable encoder only)
+    hist_col: np.ndarray  # [b, H] column of each history item (0 where padded)
+    hist_id: np.ndarray  # [b, H] id rows of history items (no dropout)
+    hist_feats: np.ndarray  # [b, H, F]
+    hist_mask: np.ndarray  # [b, H]
+    dense: np.ndarray  # [b, U]
+    profile: np.ndarray  # [b, P]
+    pos_row: np.ndarray  # [n_pos]
+    pos_col: np.ndarray  # [n_pos]
+    size: int
+
+    def to(self, device: torch.device) -> dict[str, torch.Tensor]:
+        pin = device.type == "cuda"
+        out = {}
+        for k, v in asdict(self).items():
+            if isinstance(v, np.ndarray):
+                t = torch.from_numpy(np.ascontiguousarray(v))
+                if pin:
+                    t = t.pin_memory()
+                out[k] = t.to(device, non_blocking=True)
+        return out
+
+
+class BatchBuilder:
+    """Builds batches of one anchor week's users (numpy, vectorised)."""
+
+    def __init__(self, data: TrainData, cfg: TrainConfig, hist: HistoryBatch, dense: np.ndarray,
+                 profile: np.ndarray, id_row: np.ndarray) -> None:
+        self.data, self.cfg, self.hist, self.dense, self.profile, self.id_row = data, cfg, hist, dense, profile, id_row
+        self.n = len(data.catalogue)
+        self.pop_log = [popularity_transform(g) for g in data.pop_grid]
+        self.logq = np.zeros(self.n, dtype=np.float32)
+        self.by_anchor = [np.flatnonzero(data.train.anchor == a) for a in range(int(data.train.anchor.max(initial=-1)) + 1)]
+
+    def plan(self, rng: np.random.Generator) -> list[tuple[int, np.ndarray]]:
+        """One epoch: every anchor's users shuffled into batches; batch order shuffled."""
+        out = []
+        bs = self.cfg.batch_size
+        for a, rows in enumerate(self.by_anchor):
+            perm = rng.permutation(rows)
+            out.extend((a, perm[s : s + bs]) for s in range(0, len(perm), bs))
+        order = rng.permutation(len(out))
+        return [out[i] for i in order]
+
+    def estimate_logq(self, rng: np.random.Generator) -> None:
+        """q(item) = share of an epoch's batches in which the item is a column."""
+        seen = np.zeros(self.n, dtype=np.float64)
+        plan = self.plan(rng)
+        for _, rows in plan:
+            seen[self._columns(rows, rng)[0]] += 1
+        q = np.clip(seen / max(len(plan), 1), 1.0 / max(len(plan), 1), 1.0)
+        self.logq = np.log(q).astype(np.float32)
+
+    def _columns(
+        self, rows: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, HistoryBatch, np.ndarray, np.ndarray, np.ndarray]:
+        t = self.data.train
+        hb = self.hist.take(rows)
+        starts, ends = t.target_offsets[rows], t.target_offsets[rows + 1]
+        lens = ends - starts
+        tidx = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
+        targets = t.targets[tidx]
+        uniform = rng.integers(0, self.n, self.cfg.n_uniform)
+        cols = np.unique(np.concatenate([hb.items, targets, uniform]))
+        return cols, hb, targets, lens, uniform
+
+    def build(self, anchor: int, rows: np.ndarray, rng: np.random.Generator) -> Batch:
+        cfg = self.cfg
+        cols, hb, targets, lens, uniform = self._columns(rows, rng)
+        items, feats, mask = hb.padded(cfg.max_history_items)
+        hist_col = np.searchsorted(cols, np.where(mask, items, cols[0]))
+        hist_id = self.id_row[np.where(mask, items, 0)] * mask
+        pos_row = np.repeat(np.arange(len(rows)), lens)
+        pos_col = np.searchsorted(cols, targets)
+        col_id = self.id_row[cols].copy()
+        if cfg.id_dropout > 0:
+            col_id[rng.random(len(cols)) < cfg.id_dropout] = 0
+        fresh = np.zeros(len(cols), dtype=bool)
+        if self.cfg.effective_mode() != "frozen":
+            cand = np.unique(np.concatenate([pos_col, np.searchsorted(cols, uniform)]))
+            fresh[rng.permutation(cand)[: cfg.max_fresh_texts]] = True
+        return Batch(
+            cols=cols, col_text=self.data.item_text[cols], col_id=col_id, col_pop=self.pop_log[anchor][cols],
+            col_logq=self.logq[cols] if cfg.logq else np.zeros(len(cols), np.float32), fresh=fresh,
+            hist_col=hist_col.astype(np.int64), hist_id=hist_id.astype(np.int64), hist_feats=feats, hist_mask=mask,
+            dense=self.dense[rows], profile=self.profile[rows], pos_row=pos_row.astype(np.int64),
+            pos_col=pos_col.astype(np.int64), size=len(rows),
+        )
+
+
+def _prefetch(gen: Iterator[Batch], depth: int = 3) -> Iterator[Batch]:
+    """Run a batch generator in a background thread (numpy releases the GIL for most of the work)."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work() -> None:
+        try:
+            for b in gen:
+                q.put(b)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            q.put(exc)
+        q.put(done)
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+# --- loss ----------------------------------------------------------------------------------------
+def batch_loss(
+    model: RecModel, b: dict[str, torch.Tensor], text_table: torch.Tensor, fresh_emb: torch.Tensor | None,
+    new_weight: float = 0.0,
+) -> torch.Tensor:
+    """Multi-positive sampled-softmax loss of one batch (see the module docstring)."""
+    text = text_table[b["col_text"]]
+    if fresh_emb is not None:
+        text = torch.where(b["fresh"][:, None], fresh_emb, text)
+    v = model.item_vectors(text, b["col_id"])
+    bias = model.item_bias(b["col_id"], b["col_pop"])
+    hist_vecs = v[b["hist_col"]]
+    u, rep = model.user_forward(hist_vecs, b["hist_feats"], b["hist_mask"], b["hist_id"], b["dense"], b["profile"])
+    logits = (u @ v.T).float() + bias.float()[None, :]
+    bsz, ncol = logits.shape
+    own = torch.zeros(bsz, ncol, dtype=torch.bool, device=logits.device)
+    rr = torch.arange(bsz, device=logits.device)[:, None].expand_as(b["hist_col"])
+    m = b["hist_mask"]
+    own[rr[m], b["hist_col"][m]] = True
+    logits = logits - b["col_logq"][None, :] * (~own)
+    logits = logits.index_put((rr[m], b["hist_col"][m]), rep.float()[m], accumulate=True)
+    pos = torch.zeros(bsz, ncol, dtype=torch.bool, device=logits.device)
+    pos[b["pos_row"], b["pos_col"]] = True
+    lse_neg = torch.logsumexp(logits.masked_fill(pos, -1e9), dim=1)
+    s_pos = logits[b["pos_row"], b["pos_col"]]
+    per_pos = torch.logaddexp(s_pos, lse_neg[b["pos_row"]]) - s_pos
+    n_pos = torch.bincount(b["pos_row"], minlength=bsz).clamp(min=1).float()
+    loss = (per_pos / n_pos[b["pos_row"]]).sum() / bsz
+    if new_weight > 0:
+        # exploration: positives new to the user, ranked against non-history columns only
+        is_new = ~own[b["pos_row"], b["pos_col"]]
+        lse_new = torch.logsumexp(logits.masked_fill(pos | own, -1e9), dim=1)
+        per_new = (torch.logaddexp(s_pos, lse_new[b["pos_row"]]) - s_pos) * is_new
+        n_new = torch.bincount(b["pos_row"], weights=is_new.float(), minlength=bsz)
+        users = (n_new > 0).float()
+        loss = loss + new_weight * (per_new / n_new.clamp(min=1)[b["pos_row"]]).sum() / users.sum().clamp(min=1)
+    return loss
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+def user_inputs(model: RecModel, rows: Any) -> tuple[HistoryBatch, np.ndarray, np.ndarray]:
+    """History features, dense features and profile indices of ``rows`` for ``model``."""
+    c = model.config
+    hist = history_features(
+        rows.hist_offsets, rows.hist_items, rows.hist_ts, rows.activity[:, -1],
+        history_length=c.history_length, half_lives_days=c.half_lives_days,
+    )
+    dense = user_dense(rows.activity, hist)
+    profile = encode_profile(rows.profile, c.profile_vocab, c.profile_features)
+    return hist, dense, profile
+
+
+def model_scorer(model: RecModel, ev: EvalSet, popularity: np.ndarray) -> Scorer:
+    """Scores of ``model`` for ``ev``'s users, through the serving code path (``build_index`` +
+    ``user_tensors``), with the item popularity ``[N, P]`` as of the evaluation anchor."""
+    names = model.config.popularity_features
+    index = build_index(model, {n: popularity[:, j] for j, n in enumerate(names)})
+    matrix = torch.from_numpy(index.matrix)
+    bias = torch.from_numpy(index.bias)
+    hist, dense, profile = user_inputs(model, ev.rows)
+
+    def score(rows: np.ndarray) -> torch.Tensor:
+        u, rep, items = user_tensors(model, hist.take(rows), dense[rows], profile[rows])
+        s = torch.from_numpy(u) @ matrix.T + bias
+        m = items >= 0
+        r = np.repeat(np.arange(len(rows))[:, None], items.shape[1], 1)
+        s.index_put_((torch.from_numpy(r[m]), torch.from_numpy(items[m])), torch.from_numpy(rep[m]), accumulate=True)
+        return s
+
+    return score
+
+
+def evaluate_model(model: RecModel, data: TrainData, ev: EvalSet) -> dict[str, float]:
+    """Full-catalogue metrics of ``model`` on ``ev`` (popularity as of ``ev``'s anchor)."""
+    a = data.anchors.index(ev.anchor)
+    was = model.training
+    model.eval()
+    try:
+        return evaluate(model_scorer(model, ev, data.pop_grid[a]), ev)
+    finally:
+        model.train(was)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def fit(
+    data: TrainData,
+    cfg: TrainConfig,
+    report: Callable[[int, dict[str, float], RecModel], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train a model on ``data.train``; evaluate on the validation week after every epoch.
+
+    ``report(epoch, metrics, model)`` is called after each epoch (Ray Tune reports/checkpoints
+    there). Deterministic for a given ``cfg.seed`` on CPU.
+    """
+    say = progress or (lambda m: log.info(m))
+    _seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = cfg.resolved_device()
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.perf_counter()
+    half_lives = ModelConfig(encoder={}, n_ids=1).half_lives_days
+    hist = compute_history(data.train, cfg, half_lives)
+    dense = user_dense(data.train.activity, hist)
+    model = build_model(data, cfg, hist, dense)
+    profile = encode_profile(data.train.profile, model.config.profile_vocab, model.config.profile_features)
+    id_row = model.item_id_row.numpy().copy()
+    builder = BatchBuilder(data, cfg, hist, dense, profile, id_row)
+    builder.estimate_logq(np.random.default_rng(cfg.seed + 1))
+    say(f"prepared {len(data.train)} training examples in {time.perf_counter() - t0:.1f}s")
+
+    mode = cfg.effective_mode()
+    model.encoder.set_trainable(mode, cfg.unfrozen_layers)
+    model.to(device).train()
+    enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    other = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    groups: list[dict[str, Any]] = [{"params": other, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if enc_params:
+        groups.append({"params": enc_params, "lr": cfg.encoder_lr, "weight_decay": 0.01})
+    opt = torch.optim.AdamW(groups, fused=device.type == "cuda")
+    plan_len = len(builder.plan(np.random.default_rng(0)))
+    total = max(1, plan_len * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, plan_len * cfg.epochs))
+    warm = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    text_table = model.text_emb
+    tokens = None
+    if mode != "frozen":
+        tok = model.tokenizer(model.texts, padding="max_length", truncation=True, max_length=model.config.max_length,
+                              return_tensors="pt")
+        tokens = (tok["input_ids"].to(device), tok["attention_mask"].to(device))
+    loss_fn = torch.compile(batch_loss) if cfg.compile and device.type == "cuda" else batch_loss
+    use_amp = device.type == "cuda" and cfg.bf16
+
+    history: list[dict[str, float]] = []
+    best: dict[str, float] = {}
+    step, samples = 0, 0
+    train_seconds = 0.0
+    stop = False
+    for epoch in range(cfg.epochs):
+        if mode != "frozen":
+            with torch.no_grad():
+                text_table = model.encode_texts(model.texts).to(device)
+        plan = builder.plan(rng)
+        batches = _prefetch(builder.build(a, rows, rng) for a, rows in plan)
+        run_loss = torch.zeros((), device=device)
+        n_loss = 0
+        t_epoch = time.perf_counter()
+        for batch in batches:
+            b = batch.to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                fresh = None
+                if tokens is not None:
+                    idx = b["col_text"][b["fresh"]]
+                    uniq, inv = torch.unique(idx, return_inverse=True)
+                    ids, am = tokens[0][uniq], tokens[1][uniq]
+                    width = int(am.sum(1).max()) if len(uniq) else 1
+                    emb = model.encoder(ids[:, :width], am[:, :width]).float()
+                    fresh = torch.zeros(len(b["cols"]), emb.shape[1], device=device)
+                    fresh[b["fresh"]] = emb[inv]
+                loss = loss_fn(model, b, text_table, fresh, cfg.new_loss_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            run_loss += loss.detach()
+            n_loss += 1
+            step += 1
+            samples += batch.size
+            if cfg.log_every and step % cfg.log_every == 0:
+                say(f"epoch {epoch + 1} step {step}/{total} loss {float(run_loss) / n_loss:.4f}")
+            if (cfg.max_steps is not None and step >= cfg.max_steps) or (
+                cfg.max_seconds is not None and train_seconds + time.perf_counter() - t_epoch > cfg.max_seconds
+            ):
+                stop = True
+                break
+        train_seconds += time.perf_counter() - t_epoch
+        if mode != "frozen":
+            with torch.no_grad():
+                model.text_emb.copy_(model.encode_texts(model.texts).to(model.text_emb.device))
+        model_cpu = model
+        metrics = evaluate_model(model_cpu, data, data.val)
+        metrics.update(epoch=epoch + 1, train_loss=float(run_loss) / max(n_loss, 1), seconds=time.perf_counter() - t0,
+                       samples_per_s=samples / max(train_seconds, 1e-9))
+        history.append(metrics)
+        say(f"epoch {epoch + 1}: loss {metrics['train_loss']:.4f} val ndcg@10 {metrics['ndcg@10']:.4f} "
+            f"new {metrics['ndcg@10_new']:.4f} ({samples / max(train_seconds, 1e-9):.0f} samples/s)")
+        if report is not None:
+            report(epoch + 1, metrics, model)
+        if not best or metrics["ndcg@10"] > best["ndcg@10"]:
+            best = metrics
+        if stop:
+            break
+    model.eval()
+    return TrainResult(model, history[-1] if history else {}, history, train_seconds, samples, step)
