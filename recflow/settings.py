@@ -85,30 +85,78 @@ class FeastSettings(BaseModel):
 
 
 class TrainingSettings(BaseModel):
-    """Model training, evaluation and search."""
+    """Model training, evaluation and search (``training/``, ``flows/train.py``)."""
 
     cutoff: datetime | None = Field(
         default=None,
         description="Train on events before this; validate on the next week, test on the week after. "
-        "Default: three weeks before the last event, at midnight UTC.",
+        "Default: (last event day + 1) - 2 * eval_days, at midnight UTC, so the test week ends with the data.",
     )
-    eval_days: int = Field(default=7, ge=1)
-    trials: int = Field(default=4, ge=1)
-    max_minutes: float = Field(default=10.0, gt=0)
+    eval_days: int = Field(default=7, ge=1, description="Length of the validation and test windows (days).")
+    train_weeks: int = Field(default=20, ge=1, le=104, description="Weekly (user, week) training examples before the cutoff.")
+    epochs: int = Field(default=2, ge=1, description="Epochs per trial (the ASHA budget).")
+    trials: int = Field(default=4, ge=1, description="Ray Tune trials.")
+    max_minutes: float = Field(default=7.0, gt=0, description="Time budget of the search (the flow adds about 3 minutes).")
     cpus_per_trial: float = Field(default=1.0, gt=0)
     gpus_per_trial: float = Field(default=0.25, ge=0, description="Used only when CUDA is present.")
+    encoder_mode: Literal["frozen", "top_k", "full"] = Field(
+        default="frozen", description="MiniLM: frozen (cached embeddings), top_k (the search picks unfrozen layers) or full."
+    )
+    searcher: Literal["auto", "optuna", "random"] = Field(
+        default="auto", description="Ray Tune search algorithm; auto = Optuna TPE when installed, else random."
+    )
+    text_max_length: int = Field(default=32, ge=8, le=256, description="MiniLM max tokens per item text.")
+    promote: bool = Field(default=True, description="Make the newly trained model the champion.")
     seed: int = 42
     model_name: str = "recflow_two_tower"
 
 
 class ServingSettings(BaseModel):
-    """BentoML service."""
+    """BentoML recommendation service (``serving/``)."""
 
-    host: str = "127.0.0.1"
-    port: int = 3000
-    token: str | None = Field(default=None, description="Bearer token required by mutating endpoints.")
-    default_k: int = Field(default=10, ge=1, le=100)
-    index: Literal["exact", "ann"] = "exact"
+    host: str = Field(default="127.0.0.1", description="Interface `recflow serve` binds to.")
+    port: int = Field(default=3000, ge=0, le=65535, description="Port of `recflow serve`.")
+    token: str | None = Field(
+        default=None, description="Bearer token required by mutating endpoints (/feedback, /reload); unset = open."
+    )
+    default_k: int = Field(default=10, ge=1, le=100, description="k when a request gives none.")
+    model_path: Path | None = Field(
+        default=None,
+        description="Serve this model folder (written by recflow.modeling.save_model) instead of the registry's champion.",
+    )
+    model_tag: str | None = Field(
+        default=None, description="Serve this BentoML model-store tag (set inside a bento) instead of the champion."
+    )
+    index: Literal["exact", "ann"] = Field(
+        default="exact", description="Top-k over all items (exact) or a FAISS IVF index (approximate, faster)."
+    )
+    item_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="Precision of the item matrix of the exact index (bfloat16 halves memory traffic)."
+    )
+    ann_nlist: int = Field(default=0, ge=0, description="IVF lists of the ANN index (0: 4 * sqrt(items)).")
+    ann_nprobe: int = Field(default=16, ge=1, description="IVF lists searched per query (recall vs speed).")
+    max_batch_size: int = Field(default=64, ge=1, le=1024, description="Most /recommend requests ranked in one batch.")
+    batch_wait_ms: float = Field(
+        default=0.0, ge=0, le=100,
+        description="Extra wait for more requests before ranking a batch (0: batch what queued during the previous one).",
+    )
+    torch_threads: int = Field(default=1, ge=1, description="Intra-op threads of torch and the BLAS in the service.")
+    feature_timeout_s: float = Field(
+        default=1.0, gt=0, description="Online feature reads slower than this fall back to popularity (degraded)."
+    )
+    load_retry_s: float = Field(
+        default=5.0, gt=0, description="While no model can be loaded, retry this often (the service stays unready)."
+    )
+    push_retry_s: float = Field(default=5.0, gt=0, description="Retry feedback not yet pushed online this often.")
+    search_personalisation: float = Field(
+        default=0.1, ge=0, le=10, description="Weight of the user's standardised score when /search gets a user_id."
+    )
+    request_log_flush_s: float = Field(default=1.0, gt=0, description="Buffered request-log rows are written this often.")
+    request_log_rotate_s: float = Field(
+        default=300.0, gt=0, description="A request-log file is closed (and readable) after this many seconds."
+    )
+    request_log_max_rows: int = Field(default=100_000, ge=1, description="... or once it holds this many rows.")
+    request_log_max_bytes: int = Field(default=64 * 2**20, ge=1024, description="... or about this many bytes.")
 
 
 class MonitoringSettings(BaseModel):

@@ -1,0 +1,153 @@
+"""Request and response models of the recommendation service (the HTTP contract).
+
+Unknown fields are rejected (``extra="forbid"``), so a misspelt field is a 400 that names it
+rather than a silently ignored option. Ids are strings of 1..128 characters.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+MAX_K = 100
+MAX_FUTURE_S = 3600.0
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """Naive timestamps are UTC; more than an hour in the future is refused."""
+    from datetime import UTC
+
+    if value is None:
+        return None
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if (value - datetime.now(UTC)).total_seconds() > MAX_FUTURE_S:
+        raise ValueError("must not be more than one hour in the future")
+    if value.year < 1970:
+        raise ValueError("must be after 1970-01-01")
+    return value
+
+
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
+K = Annotated[int, Field(ge=1, le=MAX_K, description="How many items (1..100; capped at the catalogue size).")]
+Timestamp = Annotated[datetime | None, AfterValidator(_aware)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendRequest(_Strict):
+    """``POST /recommend``."""
+
+    user_id: Id
+    k: K | None = Field(default=None, description="Default: serving.default_k.")
+    exclude_purchased: bool = Field(default=False, description="Leave out items in the user's history.")
+    category: str | None = Field(
+        default=None, min_length=1, max_length=200, description="Only items of this category or department."
+    )
+    timestamp: Timestamp = Field(
+        default=None, description="Time of the request (replays); default now. Logged as the request time."
+    )
+
+
+class SimilarRequest(_Strict):
+    """``POST /similar``."""
+
+    item_id: Id
+    k: K | None = None
+
+
+class SearchRequest(_Strict):
+    """``POST /search``: semantic search over item texts, personalised when ``user_id`` is given."""
+
+    query: str = Field(min_length=1, max_length=500)
+    k: K | None = None
+    user_id: Id | None = None
+
+
+class FeedbackRequest(_Strict):
+    """``POST /feedback``: one user action, appended durably to the event log and pushed online."""
+
+    user_id: Id
+    item_id: Id
+    event_type: Literal["view", "cart", "purchase"]
+    quantity: float | None = Field(default=None, ge=0, le=1e6, allow_inf_nan=False)
+    price: float | None = Field(default=None, ge=0, le=1e9, allow_inf_nan=False)
+    timestamp: Timestamp = Field(default=None, description="When it happened; default now.")
+    event_id: Id | None = Field(default=None, description="Idempotency key: a repeated event_id is accepted once.")
+    basket_id: Id | None = None
+
+
+class ReloadRequest(_Strict):
+    """``POST /reload``: load the current champion (or ``model_path``) and swap it in when ready."""
+
+    model_path: str | None = Field(default=None, max_length=4096, description="Serve this model folder instead.")
+
+
+class Reason(BaseModel):
+    """Why an item was picked."""
+
+    kind: Literal["repeat", "similar", "popular", "text"]
+    item_id: str | None = Field(description="The history item that most supports the pick (None for popular/text).")
+
+
+class Item(BaseModel):
+    item_id: str
+    score: float
+    title: str | None
+    category: str | None
+    reason: Reason
+
+
+class RecommendResponse(BaseModel):
+    request_id: str
+    user_id: str
+    items: list[Item]
+    model_version: str
+    feature_age_s: float | None = Field(description="Age of the user's online features (None: none found).")
+    fallback: bool = Field(description="Popularity instead of the model (unknown user, empty history, store down).")
+    degraded: bool = Field(description="The online store failed; the answer does not use the user's features.")
+
+
+class SimilarResponse(BaseModel):
+    request_id: str
+    item_id: str
+    items: list[Item]
+    model_version: str
+
+
+class SearchResponse(BaseModel):
+    request_id: str
+    items: list[Item]
+    model_version: str
+    personalised: bool
+    degraded: bool
+
+
+class FeedbackResponse(BaseModel):
+    event_id: str
+    accepted: bool = Field(description="Durably in the event log (also true for a repeated event_id).")
+    duplicate: bool
+    pushed: bool = Field(description="Already visible online; when false it is retried from the event log.")
+
+
+class ReloadResponse(BaseModel):
+    model_version: str
+    previous_version: str | None
+    items: int
+    seconds: float
+
+
+class Status(BaseModel):
+    """``GET``-like ``POST /status``: what is loaded and how the service is doing."""
+
+    ready: bool
+    model_version: str | None
+    model_source: str | None
+    items: int
+    index: str
+    loaded_at: str | None
+    load_error: str | None
+    pending_feedback: int | None

@@ -1,0 +1,33 @@
+"""Prometheus metrics of the service (served on ``/metrics`` next to BentoML's own).
+
+Created on first use, inside the worker: BentoML sets ``PROMETHEUS_MULTIPROC_DIR`` after the
+service module is imported, and metrics created before that would never reach ``/metrics``.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@cache
+def metrics() -> dict[str, Any]:
+    """The service's metric objects, created once per process."""
+    from prometheus_client import Counter, Histogram
+
+    return {
+        "responses": Counter(
+            "recflow_responses", "Served answers by endpoint and kind (model, fallback, degraded).", ["endpoint", "kind"]
+        ),
+        "stage": Histogram(
+            "recflow_stage_seconds", "Time per /recommend batch stage (features, user_tower, topk).", ["stage"],
+            buckets=STAGE_BUCKETS,
+        ),
+        "batch": Histogram("recflow_batch_size", "Requests ranked per /recommend batch.", buckets=BATCH_BUCKETS),
+        "feedback": Counter("recflow_feedback", "Accepted feedback events by push outcome.", ["outcome"]),
+        "store_errors": Counter("recflow_store_errors", "Failed online-store operations.", ["operation"]),
+        "reloads": Counter("recflow_reloads", "Model loads by outcome.", ["outcome"]),
+    }

@@ -1,0 +1,99 @@
+"""ASGI middleware in front of the API: clear 4xx answers for bad requests.
+
+- Request bodies must be JSON (``415`` otherwise) and at most ``MAX_BODY`` bytes (``413``).
+- BentoML answers a pydantic validation failure with ``400 {"error": "1 validation error for
+  ...IODescriptor", "detail": [...]}``; this rewrites ``error`` to name the fields, e.g.
+  ``"k: Input should be less than or equal to 100"``, and adds ``fields``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MAX_BODY = 64 * 1024
+API_PATHS = frozenset({"/recommend", "/similar", "/search", "/feedback", "/reload", "/status"})
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+
+def _field(loc: list[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or "body"
+
+
+def explain(body: dict[str, Any]) -> dict[str, Any]:
+    """Name the offending fields in a BentoML validation-error body."""
+    detail = body.get("detail")
+    if not isinstance(detail, list) or not detail:
+        return body
+    fields, parts = [], []
+    for err in detail:
+        if not isinstance(err, dict):
+            continue
+        name = _field(list(err.get("loc") or []))
+        fields.append(name)
+        parts.append(f"{name}: {err.get('msg', 'invalid')}")
+    if parts:
+        body = {"error": "; ".join(parts), "fields": fields, "detail": detail}
+    return body
+
+
+async def _reply(send: Send, status: int, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class RequestGuard:
+    """Content-type and size checks, and field-naming validation errors (see the module docstring)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in API_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype not in ("application/json", ""):
+            await _reply(send, 415, {"error": f"content-type {ctype!r} is not supported: send application/json",
+                                     "fields": ["content-type"]})
+            return
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            await _reply(send, 413, {"error": f"request body larger than {MAX_BODY} bytes", "fields": ["body"]})
+            return
+        started: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def capture(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                if message["status"] != 400:
+                    started["pass"] = True
+                    await send(message)
+                else:
+                    started["message"] = message
+                return
+            if started.get("pass"):
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            try:
+                new = json.dumps(explain(json.loads(body))).encode()
+            except (ValueError, AttributeError):
+                new = body
+            start = dict(started["message"])
+            start["headers"] = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            start["headers"].append((b"content-length", str(len(new)).encode()))
+            await send(start)
+            await send({"type": "http.response.body", "body": new})
+
+        await self.app(scope, receive, capture)

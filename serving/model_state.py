@@ -1,0 +1,287 @@
+"""What the service serves: a model, its item index and the catalogue, loaded as one snapshot.
+
+:func:`load_state` resolves the model (``serving.model_path`` > ``serving.model_tag`` > the
+registry's champion), reads item titles, categories and current popularity through the Feast
+``item_index_v1`` service, adds cold-start items (in the catalogue, unknown to the model) from
+their text, builds the item index and the popularity fallback. The result is immutable: a reload
+builds a new :class:`ServingState` and swaps one reference.
+
+Item scoring (:class:`ExactScorer`, :class:`AnnScorer`): ``score = <u, v> + bias (+ re-buy bonus
+on history items)``. The exact scorer is one ``[B, dim] x [dim, N]`` product (float32, or
+bfloat16 item vectors to halve memory traffic). The ANN scorer is a FAISS IVF index over
+``[v, bias]`` queried with ``[u, 1]`` (the same inner product), returning candidates that are
+then re-scored exactly together with the user's history items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from recflow.settings import Settings
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+    from recflow.modeling import ItemIndex, RecModel
+
+log = logging.getLogger("recflow.serving")
+ITEM_SERVICE = "item_index_v1"
+ITEM_READ_CHUNK = 5000
+
+
+class ModelNotFound(RuntimeError):
+    """No model to serve yet (no model_path folder, no tag, no champion)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``folder`` holds ``save_model``'s files."""
+
+    folder: Path
+    version: str
+    source: str  # "model_path" | "model_tag" | "champion"
+
+
+def _folder_version(folder: Path) -> str:
+    cfg = folder / "config.json"
+    meta = json.loads(cfg.read_text()).get("metadata", {}) if cfg.is_file() else {}
+    for key in ("model_version", "version", "tag"):
+        if meta.get(key):
+            return str(meta[key])
+    h = hashlib.sha256(cfg.read_bytes() if cfg.is_file() else b"")
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        st = weights.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"{folder.name}-{h.hexdigest()[:10]}"
+
+
+def resolve_model(settings: Settings, model_path: Path | None = None) -> ModelSource:
+    """The model to serve: ``model_path`` argument or setting, else ``serving.model_tag`` (BentoML
+    model store), else the registry's champion. Raises :class:`ModelNotFound` saying what to do."""
+    path = model_path or settings.serving.model_path
+    if path is not None:
+        folder = Path(path).expanduser().resolve()
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise ModelNotFound(
+                f"serving.model_path={folder} is not a saved recflow model yet (needs config.json and "
+                "model.safetensors, written by recflow.modeling.save_model)"
+            )
+        return ModelSource(folder, _folder_version(folder), "model_path")
+    if settings.serving.model_tag:
+        import bentoml
+
+        try:
+            entry = bentoml.models.get(settings.serving.model_tag)
+        except Exception as exc:  # noqa: BLE001 - bentoml raises NotFound; report it uniformly
+            raise ModelNotFound(f"serving.model_tag={settings.serving.model_tag!r} is not in the model store: {exc}") from exc
+        return ModelSource(Path(entry.path), str(entry.tag), "model_tag")
+    try:
+        from recflow import registry
+    except ImportError as exc:  # pragma: no cover - the registry is part of recflow
+        raise ModelNotFound("no serving.model_path given and recflow.registry is unavailable") from exc
+    pointer = registry.get_champion(settings)
+    if not pointer:
+        raise ModelNotFound(
+            "no champion model yet: train one (`recflow train`) or set serving.model_path "
+            "(RECFLOW_SERVING__MODEL_PATH) to a saved model folder"
+        )
+    return ModelSource(Path(pointer["path"]), str(pointer.get("tag") or Path(pointer["path"]).name), "champion")
+
+
+@dataclass
+class Catalogue:
+    """Item attributes aligned with the model's item positions."""
+
+    titles: np.ndarray  # object [N]
+    categories: np.ndarray  # object [N]
+    departments: np.ndarray  # object [N]
+    popularity: dict[str, np.ndarray]  # raw item_popularity features [N] (NaN = unknown)
+    pop_order: np.ndarray  # positions, most popular first
+    pop_score: np.ndarray  # float32 [N]: purchases_30d (0 when unknown)
+    _by_category: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _category_keys: dict[str, str] | None = field(default=None, repr=False)
+
+    def category_rows(self, category: str) -> np.ndarray | None:
+        """Positions of the items whose category or department equals ``category`` (case-insensitive),
+        or None when no item has it."""
+        key = category.strip().casefold()
+        if key not in self._by_category:
+            if self._category_keys is None:
+                self._category_keys = {}
+            cats = np.char.lower(np.asarray(self.categories, dtype=str))
+            deps = np.char.lower(np.asarray(self.departments, dtype=str))
+            rows = np.flatnonzero((cats == key) | (deps == key))
+            if len(rows) == 0:
+                return None
+            self._by_category[key] = rows
+        return self._by_category[key]
+
+    def popular_rows(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Positions by popularity, most popular first (all items, or only ``rows``)."""
+        if rows is None:
+            return self.pop_order
+        return rows[np.argsort(-self.pop_score[rows], kind="stable")]
+
+
+class ExactScorer:
+    """Scores of every item: ``U @ V.T + bias`` (float32 or bfloat16 item vectors)."""
+
+    kind = "exact"
+
+    def __init__(self, index: ItemIndex, dtype: str = "float32") -> None:
+        self.dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        self.matrix = torch.from_numpy(index.matrix).to(self.dtype).contiguous()
+        self.bias = torch.from_numpy(index.bias).float()
+        self.name = f"exact-{dtype}"
+
+    def scores(self, users: np.ndarray) -> torch.Tensor:
+        """``[B, N]`` float32 scores."""
+        u = torch.from_numpy(np.ascontiguousarray(users, dtype=np.float32))
+        if self.dtype == torch.float32:
+            return torch.addmm(self.bias, u, self.matrix.T)
+        return (u.to(self.dtype) @ self.matrix.T).float().add_(self.bias)
+
+
+class AnnScorer:
+    """FAISS IVF (inner product) over ``[v, bias]``; :meth:`candidates` gives approximate top positions."""
+
+    kind = "ann"
+
+    def __init__(self, index: ItemIndex, nlist: int = 0, nprobe: int = 16, seed: int = 0) -> None:
+        import faiss
+
+        n, d = index.matrix.shape
+        data = np.ascontiguousarray(np.hstack([index.matrix, index.bias[:, None]]).astype(np.float32))
+        nlist = nlist or max(1, int(4 * np.sqrt(n)))
+        nlist = min(nlist, max(1, n // 39))  # FAISS wants >= 39 training points per list
+        quantizer = faiss.IndexFlatIP(d + 1)
+        ivf = faiss.IndexIVFFlat(quantizer, d + 1, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.seed = seed
+        ivf.train(data)
+        ivf.add(data)
+        ivf.nprobe = min(nprobe, nlist)
+        self.index = ivf
+        self.name = f"ann-ivf{nlist}-nprobe{ivf.nprobe}"
+
+    def candidates(self, users: np.ndarray, n: int) -> np.ndarray:
+        """``[B, n]`` candidate positions (-1 = none) by approximate ``<u, v> + bias``."""
+        q = np.ascontiguousarray(np.hstack([users, np.ones((len(users), 1), np.float32)]), dtype=np.float32)
+        _, ids = self.index.search(q, n)
+        return ids
+
+
+@dataclass
+class ServingState:
+    """One loaded model snapshot (replaced as a whole on reload)."""
+
+    model: RecModel
+    index: ItemIndex
+    scorer: ExactScorer
+    ann: AnnScorer | None
+    catalogue: Catalogue
+    version: str
+    source: ModelSource
+    loaded_at: str
+    load_seconds: float
+    cold_start_items: int = 0
+
+    @property
+    def n_items(self) -> int:
+        return len(self.index)
+
+
+def read_item_features(store: FeatureStore, item_ids: list[str]) -> dict[str, list[Any]]:
+    """``item_index_v1`` online features for ``item_ids`` (names without the view prefix)."""
+    fs = store.get_feature_service(ITEM_SERVICE)
+    out: dict[str, list[Any]] = {}
+    for s in range(0, len(item_ids), ITEM_READ_CHUNK):
+        chunk = item_ids[s : s + ITEM_READ_CHUNK]
+        got = store.get_online_features(features=fs, entity_rows=[{"item_id": i} for i in chunk]).to_dict()
+        for name, values in got.items():
+            out.setdefault(name, []).extend(values)
+    return out
+
+
+def _offline_catalogue(settings: Settings) -> tuple[list[str], list[str]] | None:
+    """(item ids, texts) of the offline item catalogue table, when this machine has it."""
+    path = settings.paths.feature_table("item_catalog")
+    if not path.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["item_id", "text", "title"]).to_pandas()
+    text = table["text"].fillna(table["title"]).fillna("").astype(str)
+    return table["item_id"].astype(str).tolist(), text.tolist()
+
+
+def _build_catalogue(model: RecModel, feats: dict[str, list[Any]]) -> Catalogue:
+    n = len(model.item_ids)
+
+    def col(name: str, dtype: Any = object) -> np.ndarray:
+        values = feats.get(name)
+        if values is None:
+            return np.full(n, None if dtype is object else np.nan, dtype=dtype)
+        if dtype is object:
+            return np.asarray(values, dtype=object)
+        return np.asarray([np.nan if v is None else v for v in values], dtype=dtype)
+
+    pop = {name: col(name, np.float64) for name in model.config.popularity_features}
+    score = np.nan_to_num(pop.get("purchases_30d", np.zeros(n)), nan=0.0)
+    tie = np.nan_to_num(pop.get("buyers_30d", np.zeros(n)), nan=0.0)
+    order = np.lexsort((np.arange(n), -tie, -score))
+    titles = col("title")
+    missing = np.array([t is None for t in titles], dtype=bool)
+    if missing.any():  # fall back to the model's item text
+        texts = model.texts
+        rows = model.item_text.cpu().numpy()
+        titles[missing] = [texts[r] or None for r in rows[missing]]
+    return Catalogue(
+        titles=titles, categories=col("category"), departments=col("department"),
+        popularity=pop, pop_order=order, pop_score=score.astype(np.float32),
+    )
+
+
+def load_state(settings: Settings, store: FeatureStore, model_path: Path | None = None) -> ServingState:
+    """Load and index the model to serve (see the module docstring). Slow: run it off the event loop."""
+    from recflow.modeling import build_index, load_model
+
+    started = time.perf_counter()
+    src = resolve_model(settings, model_path)
+    model = load_model(src.folder)
+    added = 0
+    offline = _offline_catalogue(settings)
+    if offline is not None:
+        known = model.positions
+        new = [(i, t) for i, t in zip(*offline, strict=True) if i not in known]
+        if new and model.tokenizer is not None:
+            t0 = time.perf_counter()
+            added = model.add_items([i for i, _ in new], [t for _, t in new])
+            log.info("cold start: %d catalogue item(s) unknown to the model added from their text (%.1f s)",
+                     added, time.perf_counter() - t0)
+    feats = read_item_features(store, list(model.item_ids))
+    catalogue = _build_catalogue(model, feats)
+    known_pop = np.isfinite(catalogue.popularity[model.config.popularity_features[0]])
+    popularity = catalogue.popularity if known_pop.any() else None  # None: the snapshot saved with the model
+    index = build_index(model, popularity)
+    scorer = ExactScorer(index, settings.serving.item_dtype)
+    ann = AnnScorer(index, settings.serving.ann_nlist, settings.serving.ann_nprobe) if settings.serving.index == "ann" else None
+    from datetime import UTC, datetime
+
+    state = ServingState(
+        model=model, index=index, scorer=scorer, ann=ann, catalogue=catalogue, version=src.version, source=src,
+        loaded_at=datetime.now(UTC).isoformat(timespec="seconds"), load_seconds=time.perf_counter() - started,
+        cold_start_items=added,
+    )
+    log.info("model %s loaded from %s (%s): %d items, index %s, %.1f s", state.version, src.folder, src.source,
+             state.n_items, ann.name if ann else scorer.name, state.load_seconds)
+    return state

@@ -1,0 +1,207 @@
+"""Run the service locally and build a bento: what ``recflow serve`` / ``recflow deploy`` call.
+
+- :func:`serve` runs ``bentoml serve serving.service:Recommender`` in the foreground.
+- :func:`start_local` starts it in a child process on 127.0.0.1 (tests, benchmarks), waits until
+  it listens (and, by default, until ``/readyz`` is 200) and stops it on exit.
+- :func:`build_bento` packages the service with a model from the BentoML model store (the
+  champion by default) into a bento, offline.
+
+The child gets ``RECFLOW_*`` variables from the given settings (home, Feast, serving) and
+``BENTOML_HOME`` under the recflow home, never ``~/bentoml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recflow.settings import Settings
+
+SERVICE = "serving.service:Recommender"
+ROOT = Path(__file__).resolve().parents[1]
+BENTOFILE = Path(__file__).resolve().parent / "bentofile.yaml"
+
+
+def service_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a service process: the caller's, plus the settings as ``RECFLOW_*`` variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECFLOW_")}
+    env["RECFLOW_HOME"] = str(settings.home)
+    for section in ("feast", "serving", "features"):
+        values = json.loads(getattr(settings, section).model_dump_json())
+        for name, value in values.items():
+            if value is None:
+                continue
+            key = f"RECFLOW_{section.upper()}__{name.upper()}"
+            env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    env["BENTOML_HOME"] = str(settings.paths.bentoml_home)
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("OMP_NUM_THREADS", str(settings.serving.torch_threads))
+    env.setdefault("OPENBLAS_NUM_THREADS", str(settings.serving.torch_threads))
+    env.setdefault("MKL_NUM_THREADS", str(settings.serving.torch_threads))
+    env.update(extra or {})
+    return env
+
+
+def _command(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
+
+
+def serve(settings: Settings, port: int | None = None, host: str | None = None) -> int:
+    """Run the service in the foreground until interrupted (``recflow serve``); returns its exit code."""
+    host = host or settings.serving.host
+    port = settings.serving.port if port is None else port
+    settings.paths.bentoml_home.mkdir(parents=True, exist_ok=True)
+    return subprocess.call(_command(host, port), env=service_env(settings), cwd=ROOT)
+
+
+@dataclass
+class LocalService:
+    """A service started by :func:`start_local`."""
+
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def wait_ready(url: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until ``GET url/readyz`` answers 200 (raise TimeoutError / RuntimeError)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"service exited with code {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url}/readyz not 200 after {timeout:.0f} s")
+
+
+@contextmanager
+def start_local(
+    settings: Settings,
+    port: int | None = None,
+    *,
+    ready: bool = True,
+    timeout: float = 180.0,
+    log_path: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[LocalService]:
+    """Run the service on 127.0.0.1 in a child process for the duration of the block."""
+    from recflow.local_services import free_port, wait_for_port
+
+    port = port or free_port()
+    settings.paths.bentoml_home.mkdir(parents=True, exist_ok=True)
+    log_path = log_path or settings.home / f"serve-{port}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(_command("127.0.0.1", port), env=service_env(settings, extra_env), cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        service = LocalService(f"http://127.0.0.1:{port}", port, proc, log_path)
+        try:
+            wait_for_port(port, timeout=timeout, proc=proc)
+            if ready:
+                wait_ready(service.url, timeout=timeout, process=proc)
+            yield service
+        except BaseException:
+            sys.stderr.write(f"--- service log ({log_path}) ---\n{service.log_text()[-4000:]}\n")
+            raise
+        finally:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # the arbiter and its worker processes
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def import_model_folder(settings: Settings, folder: Path, name: str | None = None,
+                        metadata: dict[str, Any] | None = None) -> str:
+    """Copy a saved model folder into the BentoML model store (under the recflow home); returns its tag."""
+    import shutil
+
+    os.environ.setdefault("BENTOML_HOME", str(settings.paths.bentoml_home))
+    import bentoml
+    from bentoml._internal.models.model import ModelStore
+
+    store = ModelStore(settings.paths.bentoml_home / "models")  # by path: whatever BENTOML_HOME bentoml saw
+    name = name or settings.training.model_name
+    with bentoml.models.create(name, metadata=metadata or {"source": str(folder)}, _model_store=store) as entry:
+        shutil.copytree(folder, entry.path, dirs_exist_ok=True)
+    return str(entry.tag)
+
+
+def build_bento(settings: Settings, model_tag: str | None = None, version: str | None = None) -> str:
+    """Build a bento from ``serving/bentofile.yaml`` with ``model_tag`` packed in; returns the bento tag.
+
+    ``model_tag`` defaults to the registry's champion, or, when ``serving.model_path`` is set, that
+    folder imported into the model store. Offline: the bento carries the code, the Feast
+    definitions and the model (whose folder holds the text encoder and tokenizer); the pinned
+    packages of ``serving/requirements.txt`` are installed when it is containerised. The bento
+    serves ``model_tag`` (``RECFLOW_SERVING__MODEL_TAG``).
+    """
+    settings.paths.bentoml_home.mkdir(parents=True, exist_ok=True)
+    if model_tag is None:
+        if settings.serving.model_path is not None:
+            model_tag = import_model_folder(settings, settings.serving.model_path)
+        else:
+            from recflow import registry
+
+            pointer = registry.get_champion(settings)
+            if not pointer:
+                raise FileNotFoundError("no champion model: run `recflow train` first, or pass a model tag")
+            model_tag = str(pointer["tag"])
+    # A child process, so that bentoml reads BENTOML_HOME (under the recflow home) when it is first imported.
+    cmd = [sys.executable, "-m", "serving.run", "build", model_tag, *([version] if version else [])]
+    done = subprocess.run(cmd, env=service_env(settings), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"bento build failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def _build(model_tag: str, version: str | None = None) -> str:
+    """Build the bento in this process (BENTOML_HOME must already be set); returns its tag."""
+    import bentoml
+    import yaml
+
+    config = yaml.safe_load(BENTOFILE.read_text())
+    config["models"] = [model_tag]
+    config["envs"] = [*config.get("envs", []), {"name": "RECFLOW_SERVING__MODEL_TAG", "value": model_tag}]
+    config["labels"] = {**config.get("labels", {}), "model": model_tag.replace(":", "_")}
+    config["python"] = {**config["python"], "requirements_txt": str(ROOT / config["python"]["requirements_txt"])}
+    bento = bentoml.bentos.build(**config, version=version, build_ctx=str(ROOT))
+    return str(bento.tag)
+
+
+if __name__ == "__main__":  # the child process of build_bento
+    if len(sys.argv) < 3 or sys.argv[1] != "build":
+        sys.exit("usage: python -m serving.run build MODEL_TAG [VERSION]")
+    print(_build(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))

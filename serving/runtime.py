@@ -1,0 +1,513 @@
+"""The serving runtime: everything the HTTP layer calls, independent of BentoML.
+
+:class:`Runtime` owns the feature store, the loaded :class:`~serving.model_state.ServingState`
+(swapped atomically on reload), the worker threads, the request-log writer, the micro-batcher for
+``/recommend`` and the feedback retry loop.
+
+Threads: one compute thread (ranking, one batch at a time: torch and numpy release the GIL),
+a small pool for online-store reads (bounded by ``serving.feature_timeout_s``, so a hung store
+degrades answers instead of stalling them), one feedback thread (event-log appends and pushes,
+serialised so a user's online row is never updated by two writers), one loader thread.
+
+Errors are :class:`ServiceError` subclasses carrying an HTTP status and the offending field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from recflow.event_log import EventLog
+from recflow.settings import Settings
+from serving import ranking
+from serving.api import (
+    FeedbackRequest,
+    FeedbackResponse,
+    Item,
+    Reason,
+    RecommendRequest,
+    RecommendResponse,
+    ReloadResponse,
+    SearchRequest,
+    SearchResponse,
+    SimilarRequest,
+    SimilarResponse,
+    Status,
+)
+from serving.batching import MicroBatcher
+from serving.features import feature_age_s, fetch_user_features, logged_features
+from serving.metrics import metrics
+from serving.model_state import ModelNotFound, ServingState, load_state
+from serving.request_log import RequestLogWriter
+
+if TYPE_CHECKING:
+    from feast import FeatureService, FeatureStore
+
+log = logging.getLogger("recflow.serving")
+
+
+class ServiceError(Exception):
+    """An answer other than 200: ``status``, a message, and the request field it is about."""
+
+    status = 500
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class NotReady(ServiceError):
+    status = 503
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+
+@dataclass
+class _Job:
+    req: RecommendRequest
+    request_id: str
+    now: datetime
+
+
+@dataclass
+class _Answer:
+    response: RecommendResponse
+    features_json: str
+    k: int
+
+
+@dataclass
+class StageTimes:
+    """One /recommend batch: size and seconds per stage."""
+
+    batch: int
+    features: float
+    user_tower: float
+    topk: float
+
+
+@dataclass
+class _RateLimitedLog:
+    every_s: float = 10.0
+    last: float = 0.0
+    suppressed: int = 0
+
+    def warn(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            extra = f" ({self.suppressed} similar message(s) suppressed)" if self.suppressed else ""
+            log.warning(msg + extra, *args)
+            self.last, self.suppressed = now, 0
+        else:
+            self.suppressed += 1
+
+
+@dataclass
+class Runtime:
+    """Serving runtime (see the module docstring). Call :meth:`start` inside the event loop."""
+
+    settings: Settings
+    state: ServingState | None = None
+    load_error: str | None = None
+    stage_times: deque[StageTimes] = field(default_factory=lambda: deque(maxlen=100_000))
+    store: FeatureStore | None = None
+    _serving_fs: FeatureService | None = None
+    _compute: Executor | None = None
+    _features: Executor | None = None
+    _feedback: Executor | None = None
+    _loader: Executor | None = None
+    _batcher: MicroBatcher[_Job, _Answer] | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _reload_lock: asyncio.Lock | None = None
+    request_log: RequestLogWriter | None = None
+    _store_warn: _RateLimitedLog = field(default_factory=_RateLimitedLog)
+    _push_warn: _RateLimitedLog = field(default_factory=_RateLimitedLog)
+
+    # --- lifecycle -------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Model and feature store loaded."""
+        return self.state is not None and self.store is not None
+
+    @property
+    def event_log(self) -> EventLog:
+        return EventLog(self.settings.paths.event_log)
+
+    async def start(self) -> None:
+        """Start threads, the request log, the batcher and the background loops; loading happens
+        in the background (the service is live at once and ready when the model is loaded)."""
+        import torch
+
+        s = self.settings.serving
+        torch.set_num_threads(s.torch_threads)
+        try:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(s.torch_threads)
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn/faiss setups
+            pass
+        if not s.token:
+            log.warning("serving.token is not set: /feedback and /reload accept unauthenticated calls")
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="recflow-compute")
+        self._features = ThreadPoolExecutor(4, thread_name_prefix="recflow-features")
+        self._feedback = ThreadPoolExecutor(1, thread_name_prefix="recflow-feedback")
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="recflow-loader")
+        self._reload_lock = asyncio.Lock()
+        self.request_log = RequestLogWriter(
+            self.settings.paths.request_log, flush_s=s.request_log_flush_s, rotate_s=s.request_log_rotate_s,
+            max_rows=s.request_log_max_rows, max_bytes=s.request_log_max_bytes,
+        )
+        self.request_log.start()
+        self._batcher = MicroBatcher(self._recommend_batch, self._compute, max_batch=s.max_batch_size,
+                                     wait_s=s.batch_wait_ms / 1000, on_batch=self._on_batch)
+        self._batcher.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._load_loop(), name="recflow-load"),
+                       loop.create_task(self._retry_loop(), name="recflow-push-retry")]
+
+    async def stop(self) -> None:
+        """Stop loops and threads; write the request log out."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._batcher is not None:
+            await self._batcher.stop()
+        for ex in (self._compute, self._features, self._feedback, self._loader):
+            if ex is not None:
+                ex.shutdown(wait=False, cancel_futures=True)
+        if self.request_log is not None:
+            self.request_log.close()
+
+    async def _run(self, executor: Executor | None, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    def _open_store(self) -> tuple[FeatureStore, FeatureService]:
+        from recflow import feature_store as fs
+
+        store = fs.get_store(self.settings)
+        name = self.settings.feast.serving_service
+        if not self.settings.paths.feast_registry.exists() and self.settings.feast.online_store == "redis":
+            log.warning("no Feast registry at %s: applying the bundled feature definitions", self.settings.paths.feast_registry)
+            fs.apply(self.settings, store)
+        try:
+            service = store.get_feature_service(name)
+        except Exception as exc:  # noqa: BLE001 - Feast raises several kinds; make it actionable
+            raise ModelNotFound(
+                f"Feast feature service {name!r} not found in {self.settings.paths.feast_registry}: run `recflow features`"
+            ) from exc
+        return store, service
+
+    async def _load_loop(self) -> None:
+        last_error = None
+        while self.state is None:
+            try:
+                if self.store is None:
+                    store, service = await self._run(self._loader, self._open_store)
+                    self._serving_fs = service
+                    self.store = store
+                state = await self._run(self._loader, load_state, self.settings, self.store)
+                self.state = state
+                self.load_error = None
+                metrics()["reloads"].labels("ok").inc()
+                log.info("ready: model %s, %d items", state.version, state.n_items)
+                return
+            except ModelNotFound as exc:
+                self.load_error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - keep trying; the error is reported by /status
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                log.exception("model load failed")
+                metrics()["reloads"].labels("error").inc()
+            if self.load_error != last_error:
+                log.warning("not ready: %s (retrying every %.0f s)", self.load_error, self.settings.serving.load_retry_s)
+                last_error = self.load_error
+            await asyncio.sleep(self.settings.serving.load_retry_s)
+
+    async def _retry_loop(self) -> None:
+        while True:
+            if self.ready:
+                try:
+                    await self._run(self._feedback, self._push_pending)
+                except Exception:  # noqa: BLE001 - the loop must survive; reported by the push path
+                    log.exception("feedback retry failed")
+            await asyncio.sleep(self.settings.serving.push_retry_s)
+
+    def require_state(self) -> ServingState:
+        state = self.state
+        if state is None or self.store is None:
+            raise NotReady(f"the service is not ready yet: {self.load_error or 'loading the model'}")
+        return state
+
+    # --- online features --------------------------------------------------------------------
+    def _fetch(self, user_ids: list[str]) -> dict[str, dict[str, Any]] | None:
+        """Online features of ``user_ids`` (None when the store failed or timed out: degraded)."""
+        assert self._features is not None and self.store is not None and self._serving_fs is not None
+        if not user_ids:
+            return {}
+        fut = self._features.submit(fetch_user_features, self.store, self._serving_fs, user_ids)
+        try:
+            rows = fut.result(timeout=self.settings.serving.feature_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any store failure degrades to popularity
+            fut.cancel()
+            metrics()["store_errors"].labels("read").inc()
+            self._store_warn.warn("online store read failed, serving popularity (degraded): %s: %s",
+                                  type(exc).__name__, str(exc)[:200])
+            return None
+        return dict(zip(user_ids, rows, strict=True))
+
+    # --- /recommend ---------------------------------------------------------------------------
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        """Personalised top-k (popularity when the user is unknown or the store is down)."""
+        self.require_state()
+        assert self._batcher is not None
+        started = time.perf_counter()
+        now = req.timestamp or datetime.now(UTC)
+        job = _Job(req, uuid.uuid4().hex, now)
+        answer = await self._batcher.submit(job)
+        resp = answer.response
+        self._log_request("recommend", resp.request_id, now, req.user_id, None, answer.k, resp.model_version,
+                          resp.fallback, resp.degraded, resp.feature_age_s, started, answer.features_json, resp.items)
+        return resp
+
+    def _on_batch(self, size: int, seconds: float) -> None:
+        metrics()["batch"].observe(size)
+
+    def _recommend_batch(self, jobs: list[_Job]) -> list[_Answer | BaseException]:
+        from recflow.modeling import user_queries
+
+        state = self.require_state()
+        t0 = time.perf_counter()
+        users = list(dict.fromkeys(j.req.user_id for j in jobs))
+        feats = self._fetch(users)
+        degraded = feats is None
+        t1 = time.perf_counter()
+        out: list[_Answer | BaseException] = []
+        rows: list[np.ndarray | None] = []
+        ks: list[int] = []
+        for j in jobs:
+            k = min(j.req.k or self.settings.serving.default_k, state.n_items)
+            ks.append(k)
+            r = None
+            if j.req.category is not None:
+                r = state.catalogue.category_rows(j.req.category)
+                if r is None:
+                    rows.append(None)
+                    out.append(NotFound(f"category {j.req.category!r} matches no item's category or department",
+                                        field="category"))
+                    continue
+            rows.append(r)
+            out.append(None)  # type: ignore[arg-type]
+        with_feats = [i for i, j in enumerate(jobs) if out[i] is None and feats and feats[j.req.user_id] is not None]
+        queries = user_queries(state.model, [feats[jobs[i].req.user_id] for i in with_feats]) if feats and with_feats else []
+        t2 = time.perf_counter()
+        asks, ask_of = [], {}
+        for i, q in zip(with_feats, queries, strict=True):
+            if q.n_history > 0:
+                ask_of[i] = len(asks)
+                asks.append(ranking.UserAsk(q, ks[i], jobs[i].req.exclude_purchased, rows[i]))
+        ranked = ranking.rank_users(state, asks)
+        t3 = time.perf_counter()
+        query_of = dict(zip(with_feats, queries, strict=True))
+        for i, j in enumerate(jobs):
+            if out[i] is not None:
+                continue
+            f = feats.get(j.req.user_id) if feats else None
+            q = query_of.get(i)
+            if i in ask_of:
+                picks, fallback = ranked[ask_of[i]], False
+            else:
+                exclude = q.history_positions if (q is not None and j.req.exclude_purchased) else None
+                picks, fallback = ranking.popular(state, ks[i], rows[i], exclude), True
+            age = feature_age_s(f, j.now.timestamp()) if f else None
+            resp = RecommendResponse.model_construct(
+                request_id=j.request_id, user_id=j.req.user_id, items=self._items(state, picks),
+                model_version=state.version, feature_age_s=age, fallback=fallback, degraded=degraded,
+            )
+            out[i] = _Answer(resp, logged_features(f, q.n_history if q is not None else 0), ks[i])
+        t4 = time.perf_counter()
+        times = StageTimes(len(jobs), t1 - t0, t2 - t1, (t3 - t2) + (t4 - t3))
+        self.stage_times.append(times)
+        m = metrics()["stage"]
+        m.labels("features").observe(times.features)
+        m.labels("user_tower").observe(times.user_tower)
+        m.labels("topk").observe(times.topk)
+        for a in out:
+            if isinstance(a, _Answer):
+                kind = "degraded" if a.response.degraded else "fallback" if a.response.fallback else "model"
+                metrics()["responses"].labels("recommend", kind).inc()
+        return out
+
+    @staticmethod
+    def _items(state: ServingState, picks: list[ranking.Pick]) -> list[Item]:
+        ids, cat = state.index.item_ids, state.catalogue
+        return [
+            Item.model_construct(
+                item_id=ids[p.position], score=round(p.score, 6), title=cat.titles[p.position],
+                category=cat.categories[p.position],
+                reason=Reason.model_construct(kind=p.kind, item_id=ids[p.reason] if p.reason is not None else None),
+            )
+            for p in picks
+        ]
+
+    def _log_request(
+        self, endpoint: str, request_id: str, ts: datetime, user_id: str | None, item_id: str | None, k: int,
+        version: str, fallback: bool, degraded: bool, age: float | None, started: float, features: str,
+        items: list[Item],
+    ) -> None:
+        if self.request_log is None:
+            return
+        self.request_log.log({
+            "request_id": request_id, "ts": ts, "endpoint": endpoint, "user_id": user_id, "item_id": item_id,
+            "k": k, "model_version": version, "fallback": fallback, "degraded": degraded, "feature_age_s": age,
+            "latency_ms": (time.perf_counter() - started) * 1e3, "features": features,
+            "item_ids": [i.item_id for i in items], "scores": [i.score for i in items],
+        })
+
+    # --- /similar, /search --------------------------------------------------------------------
+    async def similar(self, req: SimilarRequest) -> SimilarResponse:
+        """Items closest to ``item_id`` in the item tower's space."""
+        state = self.require_state()
+        started = time.perf_counter()
+        pos = state.index.position.get(req.item_id)
+        if pos is None:
+            raise NotFound(f"item_id {req.item_id!r} is not in the catalogue", field="item_id")
+        k = min(req.k or self.settings.serving.default_k, state.n_items - 1)
+        picks = await self._run(self._compute, ranking.similar, state, pos, k)
+        resp = SimilarResponse.model_construct(request_id=uuid.uuid4().hex, item_id=req.item_id,
+                                               items=self._items(state, picks), model_version=state.version)
+        metrics()["responses"].labels("similar", "model").inc()
+        self._log_request("similar", resp.request_id, datetime.now(UTC), None, req.item_id, k, state.version,
+                          False, False, None, started, "{}", resp.items)
+        return resp
+
+    async def search(self, req: SearchRequest) -> SearchResponse:
+        """Semantic search over item texts; personalised by the user's model score when given."""
+        from recflow.modeling import user_query
+
+        state = self.require_state()
+        started = time.perf_counter()
+        k = min(req.k or self.settings.serving.default_k, state.n_items)
+        query, degraded = None, False
+        if req.user_id is not None:
+            feats = await self._run(None, self._fetch, [req.user_id])
+            degraded = feats is None
+            if feats and feats.get(req.user_id):
+                q = await self._run(self._compute, user_query, state.model, feats[req.user_id])
+                query = q if q.n_history > 0 else None
+        picks = await self._run(self._compute, ranking.search, state, req.query, k, query,
+                                self.settings.serving.search_personalisation)
+        resp = SearchResponse.model_construct(request_id=uuid.uuid4().hex, items=self._items(state, picks),
+                                              model_version=state.version, personalised=query is not None,
+                                              degraded=degraded)
+        metrics()["responses"].labels("search", "degraded" if degraded else "model").inc()
+        words = len(req.query.split())
+        self._log_request("search", resp.request_id, datetime.now(UTC), req.user_id, None, k, state.version,
+                          False, degraded, None, started, f'{{"query_chars":{len(req.query)},"query_words":{words}}}',
+                          resp.items)
+        return resp
+
+    # --- /feedback ----------------------------------------------------------------------------
+    async def feedback(self, req: FeedbackRequest) -> FeedbackResponse:
+        """Append the event durably, then push it (and anything pending) online."""
+        from serving.feedback import event_frame
+
+        state = self.require_state()
+        if req.item_id not in state.index.position:
+            raise NotFound(f"item_id {req.item_id!r} is not in the catalogue", field="item_id")
+        df = event_frame(req)
+        event_id = str(df["event_id"].iloc[0])
+        new = await self._run(self._feedback, self.event_log.append, df)  # durable from here on
+        pending: set[str] | None
+        try:
+            pending = await asyncio.wait_for(self._run(self._feedback, self._push_pending),
+                                             self.settings.serving.feature_timeout_s * 2)
+        except TimeoutError:
+            pending = None  # still pushing in the background
+        pushed = pending is not None and event_id not in pending
+        metrics()["feedback"].labels("pushed" if pushed else "pending").inc()
+        return FeedbackResponse(event_id=event_id, accepted=True, duplicate=new == 0, pushed=pushed)
+
+    def _push_pending(self) -> set[str]:
+        """Push every pending event online; returns the ids still pending."""
+        from serving.feedback import push_events
+
+        state, store = self.state, self.store
+        if state is None or store is None:
+            return set()
+        elog = self.event_log
+        pending = elog.pending_push(limit=5000)
+        if pending.empty:
+            return set()
+        ids = pending["event_id"].astype(str).tolist()
+        cats, pos = state.catalogue.categories, state.index.position
+
+        def category_of(item: str) -> str | None:
+            p = pos.get(item)
+            return None if p is None else cats[p]
+
+        try:
+            push_events(store, pending, history_length=self.settings.features.history_length, category_of=category_of)
+        except Exception as exc:  # noqa: BLE001 - the events stay pending and are retried
+            elog.mark_pushed(ids, ok=False)
+            metrics()["store_errors"].labels("push").inc()
+            self._push_warn.warn("feedback push failed, %d event(s) stay pending in the event log: %s: %s",
+                                 len(ids), type(exc).__name__, str(exc)[:200])
+            return set(ids)
+        elog.mark_pushed(ids, ok=True)
+        return set()
+
+    # --- /reload, /status ---------------------------------------------------------------------
+    async def reload(self, model_path: str | None = None) -> ReloadResponse:
+        """Load the champion (or ``model_path``), build its index, then swap it in atomically."""
+        assert self._reload_lock is not None
+        self.require_state()  # before the first load there is nothing to swap: the load loop is on it
+        async with self._reload_lock:
+            previous = self.state.version if self.state else None
+            started = time.perf_counter()
+            try:
+                if self.store is not None:
+                    await self._run(self._loader, self.store.refresh_registry)
+                state = await self._run(self._loader, load_state, self.settings, self.store,
+                                        Path(model_path) if model_path else None)
+            except ModelNotFound as exc:
+                metrics()["reloads"].labels("not_found").inc()
+                raise NotFound(f"{exc}; still serving {previous}", field="model_path" if model_path else None) from exc
+            self.state = state
+            metrics()["reloads"].labels("ok").inc()
+            log.info("reloaded: %s -> %s", previous, state.version)
+            return ReloadResponse(model_version=state.version, previous_version=previous, items=state.n_items,
+                                  seconds=round(time.perf_counter() - started, 3))
+
+    async def status(self) -> Status:
+        """What is loaded, and how many feedback events wait to be pushed."""
+        state = self.state
+        try:
+            pending = (await self._run(self._feedback, self.event_log.stats))["pending_push"]
+        except Exception:  # noqa: BLE001 - status must answer
+            pending = None
+        return Status(
+            ready=self.ready, model_version=state.version if state else None,
+            model_source=f"{state.source.source}:{state.source.folder}" if state else None,
+            items=state.n_items if state else 0,
+            index=(state.ann.name if state.ann else state.scorer.name) if state else self.settings.serving.index,
+            loaded_at=state.loaded_at if state else None, load_error=self.load_error, pending_feedback=pending,
+        )

@@ -1,0 +1,167 @@
+"""The recflow BentoML service: ``bentoml serve serving.service:Recommender``.
+
+Endpoints (JSON over POST; contracts in :mod:`serving.api`):
+
+- ``/recommend {user_id, k?, exclude_purchased?, category?, timestamp?}`` -> items with score,
+  title, category and reason (the history item behind the pick), ``model_version``,
+  ``feature_age_s``, ``fallback``, ``degraded``;
+- ``/similar {item_id, k?}``, ``/search {query, k?, user_id?}``;
+- ``/feedback {user_id, item_id, event_type, quantity?, price?, timestamp?, event_id?, basket_id?}``
+  (bearer token when ``serving.token`` is set): durable in the event log, then pushed online;
+- ``/reload {model_path?}`` (token): load the champion and swap it in without downtime;
+- ``/status``; ``GET /livez`` (process up), ``GET /readyz`` (model and store loaded),
+  ``GET /metrics`` (Prometheus).
+
+Errors: 400 validation (naming the field), 401 token, 404 unknown item/category/model,
+413/415 body size/type, 503 not ready. Settings come from ``recflow.settings.load_settings()``
+(``RECFLOW_*`` environment, ``recflow.toml``). Nothing is loaded at import time: the model loads
+in the background after start-up, and ``/readyz`` answers 503 until it is in.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+import bentoml
+from starlette.responses import JSONResponse
+
+from serving.api import (
+    FeedbackRequest,
+    FeedbackResponse,
+    RecommendRequest,
+    RecommendResponse,
+    ReloadRequest,
+    ReloadResponse,
+    SearchRequest,
+    SearchResponse,
+    SimilarRequest,
+    SimilarResponse,
+    Status,
+)
+from serving.middleware import RequestGuard
+from serving.runtime import Runtime, ServiceError, Unauthorized
+
+log = logging.getLogger("recflow.serving")
+
+
+def _error(exc: ServiceError, ctx: bentoml.Context) -> JSONResponse:
+    """The JSON error answer (BentoML applies ``ctx.response``'s status to whatever is returned)."""
+    body: dict[str, Any] = {"error": exc.message}
+    if exc.field:
+        body["fields"] = [exc.field]
+    ctx.response.status_code = exc.status
+    if exc.status == 401:
+        ctx.response.metadata["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body, status_code=exc.status)
+
+
+class _QuietValidationErrors(logging.Filter):
+    """BentoML logs a traceback for every 400 validation error; keep those out of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return type(exc).__name__ != "ValidationError"
+
+
+def _log_setup() -> None:
+    """recflow's INFO lines go where BentoML's go; validation tracebacks are dropped."""
+    quiet = _QuietValidationErrors()
+    for name in ("bentoml._internal.server.http_app", "_bentoml_impl.server.app"):
+        logging.getLogger(name).addFilter(quiet)
+    ours = logging.getLogger("recflow")
+    if not ours.handlers:
+        for handler in logging.getLogger("bentoml").handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
+@bentoml.service(
+    name="recflow",
+    workers=1,
+    traffic={"timeout": 30, "max_concurrency": 1024},
+    metrics={"enabled": True},
+    logging={"access": {"enabled": False}},
+    endpoints={"livez": "/livez", "readyz": "/readyz"},
+)
+class Recommender:
+    """Personalised recommendations from online Feast features and the champion two-tower model."""
+
+    def __init__(self) -> None:
+        from recflow.settings import load_settings
+
+        self.runtime = Runtime(load_settings())
+
+    @bentoml.on_startup
+    async def _start(self) -> None:
+        _log_setup()
+        await self.runtime.start()
+
+    @bentoml.on_shutdown
+    async def _stop(self) -> None:
+        await self.runtime.stop()
+
+    def __is_ready__(self) -> bool:
+        return self.runtime.ready
+
+    def _authorise(self, ctx: bentoml.Context) -> None:
+        token = self.runtime.settings.serving.token
+        if not token:
+            return
+        given = ctx.request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <serving.token>)",
+                               field="Authorization")
+
+    @bentoml.api(route="/recommend", input_spec=RecommendRequest)
+    async def recommend(self, ctx: bentoml.Context, **request: Any) -> RecommendResponse:
+        """Top-k items for a user (popularity with ``fallback: true`` for unknown users)."""
+        try:
+            return await self.runtime.recommend(RecommendRequest.model_construct(**request))
+        except ServiceError as exc:
+            return _error(exc, ctx)  # type: ignore[return-value]
+
+    @bentoml.api(route="/similar", input_spec=SimilarRequest)
+    async def similar(self, ctx: bentoml.Context, **request: Any) -> SimilarResponse:
+        """Items most similar to ``item_id`` (404 when the item is unknown)."""
+        try:
+            return await self.runtime.similar(SimilarRequest.model_construct(**request))
+        except ServiceError as exc:
+            return _error(exc, ctx)  # type: ignore[return-value]
+
+    @bentoml.api(route="/search", input_spec=SearchRequest)
+    async def search(self, ctx: bentoml.Context, **request: Any) -> SearchResponse:
+        """Semantic search over item texts, personalised when ``user_id`` is given."""
+        try:
+            return await self.runtime.search(SearchRequest.model_construct(**request))
+        except ServiceError as exc:
+            return _error(exc, ctx)  # type: ignore[return-value]
+
+    @bentoml.api(route="/feedback", input_spec=FeedbackRequest)
+    async def feedback(self, ctx: bentoml.Context, **request: Any) -> FeedbackResponse:
+        """Record a user action (durable before the answer) and update the user's online features."""
+        try:
+            self._authorise(ctx)
+            return await self.runtime.feedback(FeedbackRequest.model_construct(**request))
+        except ServiceError as exc:
+            return _error(exc, ctx)  # type: ignore[return-value]
+
+    @bentoml.api(route="/reload", input_spec=ReloadRequest)
+    async def reload(self, ctx: bentoml.Context, **request: Any) -> ReloadResponse:
+        """Load the current champion (or ``model_path``), then swap it in without downtime."""
+        try:
+            self._authorise(ctx)
+            return await self.runtime.reload(request.get("model_path"))
+        except ServiceError as exc:
+            return _error(exc, ctx)  # type: ignore[return-value]
+
+    @bentoml.api(route="/status")
+    async def status(self) -> Status:
+        """Loaded model, index, readiness and pending feedback."""
+        return await self.runtime.status()
+
+
+Recommender.add_asgi_middleware(RequestGuard)
