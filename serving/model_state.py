@@ -48,7 +48,7 @@ class ModelSource:
 
     folder: Path
     version: str
-    source: str  # "model_path" | "model_tag" | "champion"
+    source: str  # "model_path" | "model_tag" | "bento" | "champion"
 
 
 def _folder_version(folder: Path) -> str:
@@ -65,9 +65,21 @@ def _folder_version(folder: Path) -> str:
     return f"{folder.name}-{h.hexdigest()[:10]}"
 
 
+def bento_model_tag() -> str | None:
+    """The model packed into the bento this code runs from (``<bento>/bento.yaml``), if any."""
+    manifest = Path(__file__).resolve().parents[2] / "bento.yaml"
+    if not manifest.is_file():
+        return None
+    import yaml
+
+    models = (yaml.safe_load(manifest.read_text()) or {}).get("models") or []
+    return str(models[0]["tag"]) if models else None
+
+
 def resolve_model(settings: Settings, model_path: Path | None = None) -> ModelSource:
-    """The model to serve: ``model_path`` argument or setting, else ``serving.model_tag`` (BentoML
-    model store), else the registry's champion. Raises :class:`ModelNotFound` saying what to do."""
+    """The model to serve: ``model_path`` (argument or setting), else ``serving.model_tag``, else the
+    model packed into the running bento (both from the BentoML model store), else the registry's
+    champion. Raises :class:`ModelNotFound` saying what to do."""
     path = model_path or settings.serving.model_path
     if path is not None:
         folder = Path(path).expanduser().resolve()
@@ -77,14 +89,17 @@ def resolve_model(settings: Settings, model_path: Path | None = None) -> ModelSo
                 "model.safetensors, written by recflow.modeling.save_model)"
             )
         return ModelSource(folder, _folder_version(folder), "model_path")
-    if settings.serving.model_tag:
+    tag, source = settings.serving.model_tag, "model_tag"
+    if not tag and (tag := bento_model_tag()):
+        source = "bento"
+    if tag:
         import bentoml
 
         try:
-            entry = bentoml.models.get(settings.serving.model_tag)
+            entry = bentoml.models.get(tag)
         except Exception as exc:  # noqa: BLE001 - bentoml raises NotFound; report it uniformly
-            raise ModelNotFound(f"serving.model_tag={settings.serving.model_tag!r} is not in the model store: {exc}") from exc
-        return ModelSource(Path(entry.path), str(entry.tag), "model_tag")
+            raise ModelNotFound(f"model tag {tag!r} ({source}) is not in the BentoML model store: {exc}") from exc
+        return ModelSource(Path(entry.path), str(entry.tag), source)
     try:
         from recflow import registry
     except ImportError as exc:  # pragma: no cover - the registry is part of recflow

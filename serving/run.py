@@ -189,6 +189,8 @@ def build_bento(settings: Settings, model_tag: str | None = None, version: str |
 
 def _build(model_tag: str, version: str | None = None) -> str:
     """Build the bento in this process (BENTOML_HOME must already be set); returns its tag."""
+    import tempfile
+
     import bentoml
     import yaml
 
@@ -196,8 +198,10 @@ def _build(model_tag: str, version: str | None = None) -> str:
     config["models"] = [model_tag]
     config["envs"] = [*config.get("envs", []), {"name": "RECFLOW_SERVING__MODEL_TAG", "value": model_tag}]
     config["labels"] = {**config.get("labels", {}), "model": model_tag.replace(":", "_")}
-    config["python"] = {**config["python"], "requirements_txt": str(ROOT / config["python"]["requirements_txt"])}
-    bento = bentoml.bentos.build(**config, version=version, build_ctx=str(ROOT))
+    with tempfile.TemporaryDirectory() as tmp:
+        bentofile = Path(tmp) / "bentofile.yaml"
+        bentofile.write_text(yaml.safe_dump(config, sort_keys=False))
+        bento = bentoml.bentos.build_bentofile(str(bentofile), version=version, build_ctx=str(ROOT))
     return str(bento.tag)
 
 
