@@ -144,6 +144,9 @@ class ServingSettings(BaseModel):
     feature_timeout_s: float = Field(
         default=1.0, gt=0, description="Online feature reads slower than this fall back to popularity (degraded)."
     )
+    store_cooldown_s: float = Field(
+        default=2.0, ge=0, description="After a failed online read, answer degraded without trying the store for this long."
+    )
     load_retry_s: float = Field(
         default=5.0, gt=0, description="While no model can be loaded, retry this often (the service stays unready)."
     )

@@ -140,6 +140,7 @@ class Runtime:
     request_log: RequestLogWriter | None = None
     _store_warn: _RateLimitedLog = field(default_factory=_RateLimitedLog)
     _push_warn: _RateLimitedLog = field(default_factory=_RateLimitedLog)
+    _store_down_until: float = 0.0
 
     # --- lifecycle -------------------------------------------------------------------------
     @property
@@ -263,14 +264,17 @@ class Runtime:
         assert self._features is not None and self.store is not None and self._serving_fs is not None
         if not user_ids:
             return {}
+        if time.monotonic() < self._store_down_until:  # circuit open: answer at once, degraded
+            return None
         fut = self._features.submit(fetch_user_features, self.store, self._serving_fs, user_ids)
         try:
             rows = fut.result(timeout=self.settings.serving.feature_timeout_s)
         except Exception as exc:  # noqa: BLE001 - any store failure degrades to popularity
             fut.cancel()
+            self._store_down_until = time.monotonic() + self.settings.serving.store_cooldown_s
             metrics()["store_errors"].labels("read").inc()
-            self._store_warn.warn("online store read failed, serving popularity (degraded): %s: %s",
-                                  type(exc).__name__, str(exc)[:200])
+            self._store_warn.warn("online store read failed, serving popularity (degraded) for the next %.1f s: %s: %s",
+                                  self.settings.serving.store_cooldown_s, type(exc).__name__, str(exc)[:200])
             return None
         return dict(zip(user_ids, rows, strict=True))
 

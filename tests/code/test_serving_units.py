@@ -1,0 +1,184 @@
+"""Serving pieces without a server: batching, request log, online feedback update, errors, ANN, model resolution."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from recflow.schemas import REQUEST_LOG_SCHEMA
+
+
+def test_micro_batcher_batches_concurrent_requests_and_isolates_errors() -> None:
+    from serving.batching import MicroBatcher
+
+    sizes: list[int] = []
+    gate = threading.Event()
+
+    def work(items: list[int]) -> list[object]:
+        gate.wait(5)  # the first batch blocks until everything is queued
+        sizes.append(len(items))
+        return [ValueError(f"bad {i}") if i == 3 else i * 10 for i in items]
+
+    async def main() -> list[object]:
+        batcher = MicroBatcher(work, ThreadPoolExecutor(1), max_batch=4)
+        batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(9)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.stop()
+        return out
+
+    out = asyncio.run(main())
+    assert [o for o in out if not isinstance(o, Exception)] == [0, 10, 20, 40, 50, 60, 70, 80]
+    assert isinstance(out[3], ValueError) and str(out[3]) == "bad 3"
+    assert sizes == [4, 4, 1], sizes  # queued requests were batched, at most max_batch at a time
+
+
+def _row(i: int) -> dict[str, object]:
+    return {"request_id": f"r{i}", "ts": pd.Timestamp("2024-05-01", tz="UTC"), "endpoint": "recommend",
+            "user_id": "u", "k": 2, "model_version": "m", "fallback": False, "degraded": False,
+            "feature_age_s": 1.0, "latency_ms": 3.0, "features": "{}", "item_ids": ["a", "b"], "scores": [2.0, 1.0]}
+
+
+def test_request_log_rotates_by_rows_and_only_shows_complete_files(tmp_path: Path) -> None:
+    from serving.request_log import RequestLogWriter
+
+    writer = RequestLogWriter(tmp_path, flush_s=60, rotate_s=3600, max_rows=5)
+    for i in range(7):
+        writer.log(_row(i))
+    writer.flush()  # 7 rows >= 5: this file is complete
+    for i in range(7, 9):
+        writer.log(_row(i))
+    writer.flush()  # 2 rows in a new file, still in progress
+    done = sorted(tmp_path.rglob("*.parquet"))
+    assert len(done) == 1 and len(list(tmp_path.rglob("*.inprogress"))) == 1
+    assert pq.read_table(done[0]).num_rows == 7
+    writer.close()
+    files = sorted(tmp_path.rglob("*.parquet"))
+    table = pq.read_table(files)
+    assert len(files) == 2 and table.num_rows == 9 and not list(tmp_path.rglob("*.inprogress"))
+    assert table.schema.equals(REQUEST_LOG_SCHEMA, check_metadata=False)
+
+
+def test_request_log_rotates_by_time(tmp_path: Path) -> None:
+    from serving.request_log import RequestLogWriter
+
+    writer = RequestLogWriter(tmp_path, flush_s=0.05, rotate_s=0.2)
+    writer.start()
+    writer.log(_row(0))
+    deadline = time.monotonic() + 5
+    while not list(tmp_path.rglob("*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    writer.close()
+    assert [pq.read_table(p).num_rows for p in tmp_path.rglob("*.parquet")] == [1]
+
+
+def test_feedback_online_update_is_ordered_capped_and_idempotent() -> None:
+    from serving.feedback import apply_events
+
+    current = {"user_history__history_item_ids": ["b", "a"], "user_history__history_ts": [200, 100],
+               "user_activity__purchases_7d": 2, "user_activity__spend_7d": 3.0, "user_activity__interactions_30d": 2,
+               "user_activity__distinct_items_90d": 2, "user_activity__distinct_categories_90d": 1,
+               "user_activity__last_purchase_ts": 200}
+    events = pd.DataFrame({
+        "item_id": ["c", "a"], "event_type": ["purchase", "view"],
+        "event_timestamp": pd.to_datetime([300, 150], unit="s", utc=True), "quantity": [2.0, None], "price": [1.5, None],
+    })
+    cats = {"a": "dairy", "b": "dairy", "c": "bakery"}
+    history, act = apply_events(current, events, history_length=3, category_of=cats.get)
+    assert history == {"history_item_ids": ["c", "b", "a"], "history_ts": [300, 200, 150]}  # most recent first, capped
+    assert act["purchases_7d"] == 3 and act["purchases_90d"] == 1 and act["spend_7d"] == 6.0
+    assert act["interactions_30d"] == 4 and act["distinct_items_90d"] == 3 and act["distinct_categories_90d"] == 2
+    assert act["last_purchase_ts"] == 300 and act["days_since_last_purchase"] == 0.0
+    applied = {**current, "user_history__history_item_ids": history["history_item_ids"],
+               "user_history__history_ts": history["history_ts"]}
+    assert apply_events(applied, events.iloc[:1], history_length=3, category_of=cats.get) is None, "retry is a no-op"
+
+
+def test_validation_errors_name_the_fields() -> None:
+    from pydantic import ValidationError
+
+    from serving.api import FeedbackRequest, RecommendRequest
+    from serving.middleware import explain
+
+    with pytest.raises(ValidationError) as err:
+        RecommendRequest.model_validate({"user_id": "a", "k": 500, "colour": "red"})
+    body = explain({"error": "2 validation errors", "detail": err.value.errors(include_url=False)})
+    assert body["fields"] == ["k", "colour"] and body["error"].startswith("k: Input should be less than or equal to 100")
+    with pytest.raises(ValidationError, match="more than one hour in the future"):
+        FeedbackRequest.model_validate({"user_id": "a", "item_id": "x", "event_type": "view",
+                                        "timestamp": "2999-01-01T00:00:00Z"})
+    naive = FeedbackRequest.model_validate({"user_id": "a", "item_id": "x", "event_type": "view",
+                                            "timestamp": "2017-06-01T12:00:00"})
+    assert naive.timestamp is not None and naive.timestamp.utcoffset().total_seconds() == 0
+
+
+def test_ann_index_recall_against_exact() -> None:
+    pytest.importorskip("faiss")
+    import torch
+
+    from recflow.modeling import ItemIndex, UserQuery
+    from serving import ranking
+    from serving.model_state import AnnScorer, Catalogue, ExactScorer, ServingState
+
+    rng = np.random.default_rng(0)
+    n, d = 20_000, 16
+    centers = rng.standard_normal((64, d))
+    m = centers[rng.integers(0, 64, n)] + 0.3 * rng.standard_normal((n, d))
+    m = (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
+    index = ItemIndex([str(i) for i in range(n)], m, (0.1 * rng.standard_normal(n)).astype(np.float32))
+    cat = Catalogue(np.full(n, None, object), np.full(n, None, object), np.full(n, None, object), {},
+                    np.arange(n), np.zeros(n, np.float32))
+
+    def state(ann: AnnScorer | None) -> ServingState:
+        return ServingState(None, index, ExactScorer(index), ann, cat, "v", None, "", 0.0)  # type: ignore[arg-type]
+
+    users = m[rng.integers(0, n, 50)] * 10
+    asks = [ranking.UserAsk(UserQuery(u, np.array([5]), np.array([100.0], np.float32), 1), 10) for u in users]
+    exact = ranking.rank_users(state(None), asks)
+    approx = ranking.rank_users(state(AnnScorer(index, nprobe=16)), asks)
+    recall = np.mean([len({p.position for p in a} & {p.position for p in e}) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert recall >= 0.9, recall
+    assert all(e[0].position == 5 and a[0].position == 5 for a, e in zip(approx, exact, strict=True)), "re-buy bonus is exact"
+    full = torch.from_numpy(users[0] @ m.T + index.bias)
+    full[5] = float("-inf")
+    assert exact[0][1].score == pytest.approx(float(full.max()), rel=1e-5), "exact = the full matrix product"
+
+
+def test_model_resolution_prefers_model_path_then_champion(make_settings, tmp_path: Path) -> None:
+    from recflow import registry
+    from recflow.modeling import build_tiny_model, save_model
+    from serving.model_state import ModelNotFound, resolve_model
+
+    settings = make_settings()
+    with pytest.raises(ModelNotFound, match="no champion model yet"):
+        resolve_model(settings)
+    tag = registry.register(settings, build_tiny_model(n_items=6), {"note": "unit"})
+    registry.set_champion(settings, tag, "unit test")
+    champion = resolve_model(settings)
+    assert (champion.source, champion.version) == ("champion", tag) and (champion.folder / "config.json").is_file()
+    folder = save_model(build_tiny_model(n_items=6), tmp_path / "m", {"model_version": "pinned-7"})
+    pinned = settings.model_copy(update={"serving": settings.serving.model_copy(update={"model_path": folder})})
+    assert (resolve_model(pinned).source, resolve_model(pinned).version) == ("model_path", "pinned-7")
+    with pytest.raises(ModelNotFound, match="not a saved recflow model"):
+        resolve_model(settings, tmp_path / "missing")
+
+
+def test_logged_features_hold_numbers_and_bands_only() -> None:
+    from serving.features import logged_features
+
+    feats = {"user_activity__purchases_7d": 3, "user_activity__spend_7d": float("nan"), "user_profile__age": "25-34",
+             "user_history__history_item_ids": ["x", "y"], "user_id": "secret-id"}
+    out = json.loads(logged_features(feats, 2))
+    assert out["purchases_7d"] == 3 and out["spend_7d"] is None and out["age"] == "25-34"
+    assert out["history_len"] == 2 and "user_id" not in out and "history_item_ids" not in out

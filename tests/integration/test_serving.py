@@ -1,0 +1,266 @@
+"""The BentoML service on the tiny shop: a real `bentoml serve` process on a free port.
+
+One server per test (start-up is about 10 s): the end-to-end test covers readiness before a model
+exists, the registry's champion, every endpoint, each class of bad input, feedback reflected by
+the next /recommend, the request log, and a zero-downtime /reload; the outage test stops the
+Redis online store mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recflow import feature_store as fs
+from recflow.schemas import REQUEST_LOG_SCHEMA
+
+TOKEN = "t0ken"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def shop_model(settings, seed: int = 0):  # noqa: ANN001, ANN201
+    """A tiny random model over the tiny shop's catalogue, without item "v" (a cold-start item)."""
+    from recflow.modeling import ModelConfig, new_model, tiny_tokenizer
+    from recflow.modeling.build import TINY_BERT
+
+    items = pd.read_parquet(settings.paths.items).sort_values("item_id")
+    ids = [i for i in items["item_id"] if i != "v"]
+    texts = items.set_index("item_id").loc[ids, "text"].fillna("").tolist()
+    torch.manual_seed(seed)
+    cfg = ModelConfig(encoder=dict(TINY_BERT), n_ids=len(ids) + 1, text_dim=TINY_BERT["hidden_size"], dim=8,
+                      hidden=16, max_length=16, dropout=0.0)
+    model = new_model(cfg, ids, texts, id_rows=np.arange(1, len(ids) + 1), tokenizer=tiny_tokenizer())
+    with torch.no_grad():
+        model.text_emb.copy_(model.encode_texts(model.texts))
+    return model.eval()
+
+
+def _serving(settings, **serving):  # noqa: ANN001, ANN003, ANN202
+    fast = {"token": TOKEN, "load_retry_s": 0.3, "push_retry_s": 0.3, "request_log_flush_s": 0.2,
+            "request_log_rotate_s": 0.5, "feature_timeout_s": 2.0}
+    return settings.model_copy(update={"serving": settings.serving.model_copy(update={**fast, **serving})})
+
+
+def _online(settings) -> None:  # noqa: ANN001
+    store = fs.get_store(settings)
+    fs.apply(settings, store)
+    fs.materialize(settings, *fs.default_window(settings), store=store)
+
+
+def _post(client: httpx.Client, path: str, body: object, headers: dict[str, str] | None = None) -> httpx.Response:
+    return client.post(path, json=body, headers=headers or {})
+
+
+def _wait(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+BAD_INPUTS = [
+    # (path, body, status, field named in the answer)
+    ("/recommend", {"k": 5}, 400, "user_id"),
+    ("/recommend", {"user_id": 7}, 400, "user_id"),
+    ("/recommend", {"user_id": ""}, 400, "user_id"),
+    ("/recommend", {"user_id": "a", "k": 0}, 400, "k"),
+    ("/recommend", {"user_id": "a", "k": 101}, 400, "k"),
+    ("/recommend", {"user_id": "a", "k": "many"}, 400, "k"),
+    ("/recommend", {"user_id": "a", "exclude_purchased": "perhaps"}, 400, "exclude_purchased"),
+    ("/recommend", {"user_id": "a", "kk": 3}, 400, "kk"),
+    ("/recommend", {"user_id": "a", "timestamp": "yesterday-ish"}, 400, "timestamp"),
+    ("/recommend", {"user_id": "a", "timestamp": "2999-01-01T00:00:00Z"}, 400, "timestamp"),
+    ("/recommend", {"user_id": "a", "category": "no such aisle"}, 404, "category"),
+    ("/recommend", [1, 2], 400, "body"),
+    ("/similar", {"item_id": "nope"}, 404, "item_id"),
+    ("/similar", {"item_id": "x", "k": -1}, 400, "k"),
+    ("/search", {"query": ""}, 400, "query"),
+    ("/search", {"query": "x" * 501}, 400, "query"),
+    ("/feedback", {"user_id": "a", "item_id": "x", "event_type": "like"}, 400, "event_type"),
+    ("/feedback", {"user_id": "a", "item_id": "x", "event_type": "purchase", "quantity": -1}, 400, "quantity"),
+    ("/feedback", {"user_id": "a", "item_id": "x", "event_type": "purchase", "price": "free"}, 400, "price"),
+    ("/feedback", {"user_id": "a", "item_id": "nope", "event_type": "view"}, 404, "item_id"),
+    ("/reload", {"model_path": "/no/such/model"}, 404, "model_path"),
+]
+
+
+def test_service_end_to_end(tiny_features) -> None:  # noqa: ANN001
+    from recflow import registry
+    from recflow.event_log import EventLog
+    from serving.run import start_local, wait_ready
+
+    settings = _serving(tiny_features)
+    _online(settings)
+    with start_local(settings, ready=False) as svc, httpx.Client(base_url=svc.url, timeout=30) as c:
+        # Live at once, not ready while there is no model: the champion does not exist yet.
+        assert c.get("/livez").status_code == 200
+        assert c.get("/readyz").status_code == 503
+        _wait(lambda: "champion" in (_post(c, "/status", {}).json()["load_error"] or ""), what="a load attempt")
+        r = _post(c, "/recommend", {"user_id": "a"})
+        assert r.status_code == 503 and "no champion model yet" in r.json()["error"]
+        assert c.get("/readyz").status_code == 503
+        first = registry.register(settings, shop_model(settings), {"note": "first"})
+        registry.set_champion(settings, first, "test")
+        wait_ready(svc.url, timeout=60, process=svc.process)
+        status = _post(c, "/status", {}).json()
+        assert status["ready"] and status["model_version"] == first and status["model_source"].startswith("champion")
+        assert status["items"] == 5, "the cold-start item v was added from its text"
+
+        # /recommend: a known user gets the model, with the history item behind each pick.
+        r = _post(c, "/recommend", {"user_id": "a", "k": 3})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["fallback"] is False and body["degraded"] is False and body["model_version"] == first
+        assert len(body["items"]) == 3 and body["feature_age_s"] > 0
+        assert [i["score"] for i in body["items"]] == sorted((i["score"] for i in body["items"]), reverse=True)
+        for item in body["items"]:
+            assert item["reason"]["item_id"] in {"x", "y", "z"}, item  # user a's history
+            assert item["reason"]["kind"] == ("repeat" if item["item_id"] in {"x", "y", "z"} else "similar")
+        assert {i["title"] for i in body["items"]} <= {"Oat milk 1l", "Rye bread", "Olive oil 500ml", "Lemons",
+                                                       "Sparkling water"}
+        # k is capped at the catalogue; purchased items can be left out; category filters.
+        assert len(_post(c, "/recommend", {"user_id": "a", "k": 100}).json()["items"]) == 5
+        fresh = _post(c, "/recommend", {"user_id": "a", "k": 10, "exclude_purchased": True}).json()["items"]
+        assert {i["item_id"] for i in fresh} == {"w", "v"}
+        dairy = _post(c, "/recommend", {"user_id": "a", "category": "DAIRY"}).json()["items"]
+        assert [i["item_id"] for i in dairy] == ["x"]
+        # Unknown user: popularity, flagged.
+        unknown = _post(c, "/recommend", {"user_id": "nobody", "k": 2}).json()
+        assert unknown["fallback"] is True and unknown["degraded"] is False and unknown["feature_age_s"] is None
+        assert [i["reason"]["kind"] for i in unknown["items"]] == ["popular", "popular"]
+
+        # /similar and /search.
+        sim = _post(c, "/similar", {"item_id": "x", "k": 10}).json()
+        assert len(sim["items"]) == 4 and "x" not in {i["item_id"] for i in sim["items"]}
+        found = _post(c, "/search", {"query": "rye bread", "k": 2, "user_id": "a"}).json()
+        assert len(found["items"]) == 2 and found["personalised"] is True
+        assert _post(c, "/search", {"query": "lemons"}).json()["personalised"] is False
+
+        # Every class of bad input is a 4xx that names the field; never a 500.
+        for path, bad, status_code, field in BAD_INPUTS:
+            r = _post(c, path, bad, AUTH)
+            assert r.status_code == status_code, (path, bad, r.status_code, r.text)
+            assert field in r.json()["fields"], (path, bad, r.json())
+        r = c.post("/recommend", content=b'{"user_id": "a",', headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["fields"] == ["body"]
+        r = c.post("/recommend", content=b"user_id=a", headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 415
+
+        # /feedback needs the token, is durable, and the next /recommend reflects it.
+        event = {"user_id": "newbie", "item_id": "w", "event_type": "purchase", "quantity": 2, "price": 0.5}
+        assert _post(c, "/feedback", event).status_code == 401
+        assert _post(c, "/feedback", event, {"Authorization": "Bearer wrong"}).status_code == 401
+        assert _post(c, "/recommend", {"user_id": "newbie"}).json()["fallback"] is True
+        r = _post(c, "/feedback", {**event, "event_id": "ev-1"}, AUTH)
+        assert r.status_code == 200 and r.json() == {"event_id": "ev-1", "accepted": True, "duplicate": False,
+                                                     "pushed": True}
+        assert _post(c, "/feedback", {**event, "event_id": "ev-1"}, AUTH).json()["duplicate"] is True
+        after = _post(c, "/recommend", {"user_id": "newbie", "k": 5}).json()
+        assert after["fallback"] is False and after["feature_age_s"] < 60
+        assert {i["reason"]["item_id"] for i in after["items"]} == {"w"}
+        logged = EventLog(settings.paths.event_log).read()
+        assert logged.loc[logged.event_id == "ev-1", "quantity"].item() == 2.0
+        assert EventLog(settings.paths.event_log).stats()["pending_push"] == 0
+
+        metrics = c.get("/metrics").text
+        assert 'recflow_responses_total{endpoint="recommend",kind="model"}' in metrics
+        assert "recflow_stage_seconds_bucket" in metrics
+
+        # Zero-downtime reload: a new champion is swapped in while requests keep flowing.
+        second = registry.register(settings, shop_model(settings, seed=1), {"note": "second"})
+        registry.set_champion(settings, second, "test reload")
+        codes: list[int] = []
+        stop = threading.Event()
+
+        def hammer() -> None:
+            with httpx.Client(base_url=svc.url, timeout=30) as h:
+                while not stop.is_set():
+                    codes.append(h.post("/recommend", json={"user_id": "a"}).status_code)
+
+        worker = threading.Thread(target=hammer)
+        worker.start()
+        try:
+            assert _post(c, "/reload", {}).status_code == 401
+            r = _post(c, "/reload", {}, AUTH)
+            assert r.status_code == 200, r.text
+            assert r.json()["model_version"] == second and r.json()["previous_version"] == first
+        finally:
+            stop.set()
+            worker.join()
+        assert codes and set(codes) == {200}, f"{len(codes)} requests during the reload: {set(codes)}"
+        assert _post(c, "/recommend", {"user_id": "a"}).json()["model_version"] == second
+
+    # The request log: complete parquet files only, ids and features, never the search text.
+    files = sorted(Path(settings.paths.request_log).rglob("*.parquet"))
+    assert files and not list(Path(settings.paths.request_log).rglob("*.inprogress"))
+    log = pq.read_table(files).to_pandas()
+    assert pq.read_schema(files[0]).equals(REQUEST_LOG_SCHEMA, check_metadata=False)
+    assert log["request_id"].is_unique
+    rec = log[(log.endpoint == "recommend") & (log.user_id == "a") & ~log.fallback]
+    assert len(rec) >= 5 and rec["latency_ms"].gt(0).all()
+    features = json.loads(rec["features"].iloc[0])
+    assert features["purchases_90d"] is not None and features["history_len"] == 4 and "history_item_ids" not in features
+    assert set(log.endpoint) >= {"recommend", "similar", "search"}
+    assert all(b"rye bread" not in p.read_bytes() for p in files), "search text must not be logged"
+    searched = json.loads(log.loc[log.endpoint == "search", "features"].iloc[0])
+    assert searched == {"query_chars": 9, "query_words": 2}
+
+
+def test_online_store_outage_degrades_and_feedback_is_retried(tiny_features) -> None:  # noqa: ANN001
+    """Stop the Redis online store mid-run: answers degrade to popularity (200), feedback is kept in
+    the event log and pushed once Redis is back."""
+    import shutil
+    from contextlib import ExitStack
+
+    from recflow.event_log import EventLog
+    from recflow.local_services import free_port, redis_server
+    from recflow.modeling import save_model
+    from serving.run import start_local
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    with ExitStack() as stack:
+        first_redis = ExitStack()
+        address = first_redis.enter_context(redis_server(port))
+        stack.callback(first_redis.close)
+        settings = tiny_features.model_copy(update={"feast": tiny_features.feast.model_copy(
+            update={"online_store": "redis", "redis_connection_string": address})})
+        _online(settings)
+        folder = save_model(shop_model(settings), settings.paths.models / "tiny", {"model_version": "tiny-1"})
+        settings = _serving(settings, model_path=folder, feature_timeout_s=1.0)
+        svc = stack.enter_context(start_local(settings))
+        c = stack.enter_context(httpx.Client(base_url=svc.url, timeout=30))
+        ok = _post(c, "/recommend", {"user_id": "a"}).json()
+        assert ok["fallback"] is False and ok["degraded"] is False
+
+        first_redis.close()  # the online store goes away
+        down = _post(c, "/recommend", {"user_id": "a", "k": 3})
+        assert down.status_code == 200, down.text
+        assert down.json()["degraded"] is True and down.json()["fallback"] is True and len(down.json()["items"]) == 3
+        assert _post(c, "/search", {"query": "bread", "user_id": "a"}).json()["degraded"] is True
+        event = {"user_id": "a", "item_id": "w", "event_type": "purchase", "event_id": "while-down"}
+        r = _post(c, "/feedback", event, AUTH)
+        assert r.status_code == 200 and r.json()["accepted"] is True and r.json()["pushed"] is False
+        log = EventLog(settings.paths.event_log)
+        assert log.stats()["pending_push"] == 1
+        _wait(lambda: log.pending_push()["push_attempts"].iloc[0] >= 2, what="failed push attempts to be counted")
+        assert log.stats()["pending_push"] == 1, "a failed push keeps the event pending"
+        assert "online store read failed" in svc.log_text()
+
+        stack.enter_context(redis_server(port))  # back, empty (no persistence)
+        _wait(lambda: log.stats()["pending_push"] == 0, timeout=30, what="the pending push to be retried")
+        back = _post(c, "/recommend", {"user_id": "a"}).json()
+        assert back["degraded"] is False and back["fallback"] is False, back
+        assert {i["reason"]["item_id"] for i in back["items"]} == {"w"}, "the retried event is the user's history now"
