@@ -69,6 +69,25 @@ def _wait(predicate, timeout: float = 30.0, what: str = "condition") -> None:  #
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _fuzz(url: str, folder: Path) -> None:
+    """A short Schemathesis run against the service's own OpenAPI document: no 5xx (when installed)."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("schemathesis") or str(Path(sys.executable).with_name("schemathesis"))
+    if not Path(exe).exists():
+        return  # the benchmark runs the full fuzz (benchmarks/serving.py); here it is a bonus when installed
+    done = subprocess.run(
+        [exe, "run", f"{url}/docs.json", "-H", f"Authorization: Bearer {TOKEN}", "--checks", "not_a_server_error",
+         "-n", "10", "--exclude-path", "/reload", "--seed", "3", "--report", "json", "--report-dir", str(folder)],
+        capture_output=True, text=True, timeout=300,
+    )
+    report = json.loads(next(folder.glob("json-*.json")).read_text())
+    assert report["test_cases"]["generated"] >= 50 and not report["failures"], done.stdout[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
 BAD_INPUTS = [
     # (path, body, status, field named in the answer)
     ("/recommend", {"k": 5}, 400, "user_id"),
@@ -200,6 +219,7 @@ def test_service_end_to_end(tiny_features) -> None:  # noqa: ANN001
             worker.join()
         assert codes and set(codes) == {200}, f"{len(codes)} requests during the reload: {set(codes)}"
         assert _post(c, "/recommend", {"user_id": "a"}).json()["model_version"] == second
+        _fuzz(svc.url, settings.home / "fuzz")
 
     # The request log: complete parquet files only, ids and features, never the search text.
     files = sorted(Path(settings.paths.request_log).rglob("*.parquet"))
