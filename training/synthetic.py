@@ -9,6 +9,8 @@ are left null (the model reads null as missing).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -58,21 +60,72 @@ def synthetic_shop(
 def features_frame(entities: pd.DataFrame, events: pd.DataFrame, history_length: int = 50) -> pd.DataFrame:
     """Training-set-like frame for ``entities`` (user_id, item_id, event_timestamp at midnight)."""
     ev = purchases(events).sort_values(["user_id", "event_timestamp"], kind="stable")
-    out = []
-    for (user, ts), grp in entities.groupby(["user_id", "event_timestamp"], sort=False):
-        before = ev[(ev["user_id"] == user) & (ev["event_timestamp"] < ts)]
-        hist = before.iloc[::-1].head(history_length)
+    by_user = {u: (g["item_id"].astype(str).to_numpy(), g["ts"].to_numpy(), g["event_timestamp"].to_numpy())
+               for u, g in ev.groupby("user_id")}
+    empty = (np.array([], dtype=object), np.array([], dtype=np.int64), np.array([], dtype="datetime64[ns]"))
+    rows = []
+    for user, ts, item in zip(entities["user_id"], entities["event_timestamp"], entities["item_id"], strict=True):
+        ids, secs, stamps = by_user.get(user, empty)
+        t = to_utc(ts)
+        n = int(np.searchsorted(secs, t.value // 10**9, side="left"))
+        lo = max(0, n - history_length)
         row = {
-            "user_history__history_item_ids": hist["item_id"].astype(str).tolist(),
-            "user_history__history_ts": hist["ts"].astype("int64").tolist(),
+            "user_id": user, "item_id": item, "event_timestamp": t,
+            "user_history__history_item_ids": ids[lo:n][::-1].tolist(),
+            "user_history__history_ts": secs[lo:n][::-1].astype("int64").tolist(),
         }
         for w in (7, 30, 90):
-            win = before[before["event_timestamp"] >= ts - pd.Timedelta(days=w)]
-            row[f"user_activity__purchases_{w}d"] = float(len(win))
-        row["user_activity__days_since_last_purchase"] = (
-            (ts - before["event_timestamp"].max()).total_seconds() / 86400 if len(before) else np.nan
-        )
+            start = (t - pd.Timedelta(days=w)).value // 10**9
+            row[f"user_activity__purchases_{w}d"] = float(n - np.searchsorted(secs, start, side="left"))
+        row["user_activity__days_since_last_purchase"] = (t.value // 10**9 - secs[n - 1]) / 86400 if n else np.nan
         row["user_profile__age"] = "25-34" if sum(map(ord, str(user))) % 2 else None
-        for _, r in grp.iterrows():
-            out.append({"user_id": user, "item_id": r["item_id"], "event_timestamp": ts, **row})
-    return pd.DataFrame(out)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def popularity_table(events: pd.DataFrame) -> pd.DataFrame:
+    """An ``item_popularity``-shaped table: one row per (item, day after a sale), with trailing
+    7/30-day purchase counts as of that day (buyers and interactions approximated by purchases)."""
+    ev = purchases(events)
+    daily = ev.assign(day=ev["event_timestamp"].dt.floor("D")).groupby(["item_id", "day"]).size().rename("n").reset_index()
+    out = []
+    for item, g in daily.groupby("item_id"):
+        s = g.set_index("day")["n"].asfreq("D", fill_value=0)
+        p7, p30 = s.rolling(7, min_periods=1).sum(), s.rolling(30, min_periods=1).sum()
+        out.append(pd.DataFrame({"item_id": item, "event_timestamp": s.index + pd.Timedelta(days=1),
+                                 "purchases_7d": p7.to_numpy(), "purchases_30d": p30.to_numpy()}))
+    t = pd.concat(out, ignore_index=True)
+    t["buyers_30d"] = t["purchases_30d"]
+    t["interactions_30d"] = t["purchases_30d"]
+    t["trend"] = (t["purchases_7d"] / 7) / (t["purchases_30d"] / 30).where(t["purchases_30d"] > 0)
+    t["trend"] = t["trend"].fillna(0.0)
+    return t
+
+
+def synthetic_data(
+    n_users: int = 40, n_items: int = 80, train_weeks: int = 6, seed: int = 0, history_length: int = 100
+) -> tuple[Any, pd.DataFrame]:
+    """``(TrainData, events)`` of a synthetic shop with a tiny random text encoder (no weights, no Feast)."""
+    import torch
+
+    from recflow.modeling.build import TINY_BERT, tiny_tokenizer, unique_texts
+    from recflow.modeling.model import TextEncoder
+    from training.data import Catalogue, entity_frame, split_anchors
+    from training.dataset import prepare_data
+
+    days = 7 * (train_weeks + 3)
+    events, items = synthetic_shop(n_users=n_users, n_items=n_items, days=days, seed=seed)
+    cut = to_utc("2024-01-01") + pd.Timedelta(days=days - 14)
+    tr, val, test = split_anchors(cut, train_weeks)
+    frame = features_frame(entity_frame(events, [*tr, val, test]), events, history_length)
+    texts, _ = unique_texts(Catalogue.from_items(items).texts)
+    torch.manual_seed(seed)
+    enc = TextEncoder(TINY_BERT).eval()
+    tok = tiny_tokenizer()(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        emb = enc(tok["input_ids"], tok["attention_mask"]).numpy()
+    data = prepare_data(
+        events=events, items=items, training_set=frame, item_popularity=popularity_table(events), cutoff=cut,
+        train_weeks=train_weeks, text_emb=emb, encoder=dict(TINY_BERT),
+    )
+    return data, events

@@ -308,7 +308,8 @@ def batch_loss(
     m = b["hist_mask"]
     own[rr[m], b["hist_col"][m]] = True
     logits = logits - b["col_logq"][None, :] * (~own)
-    logits = logits.index_put((rr[m], b["hist_col"][m]), rep.float()[m], accumulate=True)
+    offset = model.repeat_offset(b["hist_id"], b["col_pop"][b["hist_col"]], bias[b["hist_col"]])
+    logits = logits.index_put((rr[m], b["hist_col"][m]), (rep + offset).float()[m], accumulate=True)
     pos = torch.zeros(bsz, ncol, dtype=torch.bool, device=logits.device)
     pos[b["pos_row"], b["pos_col"]] = True
     lse_neg = torch.logsumexp(logits.masked_fill(pos, -1e9), dim=1)
@@ -354,7 +355,8 @@ def model_scorer(model: RecModel, ev: EvalSet, popularity: np.ndarray) -> Scorer
         s = torch.from_numpy(u) @ matrix.T + bias
         m = items >= 0
         r = np.repeat(np.arange(len(rows))[:, None], items.shape[1], 1)
-        s.index_put_((torch.from_numpy(r[m]), torch.from_numpy(items[m])), torch.from_numpy(rep[m]), accumulate=True)
+        bonus = rep[m] + index.repeat_offset[items[m]]
+        s.index_put_((torch.from_numpy(r[m]), torch.from_numpy(items[m])), torch.from_numpy(bonus), accumulate=True)
         return s
 
     return score

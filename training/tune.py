@@ -152,7 +152,7 @@ def init_ray(num_cpus: int | None = None) -> bool:
     else:
         ray.init(
             num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _node_ip_address="127.0.0.1",
-            log_to_driver=False, configure_logging=False,
+            log_to_driver=True, configure_logging=False,
         )
     return True
 
@@ -217,7 +217,7 @@ def run_search(data: TrainData, tc: TuneConfig, progress: Callable[[str], None] 
                 time_budget_s=tc.max_minutes * 60,
             ),
             run_config=tune.RunConfig(
-                name=tc.name, storage_path=storage, verbose=0,
+                name=tc.name, storage_path=storage, verbose=int(os.environ.get("RECFLOW_TUNE_VERBOSE", "0")),
                 callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TBXLoggerCallback()],
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"

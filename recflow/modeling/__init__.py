@@ -4,7 +4,8 @@ Depends on torch, transformers, numpy and safetensors only.
 
 Model (:class:`RecModel`)::
 
-    score(user, item) = <u, v_item> / temperature + bias(item) + [item in user's history] * repeat(user, item)
+    score(user, item) = <u, v_item> / temperature + bias(item)                           (explore)
+                      = <u, v_item> / temperature + repeat_bias(item) + repeat(user, item)  (history items)
 
 - item tower: MiniLM text embedding -> linear projection (+ id embedding; items never bought in
   training use id row 0, so cold-start items are scored from their text), L2-normalised;
@@ -12,7 +13,8 @@ Model (:class:`RecModel`)::
 - user tower: attention pooling of the history items' vectors (weights from each item's
   repeat/recency features), dense ``user_activity`` features and ``user_profile`` embeddings, MLP;
 - repeat head: MLP over per-(user, history item) counts / time-decayed counts / recency /
-  inter-purchase intervals (:mod:`recflow.modeling.features`) + a per-item re-buy bias.
+  inter-purchase intervals (:mod:`recflow.modeling.features`); ``repeat_bias`` is the items'
+  re-buy prior (per-item + popularity), separate from the exploration ``bias``.
 
 Save / load (safetensors + JSON, never pickle)::
 
@@ -22,10 +24,11 @@ Save / load (safetensors + JSON, never pickle)::
 
 Serving API::
 
-    index = build_index(model, popularity=None)   # once: ItemIndex(item_ids, matrix [N, dim], bias [N])
+    index = build_index(model, popularity=None)   # once: ItemIndex(item_ids, matrix [N, dim], bias [N],
+                                                   #                 repeat_offset [N])
     q = user_query(model, features)                # one user's serving_v1 dict (Feast to_dict / row)
     scores = index.scores(q)                       # == index.matrix @ q.vector + index.bias, plus
-                                                   #    q.bonus added at q.bonus_positions (re-buy)
+                                                   #    q.bonus + index.repeat_offset[p] at p = q.bonus_positions
     index.top_k(q, k, exclude=(), exclude_history=False) -> [(item_id, score)]
     user_queries(model, [features, ...]); index.scores_batch(queries) -> [B, N]   # batched
     index.similar(item_id, k) -> [(item_id, cosine)]      # /similar: item-vector cosine

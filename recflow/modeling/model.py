@@ -48,14 +48,17 @@ class TextEncoder(nn.Module):
 class RecModel(nn.Module):
     """Two towers over a fixed item catalogue, plus a per-item bias and a repeat (re-buy) head.
 
-    score(user, item) = <u, v_item> / temperature + bias(item) + [item in history] * repeat(user, item)
+    score(user, item) = <u, v_item> / temperature + bias(item)                    (item not in history)
+    score(user, item) = <u, v_item> / temperature + repeat_bias(item) + repeat(user, item)   (in history)
 
     - ``v_item`` = normalise(W · text_embedding(item) + id_embedding(item)); items without an id row
       (never bought in training: cold start) use row 0, so their vector comes from their text.
     - ``bias(item)`` = id_bias(item) + w · standardised log1p(item popularity features).
     - ``u`` = normalise(MLP([attention-pooled history item vectors, dense user features, profile embeddings])),
       the attention weights being computed from each history item's repeat/recency features.
-    - ``repeat(user, item)`` = MLP(repeat/recency features) + repeat_bias(item).
+    - ``repeat(user, item)`` = MLP(repeat/recency features); ``repeat_bias(item)`` = learned per-item
+      re-buy bias + a linear function of popularity: the two modes (explore, re-buy) have separate
+      item priors. Serving adds ``repeat_offset = repeat_bias - bias`` at history items.
 
     Buffers hold the catalogue: unique-text embeddings, each item's text row and id row, and a
     popularity snapshot (as of the end of the training data) for the default item index.
@@ -75,6 +78,9 @@ class RecModel(nn.Module):
         nn.init.zeros_(self.repeat_bias.weight)
         n_pop = len(c.popularity_features)
         self.pop_lin = nn.Linear(n_pop, 1)
+        self.repeat_pop = nn.Linear(n_pop, 1)
+        nn.init.zeros_(self.repeat_pop.weight)
+        nn.init.zeros_(self.repeat_pop.bias)
         nf = c.n_history_features
         self.attention = _mlp(nf, c.hidden, 1, 0.0)
         self.repeat = _mlp(nf, c.hidden, 1, 0.0)
@@ -165,6 +171,12 @@ class RecModel(nn.Module):
         z = (pop_log - self.pop_mean) / self.pop_std
         return self.id_bias(id_rows).squeeze(-1) + self.pop_lin(z).squeeze(-1)
 
+    def repeat_offset(self, id_rows: Tensor, pop_log: Tensor, bias: Tensor) -> Tensor:
+        """Item part of the re-buy bonus ``[C]``: the item's re-buy prior (id + popularity) minus its
+        exploration bias, so a history item is scored by its repeat-mode bias, not the explore one."""
+        z = (pop_log - self.pop_mean) / self.pop_std
+        return self.repeat_bias(id_rows).squeeze(-1) + self.repeat_pop(z).squeeze(-1) - bias
+
     # --- user side -------------------------------------------------------------------------
     def user_forward(
         self,
@@ -175,7 +187,8 @@ class RecModel(nn.Module):
         user_dense: Tensor,
         profile: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """User vectors already divided by the temperature ``[B, dim]`` and repeat bonuses ``[B, H]``."""
+        """User vectors already divided by the temperature ``[B, dim]`` and the user part of the
+        repeat bonuses ``[B, H]`` (add :meth:`repeat_offset` of the items for the full bonus)."""
         f = (hist_feats - self.hist_mean) / self.hist_std
         att = self.attention(f).squeeze(-1).masked_fill(~hist_mask, -1e4)
         w = torch.softmax(att, dim=-1) * hist_mask
@@ -184,7 +197,7 @@ class RecModel(nn.Module):
         prof = [emb(profile[:, j]) for j, emb in enumerate(self.profile_emb)]
         x = torch.cat([pooled, dense, *prof], dim=-1)
         u = F.normalize(self.user_mlp(x) + pooled, dim=-1) / self.config.temperature
-        rep = self.repeat(f).squeeze(-1) + self.repeat_bias(hist_id_rows).squeeze(-1)
+        rep = self.repeat(f).squeeze(-1)
         return u, rep * hist_mask
 
     # --- catalogue helpers -----------------------------------------------------------------

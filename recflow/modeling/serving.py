@@ -16,7 +16,8 @@ from recflow.modeling.model import RecModel
 @dataclass
 class UserQuery:
     """What one user contributes to the scores: ``index.matrix @ vector + index.bias``, plus
-    ``bonus`` added at ``bonus_positions`` (the user's known history items: the re-buy component)."""
+    ``bonus + index.repeat_offset[bonus_positions]`` at ``bonus_positions`` (the user's known history
+    items: the re-buy component). Use :meth:`ItemIndex.scores`, which does exactly that."""
 
     vector: np.ndarray  # [dim] float32 (already divided by the temperature)
     bonus_positions: np.ndarray  # [h] int64 positions in the index
@@ -35,7 +36,8 @@ class ItemIndex:
 
     item_ids: list[str]
     matrix: np.ndarray  # [N, dim] float32, rows L2-normalised
-    bias: np.ndarray  # [N] float32
+    bias: np.ndarray  # [N] float32: exploration bias (every item)
+    repeat_offset: np.ndarray  # [N] float32: added at a user's history items (re-buy prior - bias)
     position: dict[str, int] = field(repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -48,7 +50,8 @@ class ItemIndex:
     def scores(self, query: UserQuery) -> np.ndarray:
         """Scores ``[N]`` of every item for one user."""
         s = self.matrix @ query.vector + self.bias
-        np.add.at(s, query.bonus_positions, query.bonus)
+        p = query.bonus_positions
+        s[p] += query.bonus + self.repeat_offset[p]  # positions are distinct
         return s
 
     def scores_batch(self, queries: Sequence[UserQuery]) -> np.ndarray:
@@ -56,7 +59,8 @@ class ItemIndex:
         u = np.stack([q.vector for q in queries])
         s = u @ self.matrix.T + self.bias
         for b, q in enumerate(queries):
-            np.add.at(s[b], q.bonus_positions, q.bonus)
+            p = q.bonus_positions
+            s[b, p] += q.bonus + self.repeat_offset[p]
         return s
 
     def top_k(
@@ -117,15 +121,19 @@ def build_index(model: RecModel, popularity: Mapping[str, Any] | None = None) ->
     dev = model.pop_mean.device
     emb = model.catalogue_text_embeddings()
     rows = model.item_id_row
-    vecs, bias = [], []
+    vecs, bias, offset = [], [], []
     pop = model.catalogue_popularity_log(_popularity_matrix(model, popularity))
     for s in range(0, len(rows), 16384):
         sl = slice(s, s + 16384)
         vecs.append(model.item_vectors(emb[sl].to(dev), rows[sl]).float().cpu())
-        bias.append(model.item_bias(rows[sl], pop[sl]).float().cpu())
-    matrix = torch.cat(vecs).numpy() if vecs else np.zeros((0, model.config.dim), np.float32)
-    b = torch.cat(bias).numpy() if bias else np.zeros(0, np.float32)
-    return ItemIndex(list(model.item_ids), np.ascontiguousarray(matrix), b)
+        b = model.item_bias(rows[sl], pop[sl])
+        bias.append(b.float().cpu())
+        offset.append(model.repeat_offset(rows[sl], pop[sl], b).float().cpu())
+    if not vecs:
+        z = np.zeros(0, np.float32)
+        return ItemIndex([], np.zeros((0, model.config.dim), np.float32), z, z)
+    matrix = torch.cat(vecs).numpy()
+    return ItemIndex(list(model.item_ids), np.ascontiguousarray(matrix), torch.cat(bias).numpy(), torch.cat(offset).numpy())
 
 
 def _as_float(v: Any) -> float:

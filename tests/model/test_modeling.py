@@ -43,7 +43,7 @@ def test_index_and_query_shapes(model) -> None:  # noqa: ANN001
     assert q.n_history == 4
     s = index.scores(q)
     expected = index.matrix @ q.vector + index.bias
-    expected[q.bonus_positions] += q.bonus
+    expected[q.bonus_positions] += q.bonus + index.repeat_offset[q.bonus_positions]
     assert np.allclose(s, expected, atol=1e-5)
 
 
