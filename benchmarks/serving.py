@@ -367,7 +367,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=GOAL["rps"], help="Rate of the goal run.")
     parser.add_argument("--index", default="exact", choices=["exact", "ann"])
     parser.add_argument("--item-dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--fuzz-examples", type=int, default=80, help="Schemathesis examples per operation.")
+    parser.add_argument("--fuzz-examples", type=int, default=80, help="Schemathesis examples per operation (0: no fuzzing).")
     parser.add_argument("--quick", action="store_true", help="Short runs (a sanity check, not results).")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -427,10 +427,11 @@ def main() -> None:
         print(f"goal run {args.rate:g}/s x {goal_s:g} s: {goal}", flush=True)
         result.update({k: goal[k] for k in ("rps", "duration_s", "p50_ms", "p95_ms", "p99_ms", "errors")})
         result["goal_run"] = goal
-        fz = fuzz(svc.url, work, 15 if args.quick else args.fuzz_examples)
-        result["fuzz_cases"], result["fuzz_server_errors"] = fz["cases"], fz["server_errors"]
-        result["fuzz"] = fz
-        print(f"fuzz: {fz['cases']} cases, {fz['server_errors']} server errors", flush=True)
+        if args.fuzz_examples > 0:
+            fz = fuzz(svc.url, work, 15 if args.quick else args.fuzz_examples)
+            result["fuzz_cases"], result["fuzz_server_errors"] = fz["cases"], fz["server_errors"]
+            result["fuzz"] = fz
+            print(f"fuzz: {fz['cases']} cases, {fz['server_errors']} server errors", flush=True)
         service_log = svc.log_text()
         result["service_log_errors"] = [line[:300] for line in service_log.splitlines() if "[ERROR]" in line][:10]
     mean_batch = goal["server_batches"]["mean_batch_size"] or 1
