@@ -285,6 +285,106 @@ def reports(
 
 
 @app.command()
+def train(
+    trials: Annotated[int | None, typer.Option(help="Ray Tune trials (default: settings.training.trials).")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Time budget of the search in minutes.")] = None,
+    cutoff: Annotated[str | None, typer.Option(help="Validation start (ISO date, UTC). Default: 2 weeks before the data ends.")] = None,
+) -> None:
+    """Run the train flow: training set (Feast), Ray Tune search, test-week evaluation, registry, champion."""
+    settings = _settings()
+    from flows.train import train as train_flow
+
+    try:
+        summary = train_flow(trials=trials, max_minutes=max_minutes, cutoff=cutoff, home=str(settings.home))
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(exc) from exc
+    table = Table(title=f"Test week ({summary['cutoff'][:10]} cutoff): full-catalogue ranking")
+    metrics = ("ndcg@10", "recall@20", "hitrate@10", "coverage", "ndcg@10_new", "ndcg@10_repeat")
+    table.add_column("model")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    for name, values in summary["test"].items():
+        table.add_row(name, *(f"{values.get(m, float('nan')):.4f}" for m in metrics))
+    console.print(table)
+    console.print(f"Registered [bold]{summary['tag']}[/bold]; champion: {summary['champion']}; "
+                  f"{summary['seconds'].get('total', 0):.0f} s")
+
+
+@app.command()
+def serve(
+    port: Annotated[int | None, typer.Option(help="Port (default: settings.serving.port).")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface (default 127.0.0.1).")] = None,
+) -> None:
+    """Run the BentoML recommendation service in the foreground with the champion model."""
+    from recflow import registry
+    from serving.run import serve as run_serve
+
+    settings = _settings()
+    if settings.serving.model_path is None and settings.serving.model_tag is None and registry.get_champion(settings) is None:
+        raise _fail(FileNotFoundError(f"no champion model under {settings.paths.models}"),
+                    "Train one first: recflow train (or recflow demo)")
+    raise typer.Exit(run_serve(settings, port=port, host=host))
+
+
+@app.command()
+def deploy(
+    model_tag: Annotated[str | None, typer.Option(help="BentoML model tag (default: the champion).")] = None,
+    reload_url: Annotated[str | None, typer.Option(help="Also ask the service at this URL to /reload the champion.")] = None,
+) -> None:
+    """Run the deploy flow: build a bento (service + champion model + text encoder) and print its tag."""
+    settings = _settings()
+    from flows.deploy import deploy as deploy_flow
+
+    try:
+        result = deploy_flow(settings=settings, model_tag=model_tag, reload_url=reload_url)
+    except (FileNotFoundError, ValueError, LookupError) as exc:
+        raise _fail(exc, "Train a model first: recflow train") from exc
+    sys.stdout.write(result["bento"] + "\n")
+    console.print(f"Serve it: BENTOML_HOME={settings.paths.bentoml_home} bentoml serve {result['bento']}\n"
+                  f"Container: BENTOML_HOME={settings.paths.bentoml_home} bentoml containerize {result['bento']}")
+
+
+@app.command()
+def models() -> None:
+    """List registered models and show which one is the champion."""
+    from recflow import registry
+
+    settings = _settings()
+    champion = registry.get_champion(settings)
+    table = Table(title=f"Models in {settings.paths.bentoml_home}")
+    for col in ("tag", "created", "champion", "test ndcg@10"):
+        table.add_column(col)
+    for m in registry.list_models(settings):
+        ndcg = ((m.get("metadata") or {}).get("metrics") or {}).get("test", {}).get("ndcg@10")
+        table.add_row(str(m.get("tag")), str(m.get("created", ""))[:19],
+                      "yes" if champion and champion.get("tag") == str(m.get("tag")) else "",
+                      f"{ndcg:.4f}" if isinstance(ndcg, float) else "")
+    console.print(table)
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why (kept in the champion pointer's history).")] = "manual rollback",
+    reload_url: Annotated[str | None, typer.Option(help="Ask the service at this URL to /reload afterwards.")] = None,
+) -> None:
+    """Restore the previous champion (atomic pointer swap); optionally make a running service reload."""
+    from recflow import registry
+
+    settings = _settings()
+    try:
+        pointer = registry.rollback(settings, reason=reason)
+    except (LookupError, ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+    console.print(f"champion is now [bold]{pointer['tag']}[/bold]")
+    if reload_url:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {settings.serving.token}"} if settings.serving.token else {}
+        r = httpx.post(f"{reload_url.rstrip('/')}/reload", json={}, headers=headers, timeout=120)
+        console.print(f"reload: {r.status_code} {r.text[:200]}")
+
+
+@app.command()
 def config() -> None:
     """Print the effective settings (defaults, TOML file and RECFLOW_* environment applied) as JSON."""
     settings = _settings()

@@ -62,7 +62,10 @@ class DataSettings(BaseModel):
 class FeatureSettings(BaseModel):
     """Feature computation."""
 
-    history_length: int = Field(default=50, ge=1, le=500, description="Items kept in the recent-history list.")
+    history_length: int = Field(
+        default=500, ge=1, le=500,
+        description="Purchase lines kept in the recent-history list (the re-buy signal needs long histories).",
+    )
     user_windows_days: tuple[int, ...] = Field(
         default=(7, 30, 90), description="Windows of the user activity features (the Feast schema is fixed to these)."
     )

@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -104,6 +104,7 @@ class TrainResult:
     seconds: float = 0.0
     samples: int = 0
     steps: int = 0
+    encoded_texts: int = 0  # texts encoded with gradients (trainable encoder only)
 
     @property
     def samples_per_s(self) -> float:
@@ -174,7 +175,9 @@ class Batch:
     col_id: np.ndarray  # [C] id rows after id dropout
     col_pop: np.ndarray  # [C, P] log popularity
     col_logq: np.ndarray  # [C]
-    fresh: np.ndarray  # [C] bool: re-encode (trainable encoder only)
+    fresh_cols: np.ndarray  # [n] columns re-encoded with gradients (trainable encoder only)
+    fresh_text: np.ndarray  # [u] their distinct text rows
+    fresh_inv: np.ndarray  # [n] row of each fresh column in fresh_text
     hist_col: np.ndarray  # [b, H] column of each history item (0 where padded)
     hist_id: np.ndarray  # [b, H] id rows of history items (no dropout)
     hist_feats: np.ndarray  # [b, H, F]
@@ -184,11 +187,12 @@ class Batch:
     pos_row: np.ndarray  # [n_pos]
     pos_col: np.ndarray  # [n_pos]
     size: int
+    width: int = 1  # token width of the fresh texts (known on the host: no device sync)
 
     def to(self, device: torch.device) -> dict[str, torch.Tensor]:
         pin = device.type == "cuda"
         out = {}
-        for k, v in asdict(self).items():
+        for k, v in ((f.name, getattr(self, f.name)) for f in fields(self)):
             if isinstance(v, np.ndarray):
                 t = torch.from_numpy(np.ascontiguousarray(v))
                 if pin:
@@ -201,8 +205,9 @@ class BatchBuilder:
     """Builds batches of one anchor week's users (numpy, vectorised)."""
 
     def __init__(self, data: TrainData, cfg: TrainConfig, hist: HistoryBatch, dense: np.ndarray,
-                 profile: np.ndarray, id_row: np.ndarray) -> None:
+                 profile: np.ndarray, id_row: np.ndarray, text_len: np.ndarray | None = None) -> None:
         self.data, self.cfg, self.hist, self.dense, self.profile, self.id_row = data, cfg, hist, dense, profile, id_row
+        self.text_len = text_len
         self.n = len(data.catalogue)
         self.pop_log = [popularity_transform(g) for g in data.pop_grid]
         self.logq = np.zeros(self.n, dtype=np.float32)
@@ -251,13 +256,19 @@ class BatchBuilder:
         col_id = self.id_row[cols].copy()
         if cfg.id_dropout > 0:
             col_id[rng.random(len(cols)) < cfg.id_dropout] = 0
-        fresh = np.zeros(len(cols), dtype=bool)
-        if self.cfg.effective_mode() != "frozen":
+        fresh_cols = np.zeros(0, dtype=np.int64)
+        fresh_text = np.zeros(0, dtype=np.int64)
+        fresh_inv = np.zeros(0, dtype=np.int64)
+        width = 1
+        if self.cfg.effective_mode() != "frozen" and self.text_len is not None:
             cand = np.unique(np.concatenate([pos_col, np.searchsorted(cols, uniform)]))
-            fresh[rng.permutation(cand)[: cfg.max_fresh_texts]] = True
+            fresh_cols = np.sort(rng.permutation(cand)[: cfg.max_fresh_texts]).astype(np.int64)
+            fresh_text, fresh_inv = np.unique(self.data.item_text[cols[fresh_cols]], return_inverse=True)
+            width = int(self.text_len[fresh_text].max()) if len(fresh_text) else 1
         return Batch(
             cols=cols, col_text=self.data.item_text[cols], col_id=col_id, col_pop=self.pop_log[anchor][cols],
-            col_logq=self.logq[cols] if cfg.logq else np.zeros(len(cols), np.float32), fresh=fresh,
+            col_logq=self.logq[cols] if cfg.logq else np.zeros(len(cols), np.float32),
+            fresh_cols=fresh_cols, fresh_text=fresh_text.astype(np.int64), fresh_inv=fresh_inv.astype(np.int64), width=width,
             hist_col=hist_col.astype(np.int64), hist_id=hist_id.astype(np.int64), hist_feats=feats, hist_mask=mask,
             dense=self.dense[rows], profile=self.profile[rows], pos_row=pos_row.astype(np.int64),
             pos_col=pos_col.astype(np.int64), size=len(rows),
@@ -293,38 +304,39 @@ def batch_loss(
     model: RecModel, b: dict[str, torch.Tensor], text_table: torch.Tensor, fresh_emb: torch.Tensor | None,
     new_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Multi-positive sampled-softmax loss of one batch (see the module docstring)."""
+    """Multi-positive sampled-softmax loss of one batch (see the module docstring). Only
+    fixed-shape tensor ops: no data-dependent shapes, so no host sync."""
     text = text_table[b["col_text"]]
     if fresh_emb is not None:
-        text = torch.where(b["fresh"][:, None], fresh_emb, text)
+        text = text.index_copy(0, b["fresh_cols"], fresh_emb[b["fresh_inv"]].to(text.dtype))
     v = model.item_vectors(text, b["col_id"])
     bias = model.item_bias(b["col_id"], b["col_pop"])
     hist_vecs = v[b["hist_col"]]
-    u, rep = model.user_forward(hist_vecs, b["hist_feats"], b["hist_mask"], b["hist_id"], b["dense"], b["profile"])
+    m = b["hist_mask"]
+    u, rep = model.user_forward(hist_vecs, b["hist_feats"], m, b["hist_id"], b["dense"], b["profile"])
     logits = (u @ v.T).float() + bias.float()[None, :]
     bsz, ncol = logits.shape
-    own = torch.zeros(bsz, ncol, dtype=torch.bool, device=logits.device)
-    rr = torch.arange(bsz, device=logits.device)[:, None].expand_as(b["hist_col"])
-    m = b["hist_mask"]
-    own[rr[m], b["hist_col"][m]] = True
+    mf = m.float()
+    own = torch.zeros(bsz, ncol, device=logits.device).scatter_add_(1, b["hist_col"], mf) > 0
     logits = logits - b["col_logq"][None, :] * (~own)
     offset = model.repeat_offset(b["hist_id"], b["col_pop"][b["hist_col"]], bias[b["hist_col"]])
-    logits = logits.index_put((rr[m], b["hist_col"][m]), (rep + offset).float()[m], accumulate=True)
+    logits = logits.scatter_add(1, b["hist_col"], (rep + offset).float() * mf)
     pos = torch.zeros(bsz, ncol, dtype=torch.bool, device=logits.device)
     pos[b["pos_row"], b["pos_col"]] = True
     lse_neg = torch.logsumexp(logits.masked_fill(pos, -1e9), dim=1)
     s_pos = logits[b["pos_row"], b["pos_col"]]
     per_pos = torch.logaddexp(s_pos, lse_neg[b["pos_row"]]) - s_pos
-    n_pos = torch.bincount(b["pos_row"], minlength=bsz).clamp(min=1).float()
+    ones = torch.ones_like(s_pos)
+    n_pos = torch.zeros(bsz, device=logits.device).scatter_add_(0, b["pos_row"], ones).clamp(min=1)
     loss = (per_pos / n_pos[b["pos_row"]]).sum() / bsz
     if new_weight > 0:
         # exploration: positives new to the user, ranked against non-history columns only
-        is_new = ~own[b["pos_row"], b["pos_col"]]
+        is_new = (~own[b["pos_row"], b["pos_col"]]).float()
         lse_new = torch.logsumexp(logits.masked_fill(pos | own, -1e9), dim=1)
         per_new = (torch.logaddexp(s_pos, lse_new[b["pos_row"]]) - s_pos) * is_new
-        n_new = torch.bincount(b["pos_row"], weights=is_new.float(), minlength=bsz)
-        users = (n_new > 0).float()
-        loss = loss + new_weight * (per_new / n_new.clamp(min=1)[b["pos_row"]]).sum() / users.sum().clamp(min=1)
+        n_new = torch.zeros(bsz, device=logits.device).scatter_add_(0, b["pos_row"], is_new)
+        users = (n_new > 0).float().sum().clamp(min=1)
+        loss = loss + new_weight * (per_new / n_new.clamp(min=1)[b["pos_row"]]).sum() / users
     return loss
 
 
@@ -428,12 +440,13 @@ def fit(
         tok = model.tokenizer(model.texts, padding="max_length", truncation=True, max_length=model.config.max_length,
                               return_tensors="pt")
         tokens = (tok["input_ids"].to(device), tok["attention_mask"].to(device))
+        builder.text_len = tok["attention_mask"].sum(1).numpy()
     loss_fn = torch.compile(batch_loss) if cfg.compile and device.type == "cuda" else batch_loss
     use_amp = device.type == "cuda" and cfg.bf16
 
     history: list[dict[str, float]] = []
     best: dict[str, float] = {}
-    step, samples = 0, 0
+    step, samples, encoded = 0, 0, 0
     train_seconds = 0.0
     stop = False
     for epoch in range(cfg.epochs):
@@ -449,14 +462,10 @@ def fit(
             b = batch.to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 fresh = None
-                if tokens is not None:
-                    idx = b["col_text"][b["fresh"]]
-                    uniq, inv = torch.unique(idx, return_inverse=True)
-                    ids, am = tokens[0][uniq], tokens[1][uniq]
-                    width = int(am.sum(1).max()) if len(uniq) else 1
-                    emb = model.encoder(ids[:, :width], am[:, :width]).float()
-                    fresh = torch.zeros(len(b["cols"]), emb.shape[1], device=device)
-                    fresh[b["fresh"]] = emb[inv]
+                if tokens is not None and batch.fresh_text.size:
+                    w = batch.width
+                    fresh = model.encoder(tokens[0][b["fresh_text"], :w], tokens[1][b["fresh_text"], :w])
+                    encoded += batch.fresh_text.size
                 loss = loss_fn(model, b, text_table, fresh, cfg.new_loss_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -492,4 +501,4 @@ def fit(
         if stop:
             break
     model.eval()
-    return TrainResult(model, history[-1] if history else {}, history, train_seconds, samples, step)
+    return TrainResult(model, history[-1] if history else {}, history, train_seconds, samples, step, encoded)

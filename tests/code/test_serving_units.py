@@ -136,7 +136,8 @@ def test_ann_index_recall_against_exact() -> None:
     centers = rng.standard_normal((64, d))
     m = centers[rng.integers(0, 64, n)] + 0.3 * rng.standard_normal((n, d))
     m = (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
-    index = ItemIndex([str(i) for i in range(n)], m, (0.1 * rng.standard_normal(n)).astype(np.float32))
+    index = ItemIndex([str(i) for i in range(n)], m, (0.1 * rng.standard_normal(n)).astype(np.float32),
+                      np.zeros(n, np.float32))
     cat = Catalogue(np.full(n, None, object), np.full(n, None, object), np.full(n, None, object), {},
                     np.arange(n), np.zeros(n, np.float32))
 
