@@ -28,6 +28,15 @@ def ingest_task(settings: Settings) -> dict[str, Any]:
     return report.to_dict()
 
 
+@task(name="flush-event-log", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def flush_event_log_task(settings: Settings) -> str | None:
+    """Move the feedback journal's unflushed events to a parquet segment, which the feature build reads."""
+    from recflow.event_log import EventLog
+
+    segment = EventLog(settings.paths.event_log).flush()
+    return str(segment) if segment else None
+
+
 @task(name="feature-tables", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def feature_tables_task(settings: Settings) -> dict[str, Any]:
     """Canonical tables -> point-in-time feature tables (parquet)."""
@@ -70,7 +79,8 @@ def build_features(
     skip_ingest: bool = False,
     settings: Settings | None = None,
 ) -> dict[str, Any]:
-    """Ingest the configured source, build feature tables, apply the Feast repo, materialise [start, end).
+    """Ingest the configured source, flush the feedback event log, build feature tables (canonical
+    events + feedback), apply the Feast repo, materialise [start, end).
 
     Running it twice over the same input and window leaves identical online values.
     """
@@ -78,6 +88,7 @@ def build_features(
     summary: dict[str, Any] = {"home": str(settings.home)}
     if not skip_ingest:
         summary["ingest"] = ingest_task(settings)
+    summary["feedback_segment"] = flush_event_log_task(settings)
     summary["features"] = feature_tables_task(settings)
     summary["apply"] = apply_task(settings)
     summary["materialize"] = materialize_task(settings, start, end)

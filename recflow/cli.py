@@ -385,6 +385,110 @@ def rollback(
 
 
 @app.command()
+def monitor(
+    end: Annotated[str | None, typer.Option(help="Window end (ISO date/time, UTC). Default: the end of today.")] = None,
+    days: Annotated[int | None, typer.Option(help="Window length in days (default: monitoring.window_days).")] = None,
+    emit: Annotated[bool, typer.Option(help="Emit recflow.drift.detected to Prefect on drift.")] = True,
+) -> None:
+    """Run the monitor flow: Evidently drift and quality reports against the champion's reference, policy decision."""
+    settings = _settings()
+    from flows.monitor import monitor as monitor_flow
+
+    try:
+        result = monitor_flow(end=end, days=days, home=str(settings.home), emit=emit)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(exc) from exc
+    colour = {"drift": "red", "ok": "green"}.get(result["verdict"], "yellow")
+    console.print(f"[{colour}]{result['verdict']}[/{colour}] in {result['window']} (champion {result['champion']})")
+    for reason in result["reasons"]:
+        console.print(f"  - {reason}")
+    console.print(f"Reports: {result['run_dir']}\nOn-call page: {result['index']}")
+
+
+@app.command()
+def retrain(
+    full: Annotated[bool, typer.Option("--full", help="Train a new model from scratch instead of warm-starting.")] = False,
+    as_of: Annotated[str | None, typer.Option(help="End of the gate week (ISO date). Default: the day after the newest event.")] = None,
+    reload_url: Annotated[str | None, typer.Option(help="Ask the service at this URL to /reload a promoted model.")] = None,
+    skip_features: Annotated[bool, typer.Option("--skip-features", help="Do not rebuild features from the event log first.")] = False,
+) -> None:
+    """Run the retrain flow: features with feedback, warm start from the champion, gate, atomic promotion."""
+    settings = _settings()
+    from flows.retrain import retrain as retrain_flow
+
+    try:
+        r = retrain_flow(full=full, as_of=as_of, refresh_features=not skip_features, reload_url=reload_url,
+                         home=str(settings.home))
+    except (FileNotFoundError, ValueError, LookupError) as exc:
+        raise _fail(exc) from exc
+    verdict = "[green]promoted[/green]" if r["promoted"] else "[yellow]rejected[/yellow]"
+    console.print(f"challenger {r['challenger']} {verdict}: {r['gate']['reason']}\nchampion: {r['champion_after']}")
+
+
+@app.command()
+def replay(
+    url: Annotated[str, typer.Option(help="Base URL of the running service.")] = "http://127.0.0.1:3000",
+    from_: Annotated[datetime, typer.Option("--from", help="First day replayed (UTC).")] = datetime(2017, 10, 1),
+    days: Annotated[int, typer.Option(help="Days to replay.")] = 7,
+    concurrency: Annotated[int, typer.Option(help="Users replayed at once.")] = 8,
+) -> None:
+    """Feed real events day by day through /recommend and /feedback of a running service, as live traffic."""
+    from recflow.replay import replay as run_replay
+
+    settings = _settings()
+    try:
+        with progress_bar():
+            results = run_replay(settings, url, from_, days, token=settings.serving.token, concurrency=concurrency)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(exc) from exc
+    table = Table(title=f"Replay through {url}")
+    for col in ("day", "users", "recommend", "feedback", "errors", "fallback", "p50 ms", "p99 ms", "s"):
+        table.add_column(col, justify="right")
+    for r in results:
+        s = r.summary()
+        table.add_row(s["day"], str(s["users"]), str(s["recommend_calls"]), str(s["feedback_calls"]), str(s["errors"]),
+                      str(s["fallback"]), str(s["p50_ms"]), str(s["p99_ms"]), str(s["seconds"]))
+    console.print(table)
+    if any(r.errors for r in results):
+        console.print(f"[red]errors[/red], e.g. {next(r.error_examples for r in results if r.errors)[:2]}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path | None, typer.Option(help="Where to write the summary JSON.")] = None,
+    replay_days: Annotated[int | None, typer.Option(help="Days replayed (default: demo.replay_days).")] = None,
+) -> None:
+    """The closed loop on the embedded data: features, train, deploy, serve, replay, monitor, retrain, report."""
+    from flows.demo import DEFAULT_OUT, run_demo
+
+    settings = _settings()
+    if replay_days:
+        settings = settings.model_copy(update={"demo": settings.demo.model_copy(update={"replay_days": replay_days})})
+    try:
+        summary = run_demo(settings, out=out or DEFAULT_OUT, say=lambda m: console.print(m, highlight=False))
+    except (FileNotFoundError, ValueError, LookupError) as exc:
+        raise _fail(exc) from exc
+    models = summary["models"]
+    table = Table(title="recflow demo")
+    table.add_column("")
+    table.add_column("value")
+    table.add_row("first champion", models["first_champion"])
+    table.add_row("final champion", models["final_champion"])
+    table.add_row("challengers", ", ".join(models["challengers"]) or "none")
+    for m in summary["monitor_runs"]:
+        table.add_row(f"monitor {m['window']}", f"{m['verdict']}: " + "; ".join(m["reasons"])[:300])
+    table.add_row("drift detected", str(summary["drift_detected_on"]))
+    table.add_row(f"NDCG@10 week from {summary['next_week']['start']}, first champion", f"{summary['ndcg_next_week_before']:.4f}")
+    table.add_row(f"NDCG@10 week from {summary['next_week']['start']}, final champion", f"{summary['ndcg_next_week_after']:.4f}")
+    beat = summary["retraining_beat_no_retraining"]
+    table.add_row("retraining beat not retraining", "no retrain promoted" if beat is None else ("yes" if beat else "no"))
+    table.add_row("wall time", f"{summary['wall_s']:.0f} s")
+    table.add_row("reports", summary["reports_index"])
+    console.print(table)
+
+
+@app.command()
 def config() -> None:
     """Print the effective settings (defaults, TOML file and RECFLOW_* environment applied) as JSON."""
     settings = _settings()

@@ -42,7 +42,16 @@ def _store(settings: Settings) -> Any:
 
 
 def _json_safe(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
+    """JSON types BentoML accepts as metadata: no None (dropped from dicts, "" in lists), NaN kept as a float."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items() if v is not None}
+        if isinstance(x, list):
+            return ["" if v is None else clean(v) for v in x]
+        return x
+
+    return clean(json.loads(json.dumps(obj, default=str)))
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
@@ -66,7 +75,7 @@ def register(
 
     meta = _json_safe(metadata)
     meta.setdefault("feature_service", settings.feast.serving_service)
-    meta.setdefault("git_commit", git_commit())
+    meta.setdefault("git_commit", git_commit() or "unknown")
     meta.setdefault("format", "recflow.modeling: config.json + model.safetensors + catalogue.json + tokenizer/")
     lab = {"framework": "recflow", "feature_service": str(meta["feature_service"])} | (labels or {})
     with bentoml.models.create(

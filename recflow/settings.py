@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -110,6 +110,17 @@ class TrainingSettings(BaseModel):
     )
     text_max_length: int = Field(default=32, ge=8, le=256, description="MiniLM max tokens per item text.")
     promote: bool = Field(default=True, description="Make the newly trained model the champion.")
+    retrain_recent_weeks: int = Field(default=4, ge=1, description="Incremental retrain: weeks of recent examples, all kept.")
+    retrain_replay_weeks: int = Field(
+        default=12, ge=0, description="Incremental retrain: older weeks before the recent ones, sampled (against forgetting)."
+    )
+    retrain_replay_share: float = Field(default=0.25, ge=0, le=1, description="Share of the older weeks' examples replayed.")
+    retrain_epochs: int = Field(default=1, ge=1, description="Epochs of an incremental retrain (warm start).")
+    retrain_lr: float = Field(default=1e-3, gt=0, description="Learning rate of an incremental retrain.")
+    promotion_metric: str = Field(default="ndcg@10", description="Gate metric on the latest held-out days.")
+    promotion_margin: float = Field(
+        default=0.01, ge=0, description="The challenger must beat the champion's gate metric by this relative margin."
+    )
     seed: int = 42
     model_name: str = "recflow_two_tower"
 
@@ -295,6 +306,19 @@ class Paths:
         return self.home / "cache"
 
 
+class DemoSettings(BaseModel):
+    """``recflow demo``: the closed loop on the embedded data (features, train, serve, replay, monitor, retrain)."""
+
+    replay_from: date = Field(default=date(2017, 10, 1), description="First replayed day; earlier events train the champion.")
+    replay_days: int = Field(default=14, ge=1, le=60, description="Days replayed through /recommend and /feedback.")
+    monitor_every_days: int = Field(default=7, ge=1, description="The monitor runs after this many replayed days.")
+    train_weeks: int = Field(default=12, ge=1, description="Weekly training examples of the demo's first model.")
+    trials: int = Field(default=2, ge=1, description="Ray Tune trials of the demo's first model.")
+    max_minutes: float = Field(default=4.0, gt=0, description="Search budget of the demo's first model (minutes).")
+    concurrency: int = Field(default=8, ge=1, le=64, description="Users replayed concurrently.")
+    token: str = Field(default="recflow-demo", description="Bearer token the demo's service requires for /feedback.")
+
+
 class Settings(BaseSettings):
     """All recflow settings. Build with :func:`load_settings`."""
 
@@ -312,6 +336,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     serving: ServingSettings = ServingSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
+    demo: DemoSettings = DemoSettings()
 
     @field_validator("home")
     @classmethod

@@ -213,7 +213,9 @@ def user_rows(
             "item_id": table.column("item_id").to_pandas().astype(str).to_numpy(),
         }
     )
-    a_idx = pd.Index(epoch_us(pd.DatetimeIndex([to_utc(a) for a in anchors]))).get_indexer(ts)
+    # The last anchor ("end") may equal the test anchor when no test week exists: first match wins.
+    anchor_us = pd.Index(epoch_us(pd.DatetimeIndex([to_utc(a) for a in anchors])))
+    a_idx = anchor_us.drop_duplicates(keep="first").get_indexer(ts)
     if (a_idx < 0).any():
         bad = pd.Timestamp(int(ts[a_idx < 0][0]), unit="us", tz="UTC")
         raise ValueError(f"training set: event_timestamp {bad} is not one of the {len(anchors)} anchors")

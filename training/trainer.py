@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -128,13 +128,23 @@ def compute_history(data_rows: Any, cfg: TrainConfig, half_lives: tuple[float, .
     )
 
 
-def build_model(data: TrainData, cfg: TrainConfig, hist: HistoryBatch, dense: np.ndarray) -> RecModel:
-    """A fresh model over ``data``'s catalogue with normalisation statistics from the training rows."""
+def build_model(
+    data: TrainData, cfg: TrainConfig, hist: HistoryBatch, dense: np.ndarray, init: RecModel | None = None
+) -> RecModel:
+    """A fresh model over ``data``'s catalogue with normalisation statistics from the training rows.
+
+    With ``init`` (warm start), the architecture and the profile vocabulary follow ``init`` and its
+    weights are copied in (:func:`training.incremental.warm_start`)."""
     rows, n_ids = id_rows(data, cfg.min_item_count)
+    if init is not None:
+        ic = init.config
+        cfg = replace(cfg, dim=ic.dim, hidden=ic.hidden, use_id_embedding=ic.use_id_embedding,
+                      history_length=ic.history_length, max_history_items=ic.max_history_items)
     mc = ModelConfig(
         encoder=dict(data.encoder), n_ids=n_ids, text_dim=data.text_emb.shape[1], dim=cfg.dim, hidden=cfg.hidden,
         use_id_embedding=cfg.use_id_embedding, temperature=cfg.temperature, history_length=cfg.history_length,
-        max_history_items=cfg.max_history_items, profile_vocab=profile_vocabulary(data.train.profile),
+        max_history_items=cfg.max_history_items,
+        profile_vocab=init.config.profile_vocab if init is not None else profile_vocabulary(data.train.profile),
     )
     tokenizer = None
     state = None
@@ -162,6 +172,12 @@ def build_model(data: TrainData, cfg: TrainConfig, hist: HistoryBatch, dense: np
         if len(hist.feats):
             model.hist_mean.copy_(torch.from_numpy(hist.feats.mean(0)))
             model.hist_std.copy_(torch.from_numpy(hist.feats.std(0) + 1e-3))
+    if init is not None:
+        from training.incremental import warm_start
+
+        report = warm_start(model, init)
+        log.info("warm start: %d tensors copied, %d id rows carried over, %d new; skipped %s",
+                 len(report.copied), report.id_rows_copied, report.id_rows_new, report.skipped or "none")
     return model
 
 
@@ -396,13 +412,19 @@ def fit(
     cfg: TrainConfig,
     report: Callable[[int, dict[str, float], RecModel], None] | None = None,
     progress: Callable[[str], None] | None = None,
+    init: RecModel | None = None,
 ) -> TrainResult:
     """Train a model on ``data.train``; evaluate on the validation week after every epoch.
 
     ``report(epoch, metrics, model)`` is called after each epoch (Ray Tune reports/checkpoints
-    there). Deterministic for a given ``cfg.seed`` on CPU.
+    there). ``init`` warm-starts from a trained model (incremental retraining). Deterministic for
+    a given ``cfg.seed`` on CPU.
     """
     say = progress or (lambda m: log.info(m))
+    if init is not None:  # the architecture follows the model we start from
+        ic = init.config
+        cfg = replace(cfg, dim=ic.dim, hidden=ic.hidden, use_id_embedding=ic.use_id_embedding,
+                      history_length=ic.history_length, max_history_items=ic.max_history_items)
     _seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -412,7 +434,7 @@ def fit(
     half_lives = ModelConfig(encoder={}, n_ids=1).half_lives_days
     hist = compute_history(data.train, cfg, half_lives)
     dense = user_dense(data.train.activity, hist)
-    model = build_model(data, cfg, hist, dense)
+    model = build_model(data, cfg, hist, dense, init=init)
     profile = encode_profile(data.train.profile, model.config.profile_vocab, model.config.profile_features)
     id_row = model.item_id_row.numpy().copy()
     builder = BatchBuilder(data, cfg, hist, dense, profile, id_row)

@@ -1,0 +1,175 @@
+"""``recflow demo``: the closed loop on the embedded data, end to end, on one machine.
+
+1. ``build_features`` with the events from ``demo.replay_from`` on held back (the "future");
+2. ``train`` the first champion (a small search) and ``deploy`` it as a bento;
+3. serve the champion locally (the service follows the champion pointer and reloads on promotion);
+4. replay the held-back days through ``/recommend`` and ``/feedback``, day by day;
+5. every ``demo.monitor_every_days`` simulated days: the ``monitor`` flow; on a drift decision the
+   ``retrain`` flow (incremental, gated) runs, as the ``retrain/on-drift`` deployment would on the
+   ``recflow.drift.detected`` event against a Prefect server, and reloads the service;
+6. after the replay: NDCG@10 of the first champion and of the final champion on the week after
+   the replay (held out, never seen by either), the on-call index page, a final table, and
+   ``benchmarks/results/demo.json`` (or ``out``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from recflow.settings import Settings
+
+Say = Callable[[str], None]
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "demo.json"
+
+
+def _with(settings: Settings, section: str, **values: Any) -> Settings:
+    return settings.model_copy(update={section: getattr(settings, section).model_copy(update=values)})
+
+
+def next_week_ndcg(settings: Settings, tags: list[str], week_start: pd.Timestamp, say: Say) -> dict[str, dict[str, float]]:
+    """Full-catalogue metrics of registered models on ``[week_start, week_start + eval_days)``, with
+    features as of ``week_start`` (the week itself comes from the held-back events)."""
+    from recflow import registry
+    from recflow.features.training_set import load_events, window_data
+    from training.trainer import evaluate_model
+
+    events = load_events(settings, include_holdout=True)
+    data = window_data(settings, cutoff=week_start - pd.Timedelta(days=settings.training.eval_days), train_weeks=1,
+                       events=events, name="demo_next_week", progress=say)
+    if data.test is None:
+        raise ValueError(f"the data has no complete week from {week_start.date()}: replay fewer days")
+    out = {}
+    for tag in dict.fromkeys(tags):
+        out[tag] = evaluate_model(registry.load(settings, tag), data, data.test)
+        say(f"next week {week_start.date()}: {tag} ndcg@10 {out[tag]['ndcg@10']:.4f}")
+    out["_users"] = {"n": float(len(data.test))}
+    return out
+
+
+def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = print) -> dict[str, Any]:
+    """Run the whole loop; returns (and writes to ``out``) the demo summary."""
+    from flows.deploy import deploy
+    from flows.features import build_features
+    from flows.monitor import monitor
+    from flows.retrain import retrain
+    from flows.train import train
+    from recflow import registry
+    from recflow.replay import replay
+    from serving.run import start_local
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    d = settings.demo
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    start = pd.Timestamp(d.replay_from, tz="UTC")
+    settings = _with(settings, "data", until=start.to_pydatetime())
+    settings = _with(settings, "training", train_weeks=d.train_weeks)
+    settings = _with(settings, "serving", token=d.token, request_log_rotate_s=5.0)
+    # Flows called with ``home`` load settings from the environment: make it match.
+    os.environ["RECFLOW_HOME"] = str(settings.home)
+    os.environ["RECFLOW_DATA__UNTIL"] = start.isoformat()
+    os.environ["RECFLOW_TRAINING__TRAIN_WEEKS"] = str(d.train_weeks)
+    os.environ["RECFLOW_SERVING__TOKEN"] = d.token
+    os.environ["RECFLOW_SERVING__REQUEST_LOG_ROTATE_S"] = "5.0"
+
+    def lap(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+        say(f"[demo] {name}: {timings[name]:.0f} s (total {time.perf_counter() - started:.0f} s)")
+
+    t0 = time.perf_counter()
+    say(f"[demo] 1/6 features: events before {start.date()} (later ones held back for the replay)")
+    build_features(settings=settings)
+    lap("features", t0)
+
+    t0 = time.perf_counter()
+    say(f"[demo] 2/6 train: {d.trials} trials, {d.max_minutes} min search, {d.train_weeks} weeks")
+    trained = train(trials=d.trials, max_minutes=d.max_minutes, home=str(settings.home))
+    first = trained["tag"]
+    if registry.get_champion(settings)["tag"] != first:  # type: ignore[index]
+        registry.set_champion(settings, first, reason="demo: first model")
+    bento = deploy(settings=settings)["bento"]
+    lap("train_deploy", t0)
+
+    monitors: list[dict[str, Any]] = []
+    retrains: list[dict[str, Any]] = []
+    days: list[dict[str, Any]] = []
+    drift_on: str | None = None
+    t0 = time.perf_counter()
+    say(f"[demo] 3/6 serve the champion; 4/6 replay {d.replay_days} days from {start.date()}")
+    with start_local(settings) as service:
+        lap("serve_start", t0)
+        t_replay = time.perf_counter()
+
+        def on_day(result: Any) -> None:
+            nonlocal drift_on
+            days.append(result.summary())
+            s = days[-1]
+            say(f"[demo] replayed {s['day']}: {s['users']} users, {s['recommend_calls']} recommend, "
+                f"{s['feedback_calls']} feedback, {s['errors']} errors, p99 {s['p99_ms']} ms")
+            n = len(days)
+            if n % d.monitor_every_days:
+                return
+            end = pd.Timestamp(result.day, tz="UTC") + timedelta(days=1)
+            sv = settings.serving
+            time.sleep(sv.request_log_rotate_s + sv.request_log_flush_s + 1)  # the service closes its log file
+            say(f"[demo] 5/6 monitor {(end - timedelta(days=d.monitor_every_days)).date()} .. {end.date()}")
+            m = monitor(end=end.isoformat(), days=d.monitor_every_days, home=str(settings.home))
+            monitors.append(m)
+            say(f"[demo] monitor: {m['verdict']}: {'; '.join(m['reasons'])[:400]}")
+            if m["drift"]:
+                drift_on = drift_on or m["window"]
+                r = retrain(as_of=end.isoformat(), reload_url=service.url, reason=f"drift {m['window']}",
+                            home=str(settings.home))
+                retrains.append(r)
+                say(f"[demo] retrain: challenger {r['challenger']} {'promoted' if r['promoted'] else 'rejected'}: "
+                    f"{r['gate']['reason']}")
+
+        replay(settings, service.url, start, d.replay_days, token=d.token, concurrency=d.concurrency, on_day=on_day)
+        timings["replay_monitor_retrain"] = round(time.perf_counter() - t_replay, 1)
+    final = registry.get_champion(settings)["tag"]  # type: ignore[index]
+
+    t0 = time.perf_counter()
+    after_replay = start + pd.Timedelta(days=d.replay_days)
+    say(f"[demo] 6/6 evaluate on the held-out week from {after_replay.date()}")
+    if not retrains:
+        build_features(skip_ingest=True, settings=settings)  # the replayed feedback into the offline features
+    scores = next_week_ndcg(settings, [first, final], after_replay, say)
+    lap("evaluate", t0)
+    from monitoring.index import write_index
+
+    index = write_index(settings.paths.reports)
+    before, after = scores[first]["ndcg@10"], scores[final]["ndcg@10"]
+    replay_totals = {k: sum(x[k] for x in days) for k in ("users", "recommend_calls", "feedback_calls", "errors", "fallback")}
+    summary = {
+        "wall_s": round(time.perf_counter() - started, 1),
+        "drift_detected_on": drift_on,
+        "ndcg_next_week_before": round(before, 6),
+        "ndcg_next_week_after": round(after, 6),
+        "promoted": any(r["promoted"] for r in retrains),
+        "retraining_beat_no_retraining": after > before if final != first else None,
+        "models": {"first_champion": first, "final_champion": final, "bento": bento,
+                   "challengers": [r["challenger"] for r in retrains]},
+        "next_week": {"start": str(after_replay.date()), "users": int(scores["_users"]["n"]),
+                      "first_champion": scores[first], "final_champion": scores[final]},
+        "monitor_runs": [{k: m[k] for k in ("window", "verdict", "reasons", "run_dir")} for m in monitors],
+        "retrains": [{k: r[k] for k in ("challenger", "promoted", "gate", "window", "mode", "seconds")} for r in retrains],
+        "replay": {"from": str(start.date()), "days": d.replay_days, **replay_totals, "per_day": days},
+        "first_model_test_week": trained["test"].get("recflow"),
+        "reports_index": str(index),
+        "seconds": timings,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+    }
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return summary

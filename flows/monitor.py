@@ -1,0 +1,115 @@
+"""Prefect flow ``monitor``: Evidently drift and quality reports for the last window, the policy's
+decision, and a ``recflow.drift.detected`` Prefect event when it says drift.
+
+Thin: the reports and the policy are ``monitoring.run.run_monitor``; the reference (the champion's
+answers for its validation week, through the serving code path) is ``monitoring.reference``. The
+``retrain/on-drift`` deployment (``flows/deployments.py``) is triggered by the event.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from recflow.settings import Settings, load_settings
+
+
+@task(name="reference", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def reference_task(settings: Settings, tag: str) -> pd.DataFrame:
+    """The champion's reference predictions, built once per model and cached under the reports folder."""
+    from monitoring.reference import build_reference, validation_users
+    from recflow import registry
+    from recflow.features.training_set import load_events
+    from recflow.modeling import read_metadata
+
+    cache = settings.paths.reports / "reference" / f"{tag.replace(':', '-')}.parquet"
+    if cache.exists():
+        return pd.read_parquet(cache)
+    folder = registry.model_path(settings, tag)
+    meta = read_metadata(folder)
+    window = meta.get("data_window") or {}
+    if "cutoff" not in window:
+        raise ValueError(f"model {tag} has no data_window.cutoff in its metadata: it cannot define a reference week")
+    as_of = pd.Timestamp(window["cutoff"])
+    as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of.tz_convert("UTC")
+    users = validation_users(load_events(settings), as_of, settings.training.eval_days)
+    if not len(users):
+        raise ValueError(f"no purchases in the reference week from {as_of.date()} for model {tag}")
+    ref = build_reference(settings, registry.load(settings, tag), as_of=as_of, users=users, model_version=tag,
+                          k=settings.serving.default_k)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp")
+    ref.to_parquet(tmp, index=False)
+    os.replace(tmp, cache)
+    get_run_logger().info("reference for %s: %d users as of %s", tag, len(ref), as_of.date())
+    return ref
+
+
+@task(name="run-monitor", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def run_monitor_task(settings: Settings, reference: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> Any:
+    from monitoring.run import run_monitor
+
+    return run_monitor(settings, reference=reference, start=start, end=end)
+
+
+@task(name="emit-drift-event", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def emit_drift_task(window: str, champion: str, reasons: list[str], summary: Path) -> str | None:
+    from prefect.events import emit_event
+
+    from flows.deployments import DRIFT_EVENT
+
+    event = emit_event(
+        event=DRIFT_EVENT,
+        resource={"prefect.resource.id": f"recflow.monitor.{window}", "prefect.resource.name": "recflow monitor"},
+        related=[{"prefect.resource.id": f"recflow.model.{champion}", "prefect.resource.role": "model"}],
+        payload={"window": window, "champion": champion, "reasons": reasons, "summary": str(summary)},
+    )
+    return str(event.id) if event else None
+
+
+@flow(name="monitor", log_prints=True)
+def monitor(end: str | None = None, days: int | None = None, home: str | None = None, emit: bool = True) -> dict[str, Any]:
+    """Monitor ``[end - days, end)`` (default: the last ``monitoring.window_days`` up to now) against
+    the champion's reference; write the reports; emit ``recflow.drift.detected`` on drift.
+
+    Returns ``{window, champion, drift, verdict, reasons, run_dir, summary, index, event_id}``.
+    """
+    from recflow import registry
+    from recflow.event_log import EventLog
+
+    settings = load_settings(**({"home": home} if home else {}))
+    log = get_run_logger()
+    pointer = registry.get_champion(settings)
+    if pointer is None:
+        raise FileNotFoundError(f"no champion under {settings.paths.models}: run `recflow train` first")
+    end_ts = pd.Timestamp(end) if end else pd.Timestamp.now(tz="UTC").ceil("D")
+    end_ts = end_ts.tz_localize("UTC") if end_ts.tzinfo is None else end_ts.tz_convert("UTC")
+    start_ts = end_ts - pd.Timedelta(days=days or settings.monitoring.window_days)
+    EventLog(settings.paths.event_log).flush()  # feedback becomes readable as parquet
+    reference = reference_task(settings, pointer["tag"])
+    result = run_monitor_task(settings, reference, start_ts, end_ts)
+    d = result.decision
+    verdict = "drift" if d.drift else ("ok" if d.drift is False else "insufficient_data")
+    window = f"{start_ts.date()}..{end_ts.date()}"
+    event_id = None
+    if d.drift and emit:
+        event_id = emit_drift_task(window, pointer["tag"], list(d.reasons), result.summary_path)
+        log.warning("DRIFT in %s: %s (event %s)", window, "; ".join(d.reasons), event_id)
+    else:
+        log.info("%s in %s: %s", verdict, window, "; ".join(d.reasons))
+    create_markdown_artifact(
+        key="recflow-monitor",
+        markdown=(f"# Monitor {window}: {verdict}\n\nChampion `{pointer['tag']}`.\n\n"
+                  + "\n".join(f"- {r}" for r in d.reasons)
+                  + f"\n\nReports: `{result.run_dir}` (index: `{result.index_path}`)\n"),
+        description=f"recflow monitor {window}: {verdict}",
+    )
+    return {"window": window, "champion": pointer["tag"], "drift": d.drift, "verdict": verdict,
+            "reasons": list(d.reasons), "run_dir": str(result.run_dir), "summary": str(result.summary_path),
+            "index": str(result.index_path), "event_id": event_id}

@@ -1,0 +1,191 @@
+"""Prefect flow ``retrain``: refresh features with the served feedback, warm-start a challenger from
+the champion, gate it against the champion on the latest held-out days, promote atomically.
+
+Thin: the work is in ``flows.features`` (feature tables + materialisation), ``recflow.features``
+(point-in-time training data), ``training`` (warm start, replay sample, fit, gate) and
+``recflow.registry`` (BentoML model store, champion pointer). The drift trigger of the
+``retrain/on-drift`` deployment (``flows/deployments.py``) runs it when the monitor flow emits
+``recflow.drift.detected``.
+
+Timeline, with ``as_of`` = the day after the newest event (canonical + event log):
+the gate week is ``[as_of - eval_days, as_of)``, which neither model trained on; the challenger
+trains on weekly examples before it: the last ``retrain_recent_weeks`` in full plus a
+``retrain_replay_share`` sample of the ``retrain_replay_weeks`` before them (``full=True``: a new
+model on ``train_weeks`` weeks, no warm start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from recflow.settings import Settings, load_settings
+
+
+def _log(message: str) -> None:
+    get_run_logger().info(message)
+
+
+@task(name="window-data", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def window_data_task(settings: Settings, events: pd.DataFrame, cutoff: pd.Timestamp, weeks: int) -> Any:
+    from recflow.features.training_set import window_data
+
+    return window_data(settings, cutoff=cutoff, train_weeks=weeks, events=events, name="retrain", progress=_log)
+
+
+@task(name="fit-challenger", cache_policy=NO_CACHE)
+def fit_task(settings: Settings, data: Any, champion: Any, full: bool) -> Any:
+    from training.incremental import replay_sample
+    from training.trainer import TrainConfig, fit
+
+    t = settings.training
+    if full:
+        cfg = TrainConfig(epochs=t.epochs, seed=t.seed, history_length=min(500, settings.features.history_length))
+        return fit(data, cfg, progress=_log)
+    kept = replay_sample(data, t.retrain_recent_weeks, t.retrain_replay_share, seed=t.seed)
+    _log(f"incremental: {kept['recent']:,} recent examples + {kept['replayed']:,} replayed of {kept['older_total']:,} older")
+    cfg = TrainConfig(epochs=t.retrain_epochs, lr=t.retrain_lr, seed=t.seed)
+    return fit(data, cfg, progress=_log, init=champion)
+
+
+@task(name="evaluate-gate-week", cache_policy=NO_CACHE)
+def evaluate_task(data: Any, model: Any) -> dict[str, float]:
+    from training.trainer import evaluate_model
+
+    return evaluate_model(model, data, data.val)
+
+
+@task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def promote_task(settings: Settings, tag: str, reason: str) -> dict[str, Any]:
+    from recflow import registry
+
+    return registry.set_champion(settings, tag, reason=reason)
+
+
+@task(name="reload-service", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def reload_task(settings: Settings, url: str) -> dict[str, Any]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {settings.serving.token}"} if settings.serving.token else {}
+    r = httpx.post(f"{url.rstrip('/')}/reload", json={}, headers=headers, timeout=300)
+    r.raise_for_status()
+    return r.json()
+
+
+def _same_catalogue(model: Any, data: Any) -> None:
+    if list(model.item_ids) != [str(i) for i in data.catalogue.item_ids]:
+        raise ValueError(
+            "the champion's catalogue differs from the items table (items were added or removed): an incremental "
+            "retrain cannot compare the two models item by item; run a full retrain: recflow retrain --full"
+        )
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    full: bool = False,
+    as_of: str | None = None,
+    refresh_features: bool = True,
+    reload_url: str | None = None,
+    reason: str = "manual",
+    home: str | None = None,
+) -> dict[str, Any]:
+    """Retrain (incremental by default), gate against the champion, promote when better.
+
+    ``as_of`` (ISO date) ends the gate week; default: the day after the newest event. With
+    ``reload_url``, a promoted model is loaded by the running service there (no downtime).
+    Returns ``{challenger, champion_before, champion_after, promoted, gate, window, seconds}`` and
+    writes it to ``<reports>/retrain/<time>.json``.
+    """
+    from dataclasses import asdict
+
+    from recflow import registry
+    from recflow.features.training_set import load_events
+    from training.data import to_utc
+    from training.incremental import gate
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = load_settings(**({"home": home} if home else {}))
+    t = settings.training
+    log = get_run_logger()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+
+    champion, pointer = registry.load_champion(settings)
+    log.info("champion %s (%s retrain, reason: %s)", pointer["tag"], "full" if full else "incremental", reason)
+    if refresh_features:
+        from flows.features import build_features
+
+        t0 = time.perf_counter()
+        build_features(skip_ingest=True, settings=settings)  # flushes the event log first
+        lap("features", t0)
+    events = load_events(settings)
+    end = to_utc(as_of) if as_of else events["event_timestamp"].max().normalize() + pd.Timedelta(days=1)
+    events = events[events["event_timestamp"] < end]
+    cutoff = end - pd.Timedelta(days=t.eval_days)
+    weeks = t.train_weeks if full else t.retrain_recent_weeks + t.retrain_replay_weeks
+    t0 = time.perf_counter()
+    data = window_data_task(settings, events, cutoff, weeks)
+    lap("data", t0)
+    _same_catalogue(champion, data)
+    t0 = time.perf_counter()
+    result = fit_task(settings, data, champion, full)
+    lap("fit", t0)
+    t0 = time.perf_counter()
+    champ_metrics = evaluate_task(data, champion)
+    chall_metrics = evaluate_task(data, result.model)
+    lap("evaluate", t0)
+    decision = gate(champ_metrics, chall_metrics, metric=t.promotion_metric, margin=t.promotion_margin)
+    log.info("gate on %s .. %s: %s -> %s", cutoff.date(), end.date(), decision.reason,
+             "promote" if decision.promote else "reject")
+    metadata = {
+        "metrics": {"gate": chall_metrics},
+        "champion_on_gate": champ_metrics,
+        "gate": decision.to_dict(),
+        "retrain": {"mode": "full" if full else "incremental", "warm_start_from": None if full else pointer["tag"],
+                    "reason": reason, "recent_weeks": t.retrain_recent_weeks, "replay_weeks": t.retrain_replay_weeks,
+                    "replay_share": t.retrain_replay_share, "epochs": t.retrain_epochs, "lr": t.retrain_lr},
+        "data_window": data.window,
+        "feature_service": settings.feast.serving_service,
+        "training_feature_service": settings.feast.training_service,
+        "history_length_in_store": settings.features.history_length,
+    }
+    tag = registry.register(settings, result.model, metadata)
+    after = pointer["tag"]
+    reload: dict[str, Any] | None = None
+    if decision.promote:
+        after = promote_task(settings, tag, f"retrain ({reason}): {decision.reason}")["tag"]
+        if reload_url:
+            reload = reload_task(settings, reload_url)
+    timings["total"] = round(time.perf_counter() - started, 1)
+    summary = {
+        "challenger": tag, "champion_before": pointer["tag"], "champion_after": after, "promoted": decision.promote,
+        "gate": decision.to_dict(), "window": {"gate_week": f"{cutoff.date()} .. {end.date()}", **data.window},
+        "mode": "full" if full else "incremental", "reason": reason, "reload": reload, "seconds": timings,
+        "train": {"samples": result.samples, "steps": result.steps, "samples_per_s": round(result.samples_per_s, 1),
+                  "config": asdict(result.model.config) if hasattr(result.model.config, "__dataclass_fields__") else None},
+    }
+    out = settings.paths.reports / "retrain" / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{tag.split(':')[-1]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1, default=str))
+    verdict = "promoted" if decision.promote else "rejected"
+    create_markdown_artifact(
+        key="recflow-retrain",
+        markdown=(f"# Retrain: challenger {verdict}\n\n| | champion `{pointer['tag']}` | challenger `{tag}` |\n|---|---:|---:|\n"
+                  + "\n".join(f"| {m} | {champ_metrics[m]:.4f} | {chall_metrics[m]:.4f} |"
+                              for m in ("ndcg@10", "recall@20", "hitrate@10", "ndcg@10_new", "ndcg@10_repeat", "coverage"))
+                  + f"\n\nGate week {cutoff.date()} .. {end.date()}: {decision.reason}.\n\nChampion now: `{after}`.\n"),
+        description=f"recflow retrain: challenger {verdict}",
+    )
+    log.info("challenger %s %s; champion: %s (%ss)", tag, verdict, after, timings["total"])
+    return summary

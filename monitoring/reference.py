@@ -1,0 +1,84 @@
+"""The monitoring reference: what the model would have served for its validation week.
+
+For the users who bought something in ``[as_of, as_of + eval_days)``, the serving FeatureService's
+features as of ``as_of`` come from Feast's point-in-time join (the same feature names and values
+the online store held then), go through the serving code path (``recflow.modeling.user_queries``
+and the item index), and come out request-log shaped (``recflow.schemas.REQUEST_LOG_SCHEMA``)
+with the features logged the way the service logs them (``serving.features.logged_features``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from recflow.settings import Settings
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+    from recflow.modeling.model import RecModel
+
+
+def validation_users(events: pd.DataFrame, start: pd.Timestamp, days: int) -> np.ndarray:
+    """Users with a purchase in ``[start, start + days)``, sorted."""
+    ts = pd.to_datetime(events["event_timestamp"], utc=True)
+    window = (ts >= start) & (ts < start + pd.Timedelta(days=days)) & (events["event_type"] == "purchase")
+    return np.sort(events.loc[window, "user_id"].astype(str).unique())
+
+
+def build_reference(
+    settings: Settings,
+    model: RecModel,
+    *,
+    as_of: pd.Timestamp,
+    users: np.ndarray,
+    model_version: str,
+    k: int = 10,
+    store: FeatureStore | None = None,
+    batch_size: int = 256,
+) -> pd.DataFrame:
+    """Request-log rows: one ``/recommend`` answer per user, as served at ``as_of``."""
+    from recflow.features.training_set import get_historical
+    from recflow.modeling import build_index, user_queries
+    from serving.features import logged_features
+
+    as_of = pd.Timestamp(as_of).tz_convert("UTC") if pd.Timestamp(as_of).tzinfo else pd.Timestamp(as_of, tz="UTC")
+    entity = pd.DataFrame({"user_id": pd.array(users, dtype="string"), "event_timestamp": as_of})
+    frame, _ = get_historical(settings, entity, service=settings.feast.serving_service, store=store)
+    records: list[dict[str, Any]] = frame.drop(columns=["event_timestamp"]).to_dict("records")
+    records = [{key: _plain(v) for key, v in r.items()} for r in records]
+    index = build_index(model)
+    rows: list[dict[str, Any]] = []
+    for s in range(0, len(records), batch_size):
+        chunk = records[s : s + batch_size]
+        queries = user_queries(model, chunk)
+        scores = index.scores_batch(queries)
+        kk = min(k, scores.shape[1])
+        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        order = np.take_along_axis(scores, top, 1).argsort(1)[:, ::-1]
+        top = np.take_along_axis(top, order, 1)
+        for f, q, t, sc in zip(chunk, queries, top, np.take_along_axis(scores, top, 1), strict=True):
+            rows.append({
+                "request_id": uuid.uuid4().hex, "ts": as_of, "endpoint": "recommend", "user_id": str(f["user_id"]),
+                "item_id": None, "k": k, "model_version": model_version, "fallback": q.n_history == 0,
+                "degraded": False, "feature_age_s": None, "latency_ms": None,
+                "features": logged_features(f, q.n_history),
+                "item_ids": [index.item_ids[i] for i in t], "scores": sc.astype(np.float32).tolist(),
+            })
+    return pd.DataFrame(rows)
+
+
+def _plain(value: Any) -> Any:
+    """Online-store-like values: lists for list features, None for missing scalars."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, list):
+        return value
+    try:
+        return None if pd.isna(value) else value
+    except (TypeError, ValueError):
+        return value
