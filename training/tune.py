@@ -1,7 +1,8 @@
 """Hyper-parameter search with Ray Tune: ASHA early stopping on validation NDCG@10.
 
 - Search algorithm: Optuna (TPE) when ``optuna`` is installed, else Tune's random search.
-- Resources per trial from :class:`TuneConfig` (CPU by default; a GPU fraction when CUDA is present).
+- Resources per trial from :class:`TuneConfig` (CPU by default; a GPU fraction when the Ray cluster
+  has GPUs, whether or not the driver has one).
 - ``RAY_ADDRESS`` set: ``ray.init(address=...)`` joins that cluster; else a local Ray on
   127.0.0.1 with ``num_cpus`` CPUs and no dashboard. The training data goes to the trials once,
   through the object store (``tune.with_parameters``); trials start no Ray tasks of their own.
@@ -140,6 +141,13 @@ def _trainable(params: dict[str, Any], data: TrainData, base: dict[str, Any], th
     fit(data, cfg, report=report)
 
 
+def cluster_has_gpu() -> bool:
+    """Whether the Ray cluster (not this driver) has GPUs: a CPU-only driver may use a GPU cluster."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) > 0
+
+
 def init_ray(num_cpus: int | None = None) -> bool:
     """Start or join Ray. Returns True when this call started it (the caller shuts it down)."""
     import ray
@@ -193,11 +201,11 @@ def run_search(data: TrainData, tc: TuneConfig, progress: Callable[[str], None] 
 
     say = progress or log.info
     started = time.perf_counter()
-    gpu = cuda_available()
-    space = {**default_search_space(gpu), **tc.search_space}
-    searcher, searcher_name = _searcher(tc.searcher, tc.seed)
     owns_ray = init_ray(tc.num_cpus)
     try:
+        gpu = cluster_has_gpu()
+        space = {**default_search_space(gpu), **tc.search_space}
+        searcher, searcher_name = _searcher(tc.searcher, tc.seed)
         threads = max(1, int(math.floor(tc.cpus_per_trial)))
         resources = {"cpu": tc.cpus_per_trial} | ({"gpu": tc.gpus_per_trial} if gpu and tc.gpus_per_trial > 0 else {})
         base = asdict(tc.base) | {"epochs": tc.epochs, "log_every": 0}
@@ -239,9 +247,15 @@ def run_search(data: TrainData, tc: TuneConfig, progress: Callable[[str], None] 
         best = grid.get_best_result(metric=METRIC, mode="max", scope="all")
         if best is None or best.metrics is None:
             raise RuntimeError(f"no trial finished an epoch; errors: {errors[:3]}")
-        ckpt = best.get_best_checkpoint(METRIC, "max") or best.checkpoint
+        try:
+            ckpt = best.get_best_checkpoint(METRIC, "max") or best.checkpoint
+        except RuntimeError:  # Ray: "No checkpoint exists in the trial directory!"
+            ckpt = None
         if ckpt is None:
-            raise RuntimeError("the best trial has no checkpoint")
+            raise RuntimeError(
+                f"no trial finished an epoch within the {tc.max_minutes:g}-minute budget (errors: {errors[:3]}); "
+                "raise max_minutes (recflow train --max-minutes) or lower train_weeks"
+            )
     finally:
         if owns_ray:
             ray.shutdown()

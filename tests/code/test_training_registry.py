@@ -51,3 +51,24 @@ def test_champion_pointer_and_rollback(make_settings) -> None:  # noqa: ANN001
         registry.rollback(settings)
     with pytest.raises(Exception, match="not found|NotFound|does not exist"):
         registry.set_champion(settings, "recflow_two_tower:doesnotexist")
+
+
+def test_interrupted_promotion_leaves_the_old_champion(make_settings, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """A crash between writing the new pointer and swapping it in changes nothing a reader sees."""
+    import os
+
+    settings = make_settings()
+    t1 = registry.register(settings, build_tiny_model(n_items=10, seed=1), {})
+    t2 = registry.register(settings, build_tiny_model(n_items=10, seed=2), {})
+    registry.set_champion(settings, t1, reason="first")
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError("power cut during promotion")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="power cut"):
+        registry.set_champion(settings, t2, reason="challenger")
+    monkeypatch.undo()
+    model, pointer = registry.load_champion(settings)
+    assert pointer["tag"] == t1 and json.loads(registry.champion_path(settings).read_text())["tag"] == t1
+    assert registry.set_champion(settings, t2, reason="retry")["tag"] == t2  # a later promotion still works

@@ -1,0 +1,103 @@
+"""The closed loop end to end on a small synthetic shop: ``recflow demo``'s code path.
+
+features -> train (Ray Tune, 1 trial) -> deploy (bento) -> serve (a real service process) -> replay a
+week through /recommend and /feedback -> monitor (Evidently) -> drift -> incremental retrain with
+the gate -> promotion and /reload -> next-week evaluation. Then: a retrain whose gate cannot be met
+is rejected and leaves the champion alone, and ``recflow rollback`` restores the first model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
+
+
+@pytest.fixture
+def synthetic_shop_files(tmp_path: Path) -> dict[str, Path]:
+    from training.synthetic import synthetic_shop
+
+    events, items = synthetic_shop(n_users=60, n_items=120, days=84, seed=0, start="2024-01-01")
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    paths = {"interactions": folder / "interactions.csv", "items": folder / "items.csv"}
+    events.rename(columns={"event_timestamp": "timestamp"}).to_csv(paths["interactions"], index=False)
+    items[["item_id", "title"]].assign(category=[f"c{i % 5}" for i in range(len(items))]).to_csv(paths["items"], index=False)
+    return paths
+
+
+def test_closed_loop(make_settings, synthetic_shop_files, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # noqa: ANN001
+    from flows.demo import run_demo
+    from flows.retrain import retrain
+    from recflow import registry
+    from recflow.cli import app
+
+    env = {
+        "RECFLOW_DATA__SOURCE": "generic",
+        "RECFLOW_DATA__INTERACTIONS_PATH": str(synthetic_shop_files["interactions"]),
+        "RECFLOW_DATA__ITEMS_PATH": str(synthetic_shop_files["items"]),
+        "RECFLOW_DATA__NOW": "2024-04-01T00:00:00Z",
+        "RECFLOW_DEMO__REPLAY_FROM": "2024-03-04",
+        "RECFLOW_DEMO__REPLAY_DAYS": "7",
+        "RECFLOW_DEMO__TRAIN_WEEKS": "4",
+        "RECFLOW_DEMO__TRIALS": "1",
+        "RECFLOW_DEMO__MAX_MINUTES": "3",
+        "RECFLOW_TRAINING__EPOCHS": "1",
+        "RECFLOW_MONITORING__MIN_SAMPLES": "10",
+    }
+    settings = make_settings()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    # run_demo exports these for the flows it calls; monkeypatch restores them afterwards.
+    for key in ("RECFLOW_DATA__UNTIL", "RECFLOW_TRAINING__TRAIN_WEEKS", "RECFLOW_SERVING__TOKEN",
+                "RECFLOW_SERVING__REQUEST_LOG_ROTATE_S"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    from recflow.settings import load_settings
+
+    settings = load_settings(home=settings.home)
+    out = tmp_path / "demo.json"
+    summary = run_demo(settings, out=out, say=lambda m: None)
+
+    assert json.loads(out.read_text())["wall_s"] == summary["wall_s"]
+    for key in ("wall_s", "drift_detected_on", "ndcg_next_week_before", "ndcg_next_week_after", "promoted"):
+        assert key in summary
+    replay = summary["replay"]
+    assert replay["days"] == 7 and replay["feedback_calls"] > 100 and replay["recommend_calls"] > 50
+    assert replay["errors"] == 0
+    assert len(summary["monitor_runs"]) == 1
+    run_dir = Path(summary["monitor_runs"][0]["run_dir"])
+    assert (run_dir / "summary.json").is_file() and list(run_dir.glob("*.html"))
+    assert Path(summary["reports_index"]).is_file()
+    # The served feedback reached the event log and, through the rebuilt features, the training data.
+    from recflow.event_log import EventLog
+
+    assert EventLog(settings.paths.event_log).stats()["logged"] == replay["feedback_calls"]
+    if summary["drift_detected_on"]:
+        (r,) = summary["retrains"]
+        assert r["mode"] == "incremental" and r["gate"]["metric"] == "ndcg@10"
+        champion = registry.get_champion(settings)
+        expected = r["challenger"] if r["promoted"] else summary["models"]["first_champion"]
+        assert champion["tag"] == expected == summary["models"]["final_champion"]
+    for value in (summary["ndcg_next_week_before"], summary["ndcg_next_week_after"]):
+        assert 0.0 < value <= 1.0
+
+    # A gate that cannot be met: the challenger is registered but rejected; the champion stays.
+    before = registry.get_champion(settings)["tag"]
+    monkeypatch.setenv("RECFLOW_TRAINING__PROMOTION_MARGIN", "100")
+    rejected = retrain(refresh_features=False, reason="test", home=str(settings.home))
+    assert rejected["promoted"] is False and "misses" in rejected["gate"]["reason"]
+    assert registry.get_champion(settings)["tag"] == before
+    assert any(m["tag"] == rejected["challenger"] for m in registry.list_models(settings))
+
+    # Rollback through the CLI restores the previous champion (when there was a promotion).
+    result = CliRunner().invoke(app, ["--home", str(settings.home), "rollback", "--reason", "test"])
+    if summary["promoted"]:
+        assert result.exit_code == 0, result.output
+        assert registry.get_champion(settings)["tag"] == summary["models"]["first_champion"]
+    else:
+        assert result.exit_code != 0 and "no previous champion" in result.output
