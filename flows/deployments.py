@@ -25,8 +25,21 @@ DRIFT_EVENT = "recflow.drift.detected"
 
 
 def deployments() -> list[RunnerDeployment]:
-    """Every recflow deployment with its schedule or trigger."""
+    """Every recflow deployment with its schedule or trigger.
+
+    - ``build_features/hourly``: ingest, feedback, feature tables, materialisation, every hour;
+    - ``monitor/daily``: drift and quality reports of the last week, every day at 06:00 UTC;
+    - ``retrain/on-drift``: triggered by the ``recflow.drift.detected`` event the monitor emits;
+    - ``train/weekly``: a full search and retrain, Sundays at 02:00 UTC (its gate is the test week);
+    - ``deploy/manual``: build a bento from the champion, on demand.
+    """
+    from prefect.events import DeploymentEventTrigger
+
+    from flows.deploy import deploy
     from flows.features import build_features
+    from flows.monitor import monitor
+    from flows.retrain import retrain
+    from flows.train import train
 
     module = EntrypointType.MODULE_PATH
     return [
@@ -37,6 +50,43 @@ def deployments() -> list[RunnerDeployment]:
             tags=["recflow", "features"],
             description="Ingest, rebuild feature tables, apply the Feast repo and materialise the latest values.",
             concurrency_limit=1,
+        ),
+        monitor.to_deployment(
+            name="daily",
+            cron="0 6 * * *",
+            entrypoint_type=module,
+            tags=["recflow", "monitoring"],
+            description="Evidently drift and quality reports for the last week; emits recflow.drift.detected on drift.",
+            concurrency_limit=1,
+        ),
+        retrain.to_deployment(
+            name="on-drift",
+            entrypoint_type=module,
+            tags=["recflow", "training"],
+            description="Incremental retrain from the champion, gated; runs when the monitor reports drift.",
+            triggers=[
+                DeploymentEventTrigger(
+                    name="retrain on drift",
+                    expect={DRIFT_EVENT},
+                    match={"prefect.resource.id": "recflow.monitor.*"},
+                    parameters={"reason": "{{ event.payload.window }}"},
+                )
+            ],
+            concurrency_limit=1,
+        ),
+        train.to_deployment(
+            name="weekly",
+            cron="0 2 * * 0",
+            entrypoint_type=module,
+            tags=["recflow", "training"],
+            description="Full training: Feast training set, Ray Tune search, test-week evaluation, registry.",
+            concurrency_limit=1,
+        ),
+        deploy.to_deployment(
+            name="manual",
+            entrypoint_type=module,
+            tags=["recflow", "serving"],
+            description="Build a bento from the champion model.",
         ),
     ]
 

@@ -19,6 +19,33 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 
 
+TRIGGER_CHECK = """
+import asyncio, time
+from prefect import get_client
+from prefect.events import emit_event
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.client.schemas.sorting import FlowRunSort
+
+emit_event(event="recflow.drift.detected", resource={"prefect.resource.id": "recflow.monitor.test-window"},
+           payload={"window": "test-window", "reasons": ["test"]})
+
+async def main() -> None:
+    async with get_client() as client:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            runs = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["on-drift"])),
+                sort=FlowRunSort.ID_DESC, limit=10)  # explicit: the 3.8.8 server rejects nulls
+            if runs:
+                print("retrain run created:", runs[0].name, runs[0].parameters)
+                return
+            await asyncio.sleep(2)
+        raise SystemExit("no retrain run within 120 s of the drift event")
+
+asyncio.run(main())
+"""
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -78,7 +105,8 @@ def test_build_features_deployment_runs_on_server_and_worker(tmp_path: Path, tin
         assert made.returncode == 0, made.stdout + made.stderr
         deployed = run(sys.executable, "-m", "recflow.cli", "schedule", "--pool", "recflow-test")
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        assert "build_features/hourly" in deployed.stderr + deployed.stdout
+        for name in ("build_features/hourly", "monitor/daily", "retrain/on-drift", "train/weekly", "deploy/manual"):
+            assert name in deployed.stderr + deployed.stdout
 
         worker = subprocess.Popen(
             [BIN / "prefect", "worker", "start", "--pool", "recflow-test", "--limit", "1"],
@@ -95,6 +123,11 @@ def test_build_features_deployment_runs_on_server_and_worker(tmp_path: Path, tin
         events = pd.read_parquet(home / "canonical" / "events.parquet")
         assert len(events) == 10
         assert (home / "feast" / "online.db").exists()
+
+        # The monitor's drift event makes the server's automation schedule a retrain flow run.
+        fired = run(sys.executable, "-c", TRIGGER_CHECK, timeout=150)
+        assert fired.returncode == 0, fired.stdout + fired.stderr + server_log.read_text()[-3000:]
+        assert "retrain run created" in fired.stdout
     finally:
         if worker is not None:
             _stop(worker)
