@@ -134,3 +134,38 @@ def tiny_features(tiny_settings):  # noqa: ANN001, ANN201
     ingest(tiny_settings)
     build_feature_tables(tiny_settings)
     return tiny_settings
+
+
+@pytest.fixture
+def shop_model():  # noqa: ANN201
+    """Factory: a tiny random model over the tiny shop's catalogue, without item "v" (a cold-start item)."""
+
+    def _make(settings, seed: int = 0):  # noqa: ANN001, ANN202
+        import numpy as np
+        import torch
+
+        from recflow.modeling import ModelConfig, new_model, tiny_tokenizer
+        from recflow.modeling.build import TINY_BERT
+
+        items = pd.read_parquet(settings.paths.items).sort_values("item_id")
+        ids = [i for i in items["item_id"] if i != "v"]
+        texts = items.set_index("item_id").loc[ids, "text"].fillna("").tolist()
+        torch.manual_seed(seed)
+        cfg = ModelConfig(encoder=dict(TINY_BERT), n_ids=len(ids) + 1, text_dim=TINY_BERT["hidden_size"], dim=8,
+                          hidden=16, max_length=16, dropout=0.0)
+        model = new_model(cfg, ids, texts, id_rows=np.arange(1, len(ids) + 1), tokenizer=tiny_tokenizer())
+        with torch.no_grad():
+            model.text_emb.copy_(model.encode_texts(model.texts))
+        return model.eval()
+
+    return _make
+
+
+@pytest.fixture
+def tiny_champion(tiny_features, shop_model):  # noqa: ANN001, ANN201
+    """The tiny shop with features built and a tiny model registered as champion; returns (settings, tag)."""
+    from recflow import registry
+
+    tag = registry.register(tiny_features, shop_model(tiny_features), {"note": "tiny champion"})
+    registry.set_champion(tiny_features, tag, "test")
+    return tiny_features, tag
