@@ -1,8 +1,9 @@
 """Ranking over a loaded :class:`~serving.model_state.ServingState` (vectorised, no I/O).
 
-- :func:`rank_users`: personalised top-k for a batch of users (one matrix product, or ANN
-  candidates re-scored exactly), with per-user exclusions and category filters, and the history
-  item behind each pick (:func:`reasons`).
+- :func:`rank_users`: personalised top-k for a batch of users (one matrix product with a
+  certified bfloat16 prefilter and float32 re-scoring, or ANN candidates re-scored exactly), with
+  per-user exclusions and category filters, and the history item behind each pick (one batched
+  product). Scores equal ``ItemIndex.scores``: the re-buy bonus includes the item's repeat offset.
 - :func:`popular`: the popularity fallback.
 - :func:`similar` and :func:`search`: item-to-item and text queries.
 """
@@ -19,6 +20,12 @@ from serving.model_state import ServingState
 
 if TYPE_CHECKING:
     from recflow.modeling import UserQuery
+
+
+# Below this many users a plain float32 product is as fast as the bfloat16 prefilter (measured).
+PREFILTER_MIN_BATCH = 4
+# Column groups of the k-th-score lower bound (more: a tighter bound, a larger [B, GROUPS] top-k).
+GROUPS = 1024
 
 
 @dataclass(frozen=True)
@@ -65,46 +72,154 @@ def reasons(state: ServingState, picks: np.ndarray, history: np.ndarray) -> tupl
     return kinds, why
 
 
+def _reason_lists(
+    state: ServingState, picks: list[np.ndarray], histories: list[np.ndarray]
+) -> list[tuple[list[str], list[int | None]]]:
+    """``(kinds, why)`` of :func:`reasons` for every user of a batch, with one batched product."""
+    n = len(picks)
+    kmax = max((len(p) for p in picks), default=0)
+    hmax = max((len(h) for h in histories), default=0)
+    if kmax == 0 or hmax == 0:
+        return [(["similar"] * len(p), [None] * len(p)) for p in picks]
+    pk = np.zeros((n, kmax), np.int64)
+    hs = np.zeros((n, hmax), np.int64)
+    hmask = np.zeros((n, hmax), bool)
+    for b, (p, h) in enumerate(zip(picks, histories, strict=True)):
+        pk[b, : len(p)] = p
+        hs[b, : len(h)] = h
+        hmask[b, : len(h)] = True
+    m = torch.from_numpy(state.index.matrix)
+    sims = torch.bmm(m[torch.from_numpy(pk)], m[torch.from_numpy(hs)].transpose(1, 2))  # [B, k, h]
+    sims.masked_fill_(~torch.from_numpy(hmask)[:, None, :], float("-inf"))
+    best = np.take_along_axis(hs, sims.argmax(dim=2).numpy(), axis=1)  # [B, k]
+    in_hist = ((pk[:, :, None] == hs[:, None, :]) & hmask[:, None, :]).any(axis=2)
+    out: list[tuple[list[str], list[int | None]]] = []
+    for b, p in enumerate(picks):
+        if len(histories[b]) == 0:
+            out.append((["similar"] * len(p), [None] * len(p)))
+            continue
+        r, bst = in_hist[b, : len(p)].tolist(), best[b, : len(p)].tolist()
+        out.append((["repeat" if x else "similar" for x in r],
+                    [int(q) if x else int(w) for q, x, w in zip(p.tolist(), r, bst, strict=True)]))
+    return out
+
+
 def _picks(state: ServingState, idx: np.ndarray, val: np.ndarray, history: np.ndarray) -> list[Pick]:
     kinds, why = reasons(state, idx, history)
     return [Pick(int(i), float(v), kd, w) for i, v, kd, w in zip(idx, val, kinds, why, strict=True)]
 
 
+def _bonus(state: ServingState, q: UserQuery) -> np.ndarray:
+    """The full re-buy bonus at ``q.bonus_positions``: user part + the item's repeat offset."""
+    return (q.bonus + state.index.repeat_offset[q.bonus_positions]).astype(np.float32)
+
+
+@dataclass
+class _Groups:
+    """``scores [B, N]`` seen as ``G`` column groups of ``size`` (``[:, :G*size]``) and a tail."""
+
+    scores: torch.Tensor
+    size: int
+    gmax: torch.Tensor  # [B, G] maximum of each group
+
+    @classmethod
+    def of(cls, scores: torch.Tensor) -> _Groups:
+        b, n = scores.shape
+        size = max(1, -(-n // GROUPS))
+        return cls(scores, size, scores[:, : (n // size) * size].reshape(b, -1, size).amax(dim=2))
+
+    @property
+    def full(self) -> int:
+        return self.gmax.shape[1] * self.size
+
+    def kth_lower_bound(self, ks: np.ndarray) -> np.ndarray:
+        """Per row, a lower bound of its ``ks[b]``-th largest score (-inf when it has fewer finite
+        scores): the ``k``-th largest group maximum (k distinct entries are at least that large)."""
+        b, n = self.scores.shape
+        parts = [self.gmax]
+        if self.full < n:
+            parts.append(self.scores[:, self.full :])  # tail columns, each its own group
+        cand = torch.cat(parts, dim=1) if len(parts) > 1 else self.gmax
+        kmax = min(int(ks.max()), cand.shape[1])
+        top = torch.topk(cand, kmax, dim=1).values.numpy()
+        return top[np.arange(b), np.minimum(ks, kmax) - 1]
+
+    def at_least(self, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, cols)`` of the entries ``>= thr[row]``, visiting only groups whose maximum is."""
+        b, n = self.scores.shape
+        t = torch.from_numpy(thr.astype(np.float32))
+        sel_r, sel_g = torch.nonzero(self.gmax >= t[:, None], as_tuple=True)
+        blocks = self.scores[:, : self.full].reshape(b, -1, self.size)[sel_r, sel_g]  # [S, size]
+        i, j = torch.nonzero(blocks >= t[sel_r][:, None], as_tuple=True)
+        rows, cols = [sel_r[i].numpy()], [(sel_g[i] * self.size + j).numpy()]
+        if self.full < n:
+            tr, tc = torch.nonzero(self.scores[:, self.full :] >= t[:, None], as_tuple=True)
+            rows.append(tr.numpy())
+            cols.append(tc.numpy() + self.full)
+        return np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
+
+
 def rank_users(state: ServingState, asks: list[UserAsk]) -> list[list[Pick]]:
-    """Personalised top-k for every ask (exact scan, or ANN candidates when the state has an ANN index)."""
+    """Personalised top-k for every ask (exact scan, or ANN candidates when the state has an ANN index).
+
+    Exact scan, in two steps: (1) scores of every item for the whole batch in one product (for
+    batches of at least :data:`PREFILTER_MIN_BATCH` users with a float32 scorer, the bfloat16
+    prefilter, each score within ``eps`` of the float32 one; otherwise float32, ``eps = 0``), and a
+    lower bound ``t`` of each user's k-th best score; (2) every item scoring at least ``t - 2 eps``
+    is re-scored in float32 and the best k of those are returned. That is the exact float32 top k:
+    an item of the exact top k scores at least ``t_k - 2 eps >= t - 2 eps`` in step (1). Scores are
+    ``<u, v> + bias``, plus the re-buy bonus on history items, exactly as ``ItemIndex.scores``.
+    """
     if not asks:
         return []
     users = np.stack([a.query.vector for a in asks]).astype(np.float32)
     if state.ann is not None:
         return _rank_ann(state, asks, users)
-    scores = state.scorer.scores(users)  # [B, N] float32
-    rows, cols, vals = [], [], []
-    for b, a in enumerate(asks):
-        q = a.query
-        if len(q.bonus_positions):
-            rows.append(np.full(len(q.bonus_positions), b))
-            cols.append(q.bonus_positions)
-            vals.append(q.bonus)
-    if rows:
-        scores.index_put_(
-            (torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(cols))),
-            torch.from_numpy(np.concatenate(vals).astype(np.float32)),
-            accumulate=True,
-        )
-    out = []
+    scorer = state.scorer
+    n_users, n = len(asks), state.n_items
+    prefilter = getattr(scorer, "approx", None) is not None and n_users >= PREFILTER_MIN_BATCH
+    scores = scorer.prefilter_scores(users) if prefilter else scorer.scores(users)  # [B, N] float32
+    eps = scorer.error_bound(users) if prefilter else np.zeros(n_users)
+    # re-buy bonus at each user's history items, as (row * N + col) keys sorted for lookups
+    b_rows = np.concatenate([np.full(len(a.query.bonus_positions), b, np.int64) for b, a in enumerate(asks)])
+    b_cols = np.concatenate([a.query.bonus_positions.astype(np.int64) for a in asks])
+    b_vals = np.concatenate([_bonus(state, a.query) for a in asks]) if len(b_cols) else np.zeros(0, np.float32)
+    if len(b_cols):
+        scores.index_put_((torch.from_numpy(b_rows), torch.from_numpy(b_cols)), torch.from_numpy(b_vals),
+                          accumulate=True)
     neg = float("-inf")
     for b, a in enumerate(asks):
-        s = scores[b]
         if a.rows is not None:
-            masked = torch.full_like(s, neg)
-            r = torch.from_numpy(a.rows)
-            masked[r] = s[r]
-            s = masked
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[torch.from_numpy(a.rows)] = True
+            scores[b].masked_fill_(~keep, neg)
         if a.exclude_history and len(a.query.history_positions):
-            s[torch.from_numpy(a.query.history_positions)] = neg
-        idx, val = _top(s, a.k)
-        out.append(_picks(state, idx, val, a.query.history_positions))
-    return out
+            scores[b, torch.from_numpy(a.query.history_positions)] = neg
+    ks = np.array([min(a.k, n) for a in asks], np.int64)
+    groups = _Groups.of(scores)
+    bound = groups.kth_lower_bound(ks)
+    lowest = float(np.finfo(np.float32).min)  # never admit excluded (-inf) items
+    thr = np.maximum(np.where(np.isfinite(bound), bound - 2 * eps, lowest), lowest)
+    rows, cols = groups.at_least(thr)
+    exact = scorer.exact_rows(users, cols, rows)
+    if len(b_cols) and len(cols):
+        key_b = b_rows * n + b_cols
+        order = np.argsort(key_b)
+        key_b, val_b = key_b[order], b_vals[order]
+        key = rows * n + cols
+        at = np.searchsorted(key_b, key).clip(0, len(key_b) - 1)
+        hit = key_b[at] == key
+        exact[hit] += val_b[at[hit]]
+    order = np.lexsort((cols, -exact, rows))  # by user, best first (ties: lower position)
+    rows, cols, exact = rows[order], cols[order], exact[order]
+    starts = np.searchsorted(rows, np.arange(n_users + 1))
+    chosen = [(cols[starts[b]: starts[b] + min(ks[b], starts[b + 1] - starts[b])],
+               exact[starts[b]: starts[b] + min(ks[b], starts[b + 1] - starts[b])]) for b in range(n_users)]
+    why = _reason_lists(state, [c[0] for c in chosen], [a.query.history_positions for a in asks])
+    return [
+        [Pick(int(i), float(v), kd, w) for i, v, kd, w in zip(idx.tolist(), val.tolist(), kinds, ws, strict=True)]
+        for (idx, val), (kinds, ws) in zip(chosen, why, strict=True)
+    ]
 
 
 def _exact_subset(state: ServingState, q: UserQuery, rows: np.ndarray) -> np.ndarray:
@@ -112,7 +227,7 @@ def _exact_subset(state: ServingState, q: UserQuery, rows: np.ndarray) -> np.nda
     if len(q.bonus_positions):
         hit = np.isin(rows, q.bonus_positions)
         if hit.any():
-            bonus = dict(zip(q.bonus_positions.tolist(), q.bonus.tolist(), strict=True))
+            bonus = dict(zip(q.bonus_positions.tolist(), _bonus(state, q).tolist(), strict=True))
             s[hit] += np.array([bonus[r] for r in rows[hit].tolist()], dtype=np.float32)
     return s
 

@@ -183,3 +183,114 @@ def test_logged_features_hold_numbers_and_bands_only() -> None:
     out = json.loads(logged_features(feats, 2))
     assert out["purchases_7d"] == 3 and out["spend_7d"] is None and out["age"] == "25-34"
     assert out["history_len"] == 2 and "user_id" not in out and "history_item_ids" not in out
+
+
+def _tiny_state(n_items: int = 60):  # noqa: ANN202
+    from recflow.modeling import build_index, build_tiny_model
+    from serving.model_state import Catalogue, ExactScorer, ServingState
+
+    model = build_tiny_model(n_items=n_items, seed=3)
+    index = build_index(model)
+    cat = Catalogue(np.array([f"t{i}" for i in range(n_items)], object), np.array(["c"] * n_items, object),
+                    np.array(["d"] * n_items, object), {}, np.arange(n_items), np.zeros(n_items, np.float32))
+    return model, ServingState(model, index, ExactScorer(index), None, cat, "v", None, "", 0.0)  # type: ignore[arg-type]
+
+
+def _features(rng: np.random.Generator, n_items: int) -> dict[str, object]:
+    n = int(rng.integers(0, 12))
+    ids = [f"i{int(i)}" for i in rng.integers(0, n_items, n)] + (["unknown"] if n % 4 == 1 else [])
+    ts = sorted(rng.integers(1_000_000, 2_000_000, len(ids)).tolist(), reverse=True)
+    return {"user_history__history_item_ids": [ids], "user_history__history_ts": [ts],
+            "user_activity__days_since_last_purchase": [float(rng.integers(0, 9))],
+            "user_activity__purchases_7d": [int(rng.integers(0, 5))], "user_profile__age": ["a"],
+            "user_profile__income": [None]}
+
+
+def test_serving_tower_matches_the_model() -> None:
+    """serving.tower (index vectors, batched id lookup) gives the model's own user queries."""
+    from recflow.modeling import user_queries
+    from serving import tower
+
+    model, state = _tiny_state()
+    rng = np.random.default_rng(0)
+    feats = [_features(rng, 60) for _ in range(9)] + [{}]
+    ours = tower.user_queries(model, state.index, state.lookup, feats)
+    ref = user_queries(model, feats)
+    for a, b in zip(ours, ref, strict=True):
+        assert np.allclose(a.vector, b.vector, atol=1e-5)
+        assert np.array_equal(a.bonus_positions, b.bonus_positions) and a.n_history == b.n_history
+        assert np.allclose(a.bonus, b.bonus, atol=1e-5)
+    assert state.lookup(["i3", "nope", "i0"]).tolist() == [3, -1, 0]
+    assert state.lookup([]).tolist() == []
+
+
+def test_rank_users_is_the_exact_float32_top_k_with_and_without_prefilter() -> None:
+    """Batches large enough use the bfloat16 prefilter; results equal a brute-force float32 ranking
+    of ``ItemIndex.scores`` (re-buy bonus with the item's repeat offset), with exclusions,
+    category rows, k above the allowed items, and for a single user (no prefilter)."""
+    import torch
+
+    from recflow.modeling import ItemIndex, UserQuery
+    from serving import ranking
+    from serving.model_state import Catalogue, ExactScorer, ServingState
+
+    rng = np.random.default_rng(1)
+    n, d = 5000, 16
+    m = rng.standard_normal((n, d))
+    m[:50] = m[0]  # exact ties
+    m = (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
+    index = ItemIndex([str(i) for i in range(n)], m, (0.3 * rng.standard_normal(n)).astype(np.float32),
+                      (0.5 * rng.standard_normal(n)).astype(np.float32))
+    cat = Catalogue(np.full(n, None, object), np.full(n, None, object), np.full(n, None, object), {},
+                    np.arange(n), np.zeros(n, np.float32))
+    state = ServingState(None, index, ExactScorer(index), None, cat, "v", None, "", 0.0)  # type: ignore[arg-type]
+    assert state.scorer.approx is not None, "the prefilter passes its own error check"
+    asks = []
+    for b in range(24):
+        hist = rng.choice(n, int(rng.integers(0, 30)), replace=False).astype(np.int64)
+        q = UserQuery((rng.standard_normal(d) * 10).astype(np.float32), hist,
+                      rng.standard_normal(len(hist)).astype(np.float32), len(hist))
+        rows = np.sort(rng.choice(n, 7, replace=False)) if b % 5 == 3 else None
+        asks.append(ranking.UserAsk(q, 10 if b % 4 else 25, exclude_history=b % 3 == 1, rows=rows))
+    assert len(asks) >= ranking.PREFILTER_MIN_BATCH
+    for batch in (asks, asks[:1]):
+        got = ranking.rank_users(state, batch)
+        for a, picks in zip(batch, got, strict=True):
+            s = index.scores(a.query).astype(np.float64)
+            if a.exclude_history:
+                s[a.query.history_positions] = -np.inf
+            if a.rows is not None:
+                keep = np.full(n, -np.inf)
+                keep[a.rows] = s[a.rows]
+                s = keep
+            k = min(a.k, int(np.isfinite(s).sum()))
+            ref = np.sort(s)[::-1][:k]
+            assert len(picks) == k
+            assert np.allclose([p.score for p in picks], ref, atol=1e-4), "the same scores, best first"
+            assert np.allclose(s[[p.position for p in picks]], ref, atol=1e-4), "positions carry those scores"
+            for p in picks:
+                assert p.kind == ("repeat" if p.position in set(a.query.history_positions.tolist()) else "similar")
+    # the prefilter's approximations stay within the bound it reports
+    u = np.stack([a.query.vector for a in asks])
+    err = (state.scorer.prefilter_scores(u) - state.scorer.scores(u)).abs().max(dim=1).values.numpy()
+    assert np.all(err <= state.scorer.error_bound(u))
+    assert isinstance(state.scorer.scores(u), torch.Tensor)
+
+
+def test_request_ids_are_unique_and_uuid_shaped() -> None:
+    from serving.runtime import RequestIds
+
+    a, b = RequestIds(), RequestIds()
+    ids = [a.next() for _ in range(1000)] + [b.next() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_fast_json_matches_the_standard_library() -> None:
+    from serving import jsonfast
+
+    value = {"request_id": "x", "items": [{"item_id": "1", "score": 0.123456, "title": "Käse \"mild\"",
+                                           "category": None, "reason": {"kind": "repeat", "item_id": "1"}}],
+             "feature_age_s": None, "fallback": False, "k": 3}
+    assert json.loads(jsonfast.dumps(value)) == value
+    assert json.loads(jsonfast._std(value)) == value
