@@ -10,6 +10,7 @@ from functools import cache
 from typing import Any
 
 STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -25,6 +26,11 @@ def metrics() -> dict[str, Any]:
         "stage": Histogram(
             "recflow_stage_seconds", "Time per /recommend batch stage (features, user_tower, topk).", ["stage"],
             buckets=STAGE_BUCKETS,
+        ),
+        "latency": Histogram(
+            "recflow_request_seconds",
+            "Request latency in the service (BentoML's per-request HTTP metrics skip /recommend: they cost more "
+            "than the ranking itself).", ["endpoint"], buckets=LATENCY_BUCKETS,
         ),
         "batch": Histogram("recflow_batch_size", "Requests ranked per /recommend batch.", buckets=BATCH_BUCKETS),
         "feedback": Counter("recflow_feedback", "Accepted feedback events by push outcome.", ["outcome"]),

@@ -58,13 +58,18 @@ class RequestGuard:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in API_PATHS:
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        raw_type, length = b"application/json", None
+        for name, v in scope.get("headers", ()):
+            k = name.lower()
+            if k == b"content-type":
+                raw_type = v
+            elif k == b"content-length":
+                length = v.decode("latin-1")
+        ctype = raw_type.decode("latin-1").split(";")[0].strip().lower()
         if ctype not in ("application/json", ""):
             await _reply(send, 415, {"error": f"content-type {ctype!r} is not supported: send application/json",
                                      "fields": ["content-type"]})
             return
-        length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
             await _reply(send, 413, {"error": f"request body larger than {MAX_BODY} bytes", "fields": ["body"]})
             return

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,14 +31,13 @@ import numpy as np
 
 from recflow.event_log import EventLog
 from recflow.settings import Settings
-from serving import ranking
+from serving import ranking, tower
 from serving.api import (
     FeedbackRequest,
     FeedbackResponse,
     Item,
     Reason,
     RecommendRequest,
-    RecommendResponse,
     ReloadResponse,
     SearchRequest,
     SearchResponse,
@@ -47,6 +47,7 @@ from serving.api import (
 )
 from serving.batching import MicroBatcher
 from serving.features import feature_age_s, fetch_user_features, logged_features
+from serving.jsonfast import dumps
 from serving.metrics import metrics
 from serving.model_state import ModelNotFound, ServingState, load_state
 from serving.request_log import RequestLogWriter
@@ -89,9 +90,34 @@ class _Job:
 
 @dataclass
 class _Answer:
-    response: RecommendResponse
+    """One /recommend answer: the JSON body (a :class:`RecommendResponse`) and what gets logged."""
+
+    body: bytes
     features_json: str
     k: int
+    item_ids: list[str]
+    scores: list[float]
+    model_version: str
+    fallback: bool
+    degraded: bool
+    feature_age_s: float | None
+
+
+def _text(value: Any) -> str | None:
+    """A catalogue text field as JSON wants it (None for missing or NaN)."""
+    return value if isinstance(value, str) else None
+
+
+class RequestIds:
+    """Unique request ids without a system call per request: a random 64-bit prefix per process
+    and a counter (32 hex characters, like ``uuid4().hex``)."""
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
 
 
 @dataclass
@@ -141,6 +167,7 @@ class Runtime:
     _store_warn: _RateLimitedLog = field(default_factory=_RateLimitedLog)
     _push_warn: _RateLimitedLog = field(default_factory=_RateLimitedLog)
     _store_down_until: float = 0.0
+    _request_ids: RequestIds = field(default_factory=RequestIds)
 
     # --- lifecycle -------------------------------------------------------------------------
     @property
@@ -279,25 +306,30 @@ class Runtime:
         return dict(zip(user_ids, rows, strict=True))
 
     # --- /recommend ---------------------------------------------------------------------------
-    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
-        """Personalised top-k (popularity when the user is unknown or the store is down)."""
+    async def recommend(self, req: RecommendRequest) -> bytes:
+        """Personalised top-k (popularity when the user is unknown or the store is down): the JSON
+        of a :class:`RecommendResponse`, serialised in the batch (off the event loop)."""
         self.require_state()
         assert self._batcher is not None
         started = time.perf_counter()
         now = req.timestamp or datetime.now(UTC)
-        job = _Job(req, uuid.uuid4().hex, now)
-        answer = await self._batcher.submit(job)
-        resp = answer.response
-        self._log_request("recommend", resp.request_id, now, req.user_id, None, answer.k, resp.model_version,
-                          resp.fallback, resp.degraded, resp.feature_age_s, started, answer.features_json, resp.items)
-        return resp
+        request_id = self._request_ids.next()
+        answer = await self._batcher.submit(_Job(req, request_id, now))
+        if self.request_log is not None:
+            self.request_log.log({
+                "request_id": request_id, "ts": now, "endpoint": "recommend", "user_id": req.user_id, "item_id": None,
+                "k": answer.k, "model_version": answer.model_version, "fallback": answer.fallback,
+                "degraded": answer.degraded, "feature_age_s": answer.feature_age_s,
+                "latency_ms": (time.perf_counter() - started) * 1e3, "features": answer.features_json,
+                "item_ids": answer.item_ids, "scores": answer.scores,
+            })
+        metrics()["latency"].labels("recommend").observe(time.perf_counter() - started)
+        return answer.body
 
     def _on_batch(self, size: int, seconds: float) -> None:
         metrics()["batch"].observe(size)
 
     def _recommend_batch(self, jobs: list[_Job]) -> list[_Answer | BaseException]:
-        from recflow.modeling import user_queries
-
         state = self.require_state()
         t0 = time.perf_counter()
         users = list(dict.fromkeys(j.req.user_id for j in jobs))
@@ -321,7 +353,8 @@ class Runtime:
             rows.append(r)
             out.append(None)  # type: ignore[arg-type]
         with_feats = [i for i, j in enumerate(jobs) if out[i] is None and feats and feats[j.req.user_id] is not None]
-        queries = user_queries(state.model, [feats[jobs[i].req.user_id] for i in with_feats]) if feats and with_feats else []
+        queries = (tower.user_queries(state.model, state.index, state.lookup, [feats[jobs[i].req.user_id] for i in with_feats])
+                   if feats and with_feats else [])
         t2 = time.perf_counter()
         asks, ask_of = [], {}
         for i, q in zip(with_feats, queries, strict=True):
@@ -342,11 +375,14 @@ class Runtime:
                 exclude = q.history_positions if (q is not None and j.req.exclude_purchased) else None
                 picks, fallback = ranking.popular(state, ks[i], rows[i], exclude), True
             age = feature_age_s(f, j.now.timestamp()) if f else None
-            resp = RecommendResponse.model_construct(
-                request_id=j.request_id, user_id=j.req.user_id, items=self._items(state, picks),
-                model_version=state.version, feature_age_s=age, fallback=fallback, degraded=degraded,
-            )
-            out[i] = _Answer(resp, logged_features(f, q.n_history if q is not None else 0), ks[i])
+            items = self._item_dicts(state, picks)
+            body = dumps({
+                "request_id": j.request_id, "user_id": j.req.user_id, "items": items, "model_version": state.version,
+                "feature_age_s": age, "fallback": fallback, "degraded": degraded,
+            })
+            out[i] = _Answer(body, logged_features(f, q.n_history if q is not None else 0), ks[i],
+                             [it["item_id"] for it in items], [it["score"] for it in items], state.version,
+                             fallback, degraded, age)
         t4 = time.perf_counter()
         times = StageTimes(len(jobs), t1 - t0, t2 - t1, (t3 - t2) + (t4 - t3))
         self.stage_times.append(times)
@@ -354,11 +390,22 @@ class Runtime:
         m.labels("features").observe(times.features)
         m.labels("user_tower").observe(times.user_tower)
         m.labels("topk").observe(times.topk)
-        for a in out:
-            if isinstance(a, _Answer):
-                kind = "degraded" if a.response.degraded else "fallback" if a.response.fallback else "model"
-                metrics()["responses"].labels("recommend", kind).inc()
+        kinds = Counter("degraded" if a.degraded else "fallback" if a.fallback else "model"
+                        for a in out if isinstance(a, _Answer))
+        for kind, n in kinds.items():
+            metrics()["responses"].labels("recommend", kind).inc(n)
         return out
+
+    @staticmethod
+    def _item_dicts(state: ServingState, picks: list[ranking.Pick]) -> list[dict[str, Any]]:
+        """:meth:`_items` as plain dicts (the JSON of ``Item``)."""
+        ids, cat = state.index.item_ids, state.catalogue
+        return [
+            {"item_id": ids[p.position], "score": round(p.score, 6), "title": _text(cat.titles[p.position]),
+             "category": _text(cat.categories[p.position]),
+             "reason": {"kind": p.kind, "item_id": ids[p.reason] if p.reason is not None else None}}
+            for p in picks
+        ]
 
     @staticmethod
     def _items(state: ServingState, picks: list[ranking.Pick]) -> list[Item]:
@@ -396,7 +443,7 @@ class Runtime:
             raise NotFound(f"item_id {req.item_id!r} is not in the catalogue", field="item_id")
         k = min(req.k or self.settings.serving.default_k, state.n_items - 1)
         picks = await self._run(self._compute, ranking.similar, state, pos, k)
-        resp = SimilarResponse.model_construct(request_id=uuid.uuid4().hex, item_id=req.item_id,
+        resp = SimilarResponse.model_construct(request_id=self._request_ids.next(), item_id=req.item_id,
                                                items=self._items(state, picks), model_version=state.version)
         metrics()["responses"].labels("similar", "model").inc()
         self._log_request("similar", resp.request_id, datetime.now(UTC), None, req.item_id, k, state.version,
@@ -405,8 +452,6 @@ class Runtime:
 
     async def search(self, req: SearchRequest) -> SearchResponse:
         """Semantic search over item texts; personalised by the user's model score when given."""
-        from recflow.modeling import user_query
-
         state = self.require_state()
         started = time.perf_counter()
         k = min(req.k or self.settings.serving.default_k, state.n_items)
@@ -415,11 +460,12 @@ class Runtime:
             feats = await self._run(None, self._fetch, [req.user_id])
             degraded = feats is None
             if feats and feats.get(req.user_id):
-                q = await self._run(self._compute, user_query, state.model, feats[req.user_id])
+                q = (await self._run(self._compute, tower.user_queries, state.model, state.index, state.lookup,
+                                     [feats[req.user_id]]))[0]
                 query = q if q.n_history > 0 else None
         picks = await self._run(self._compute, ranking.search, state, req.query, k, query,
                                 self.settings.serving.search_personalisation)
-        resp = SearchResponse.model_construct(request_id=uuid.uuid4().hex, items=self._items(state, picks),
+        resp = SearchResponse.model_construct(request_id=self._request_ids.next(), items=self._items(state, picks),
                                               model_version=state.version, personalised=query is not None,
                                               degraded=degraded)
         metrics()["responses"].labels("search", "degraded" if degraded else "model").inc()

@@ -200,16 +200,18 @@ def test_service_end_to_end(tiny_features) -> None:  # noqa: ANN001
         second = registry.register(settings, shop_model(settings, seed=1), {"note": "second"})
         registry.set_champion(settings, second, "test reload")
         codes: list[int] = []
-        stop = threading.Event()
+        stop, flowing = threading.Event(), threading.Event()
 
         def hammer() -> None:
             with httpx.Client(base_url=svc.url, timeout=30) as h:
                 while not stop.is_set():
                     codes.append(h.post("/recommend", json={"user_id": "a"}).status_code)
+                    flowing.set()
 
         worker = threading.Thread(target=hammer)
         worker.start()
         try:
+            assert flowing.wait(30), "no /recommend answer before the reload"
             assert _post(c, "/reload", {}).status_code == 401
             r = _post(c, "/reload", {}, AUTH)
             assert r.status_code == 200, r.text
