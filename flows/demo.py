@@ -115,7 +115,7 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
             days.append(result.summary())
             s = days[-1]
             say(f"[demo] replayed {s['day']}: {s['users']} users, {s['recommend_calls']} recommend, "
-                f"{s['feedback_calls']} feedback, {s['errors']} errors, p99 {s['p99_ms']} ms")
+                f"{s['feedback_events']} feedback events in {s['feedback_calls']} calls, {s['errors']} errors, p99 {s['p99_ms']} ms")
             n = len(days)
             if n % d.monitor_every_days:
                 return
@@ -143,13 +143,14 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
     say(f"[demo] 6/6 evaluate on the held-out week from {after_replay.date()}")
     if not retrains:
         build_features(skip_ingest=True, settings=settings)  # the replayed feedback into the offline features
-    scores = next_week_ndcg(settings, [first, final], after_replay, say)
+    challengers = [r["challenger"] for r in retrains]
+    scores = next_week_ndcg(settings, [first, final, *challengers], after_replay, say)
     lap("evaluate", t0)
     from monitoring.index import write_index
 
     index = write_index(settings.paths.reports)
     before, after = scores[first]["ndcg@10"], scores[final]["ndcg@10"]
-    replay_totals = {k: sum(x[k] for x in days) for k in ("users", "recommend_calls", "feedback_calls", "errors", "fallback")}
+    replay_totals = {k: sum(x[k] for x in days) for k in ("users", "recommend_calls", "feedback_calls", "feedback_events", "errors", "fallback")}
     summary = {
         "wall_s": round(time.perf_counter() - started, 1),
         "drift_detected_on": drift_on,
@@ -160,7 +161,10 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
         "models": {"first_champion": first, "final_champion": final, "bento": bento,
                    "challengers": [r["challenger"] for r in retrains]},
         "next_week": {"start": str(after_replay.date()), "users": int(scores["_users"]["n"]),
-                      "first_champion": scores[first], "final_champion": scores[final]},
+                      "first_champion": scores[first], "final_champion": scores[final],
+                      # every retrained model, promoted or not: did retraining help on the future week?
+                      "challengers": {t: scores[t] for t in challengers}},
+        "retrained_beat_first_on_next_week": {t: scores[t]["ndcg@10"] > before for t in challengers},
         "monitor_runs": [{k: m[k] for k in ("window", "verdict", "reasons", "run_dir")} for m in monitors],
         "retrains": [{k: r[k] for k in ("challenger", "promoted", "gate", "window", "mode", "seconds")} for r in retrains],
         "replay": {"from": str(start.date()), "days": d.replay_days, **replay_totals, "per_day": days},

@@ -481,6 +481,8 @@ def demo(
     table.add_row("drift detected", str(summary["drift_detected_on"]))
     table.add_row(f"NDCG@10 week from {summary['next_week']['start']}, first champion", f"{summary['ndcg_next_week_before']:.4f}")
     table.add_row(f"NDCG@10 week from {summary['next_week']['start']}, final champion", f"{summary['ndcg_next_week_after']:.4f}")
+    for tag, values in summary["next_week"]["challengers"].items():
+        table.add_row(f"NDCG@10 same week, challenger {tag}", f"{values['ndcg@10']:.4f}")
     beat = summary["retraining_beat_no_retraining"]
     table.add_row("retraining beat not retraining", "no retrain promoted" if beat is None else ("yes" if beat else "no"))
     table.add_row("wall time", f"{summary['wall_s']:.0f} s")

@@ -1,9 +1,10 @@
 """Replay real events through the running service, day by day, as production traffic would arrive.
 
 For every simulated day, each active user's baskets are replayed in time order: the user first
-asks ``/recommend`` (with the basket's time as the request time), then every line of the basket is
-sent to ``/feedback``. Users are replayed concurrently; one user's requests stay in order. A
-callback after each day lets the caller run the monitor every simulated week.
+asks ``/recommend`` (with the basket's time as the request time), then the basket's lines go to
+``/feedback/batch`` in one call (or, one by one, to ``/feedback``). Users are replayed concurrently;
+one user's requests stay in order. A callback after each day lets the caller run the monitor every
+simulated week.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import pandas as pd
 from recflow.progress import report
 from recflow.settings import Settings
 
+MAX_BATCH = 200  # events per /feedback/batch call (the service's limit)
+
 
 @dataclass
 class DayResult:
@@ -32,6 +35,7 @@ class DayResult:
     events: int = 0
     recommend_calls: int = 0
     feedback_calls: int = 0
+    feedback_events: int = 0
     errors: int = 0
     error_examples: list[str] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
@@ -47,6 +51,7 @@ class DayResult:
             "events": self.events,
             "recommend_calls": self.recommend_calls,
             "feedback_calls": self.feedback_calls,
+            "feedback_events": self.feedback_events,
             "errors": self.errors,
             "error_examples": self.error_examples[:3],
             "fallback": self.fallback,
@@ -91,18 +96,26 @@ def _feedback_body(line: Any) -> dict[str, Any]:
 
 
 async def _replay_user(
-    client: Any, user_events: pd.DataFrame, k: int, headers: dict[str, str], result: DayResult, gate: asyncio.Semaphore
+    client: Any, user_events: pd.DataFrame, k: int, headers: dict[str, str], result: DayResult, gate: asyncio.Semaphore,
+    batch: bool,
 ) -> None:
     async with gate:
         for _, basket in user_events.groupby("basket", sort=False):
             first = basket.iloc[0]
             await _call(client, "/recommend", {"user_id": first.user_id, "k": k,
                                                 "timestamp": first.event_timestamp.isoformat()}, {}, result)
-            for line in basket.itertuples(index=False):
-                await _call(client, "/feedback", _feedback_body(line), headers, result)
+            bodies = [_feedback_body(line) for line in basket.itertuples(index=False)]
+            if batch:  # a checkout posts its basket at once: one durable append and one online push
+                for s in range(0, len(bodies), MAX_BATCH):
+                    await _call(client, "/feedback/batch", {"events": bodies[s : s + MAX_BATCH]}, headers, result,
+                                n_events=len(bodies[s : s + MAX_BATCH]))
+            else:
+                for body in bodies:
+                    await _call(client, "/feedback", body, headers, result)
 
 
-async def _call(client: Any, path: str, body: dict[str, Any], headers: dict[str, str], result: DayResult) -> None:
+async def _call(client: Any, path: str, body: dict[str, Any], headers: dict[str, str], result: DayResult,
+                n_events: int = 1) -> None:
     t = time.perf_counter()
     try:
         response = await client.post(path, json=body, headers=headers)
@@ -117,6 +130,7 @@ async def _call(client: Any, path: str, body: dict[str, Any], headers: dict[str,
         result.recommend_calls += 1
     else:
         result.feedback_calls += 1
+        result.feedback_events += n_events
     if not ok:
         result.errors += 1
         if len(result.error_examples) < 5:
@@ -124,7 +138,7 @@ async def _call(client: Any, path: str, body: dict[str, Any], headers: dict[str,
 
 
 async def _replay_day(base_url: str, day_events: pd.DataFrame, k: int, token: str | None, concurrency: int,
-                      day: date) -> DayResult:
+                      day: date, batch: bool) -> DayResult:
     import httpx
 
     result = DayResult(day=day, users=day_events["user_id"].nunique(), baskets=day_events["basket"].nunique(),
@@ -135,7 +149,7 @@ async def _replay_day(base_url: str, day_events: pd.DataFrame, k: int, token: st
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
         await asyncio.gather(
-            *(_replay_user(client, g, k, headers, result, gate) for _, g in day_events.groupby("user_id", sort=False))
+            *(_replay_user(client, g, k, headers, result, gate, batch) for _, g in day_events.groupby("user_id", sort=False))
         )
     result.seconds = time.perf_counter() - started
     return result
@@ -151,8 +165,12 @@ def replay(
     token: str | None = None,
     concurrency: int = 8,
     on_day: Callable[[DayResult], None] | None = None,
+    batch: bool = True,
 ) -> list[DayResult]:
-    """Replay ``days`` days of real events from ``start`` through the service at ``base_url``."""
+    """Replay ``days`` days of real events from ``start`` through the service at ``base_url``.
+
+    ``batch``: each basket's lines go to ``/feedback/batch`` in one call (as a checkout would post
+    them); otherwise one ``/feedback`` call per line."""
     events = load_replay_events(settings, start, days)
     day_of = events["event_timestamp"].dt.floor("D")
     results = []
@@ -161,7 +179,7 @@ def replay(
         day = first + timedelta(days=offset)
         day_events = events[day_of.dt.date == day]
         report("replay", offset, days, f"{day}: {len(day_events):,} events")
-        result = asyncio.run(_replay_day(base_url, day_events, k, token, concurrency, day)) if len(day_events) else \
+        result = asyncio.run(_replay_day(base_url, day_events, k, token, concurrency, day, batch)) if len(day_events) else \
             DayResult(day=day)
         results.append(result)
         if on_day is not None:

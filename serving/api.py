@@ -80,6 +80,15 @@ class FeedbackRequest(_Strict):
     basket_id: Id | None = None
 
 
+MAX_FEEDBACK_BATCH = 200  # about 50 KB of JSON, inside the 64 KB body limit
+
+
+class FeedbackBatchRequest(_Strict):
+    """``POST /feedback/batch``: several actions at once (a basket at checkout); all are recorded or none."""
+
+    events: list[FeedbackRequest] = Field(min_length=1, max_length=MAX_FEEDBACK_BATCH)
+
+
 class ReloadRequest(_Strict):
     """``POST /reload``: load the current champion (or ``model_path``) and swap it in when ready."""
 
@@ -131,6 +140,13 @@ class FeedbackResponse(BaseModel):
     accepted: bool = Field(description="Durably in the event log (also true for a repeated event_id).")
     duplicate: bool
     pushed: bool = Field(description="Already visible online; when false it is retried from the event log.")
+
+
+class FeedbackBatchResponse(BaseModel):
+    event_ids: list[str]
+    accepted: int = Field(description="Events durably in the event log (repeated event_ids included).")
+    duplicates: int = Field(description="Events whose event_id was already logged (not counted twice).")
+    pushed: bool = Field(description="All visible online; when false they are retried from the event log.")
 
 
 class ReloadResponse(BaseModel):

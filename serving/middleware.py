@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 MAX_BODY = 64 * 1024
-API_PATHS = frozenset({"/recommend", "/similar", "/search", "/feedback", "/reload", "/status"})
+API_PATHS = frozenset({"/recommend", "/similar", "/search", "/feedback", "/feedback/batch", "/reload", "/status"})
 
 Scope = dict[str, Any]
 Receive = Any

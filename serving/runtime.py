@@ -33,6 +33,7 @@ from recflow.event_log import EventLog
 from recflow.settings import Settings
 from serving import ranking, tower
 from serving.api import (
+    FeedbackBatchResponse,
     FeedbackRequest,
     FeedbackResponse,
     Item,
@@ -495,6 +496,31 @@ class Runtime:
         pushed = pending is not None and event_id not in pending
         metrics()["feedback"].labels("pushed" if pushed else "pending").inc()
         return FeedbackResponse(event_id=event_id, accepted=True, duplicate=new == 0, pushed=pushed)
+
+    async def feedback_batch(self, reqs: list[FeedbackRequest]) -> FeedbackBatchResponse:
+        """Append several events durably in one transaction (all or none), then push them online."""
+        import pandas as pd
+
+        from serving.feedback import event_frame
+
+        state = self.require_state()
+        for i, req in enumerate(reqs):
+            if req.item_id not in state.index.position:
+                raise NotFound(f"events[{i}].item_id {req.item_id!r} is not in the catalogue; nothing was recorded",
+                               field=f"events.{i}.item_id")
+        now = datetime.now(UTC)
+        df = pd.concat([event_frame(r, now) for r in reqs], ignore_index=True)
+        ids = df["event_id"].astype(str).tolist()
+        new = await self._run(self._feedback, self.event_log.append, df)  # durable from here on
+        pending: set[str] | None
+        try:
+            pending = await asyncio.wait_for(self._run(self._feedback, self._push_pending),
+                                             self.settings.serving.feature_timeout_s * 2)
+        except TimeoutError:
+            pending = None
+        pushed = pending is not None and not pending.intersection(ids)
+        metrics()["feedback"].labels("pushed" if pushed else "pending").inc(len(ids))
+        return FeedbackBatchResponse(event_ids=ids, accepted=len(ids), duplicates=len(ids) - new, pushed=pushed)
 
     def _push_pending(self) -> set[str]:
         """Push every pending event online; returns the ids still pending."""

@@ -7,6 +7,7 @@ Endpoints (JSON over POST; contracts in :mod:`serving.api`):
   ``feature_age_s``, ``fallback``, ``degraded``;
 - ``/similar {item_id, k?}``, ``/search {query, k?, user_id?}``;
 - ``/feedback {user_id, item_id, event_type, quantity?, price?, timestamp?, event_id?, basket_id?}``
+- ``/feedback/batch {events: [feedback, ...]}`` (up to 200, e.g. a basket at checkout; all or none)
   (bearer token when ``serving.token`` is set): durable in the event log, then pushed online;
 - ``/reload {model_path?}`` (token): load the champion and swap it in without downtime;
 - ``/status``; ``GET /livez`` (process up), ``GET /readyz`` (model and store loaded),
@@ -28,6 +29,8 @@ import bentoml
 from starlette.responses import JSONResponse, Response
 
 from serving.api import (
+    FeedbackBatchRequest,
+    FeedbackBatchResponse,
     FeedbackRequest,
     FeedbackResponse,
     RecommendRequest,
@@ -153,6 +156,17 @@ class Recommender:
         try:
             self._authorise(ctx)
             return await self.runtime.feedback(FeedbackRequest.model_construct(**request))
+        except ServiceError as exc:
+            return _error(exc, ctx)  # type: ignore[return-value]
+
+    @bentoml.api(route="/feedback/batch", input_spec=FeedbackBatchRequest)
+    async def feedback_batch(self, ctx: bentoml.Context, **request: Any) -> FeedbackBatchResponse:
+        """Record up to 200 actions at once (a basket at checkout): durable together, then pushed online."""
+        try:
+            self._authorise(ctx)
+            events = [e if isinstance(e, FeedbackRequest) else FeedbackRequest.model_validate(e)
+                      for e in request["events"]]
+            return await self.runtime.feedback_batch(events)
         except ServiceError as exc:
             return _error(exc, ctx)  # type: ignore[return-value]
 

@@ -67,7 +67,7 @@ def test_closed_loop(make_settings, synthetic_shop_files, monkeypatch: pytest.Mo
     for key in ("wall_s", "drift_detected_on", "ndcg_next_week_before", "ndcg_next_week_after", "promoted"):
         assert key in summary
     replay = summary["replay"]
-    assert replay["days"] == 7 and replay["feedback_calls"] > 100 and replay["recommend_calls"] > 50
+    assert replay["days"] == 7 and replay["feedback_events"] > 100 and replay["recommend_calls"] > 50
     assert replay["errors"] == 0
     assert len(summary["monitor_runs"]) == 1
     run_dir = Path(summary["monitor_runs"][0]["run_dir"])
@@ -76,7 +76,7 @@ def test_closed_loop(make_settings, synthetic_shop_files, monkeypatch: pytest.Mo
     # The served feedback reached the event log and, through the rebuilt features, the training data.
     from recflow.event_log import EventLog
 
-    assert EventLog(settings.paths.event_log).stats()["logged"] == replay["feedback_calls"]
+    assert EventLog(settings.paths.event_log).stats()["logged"] == replay["feedback_events"]
     if summary["drift_detected_on"]:
         (r,) = summary["retrains"]
         assert r["mode"] == "incremental" and r["gate"]["metric"] == "ndcg@10"

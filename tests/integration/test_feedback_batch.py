@@ -1,0 +1,44 @@
+"""``/feedback/batch``: a basket recorded at once, durably and online; bad batches record nothing."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "batch-t0ken"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_feedback_batch(tiny_champion) -> None:  # noqa: ANN001
+    from recflow import feature_store as fs
+    from recflow.event_log import EventLog
+    from serving.run import start_local
+
+    settings, _tag = tiny_champion
+    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"token": TOKEN})})
+    store = fs.get_store(settings)
+    fs.apply(settings, store)
+    fs.materialize(settings, *fs.default_window(settings), store=store)
+    basket = [{"user_id": "c", "item_id": item, "event_type": "purchase", "quantity": 1, "price": 2.0,
+               "basket_id": "checkout-1", "event_id": f"checkout-1:{item}", "timestamp": "2024-05-30T10:00:00Z"}
+              for item in ("x", "w")]
+    with start_local(settings) as svc, httpx.Client(base_url=svc.url, timeout=30) as c:
+        assert c.post("/feedback/batch", json={"events": basket}).status_code == 401
+        bad = c.post("/feedback/batch", json={"events": [*basket, {**basket[0], "item_id": "nope", "event_id": "e-x"}]},
+                     headers=AUTH)
+        assert bad.status_code == 404 and "events[2].item_id" in bad.text
+        assert EventLog(settings.paths.event_log).stats()["logged"] == 0  # all or none
+        assert c.post("/feedback/batch", json={"events": []}, headers=AUTH).status_code == 400
+        too_many = [{**basket[0], "event_id": f"e{i}"} for i in range(201)]
+        assert c.post("/feedback/batch", json={"events": too_many}, headers=AUTH).status_code in (400, 413)
+        r = c.post("/feedback/batch", json={"events": basket}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["accepted"] == 2 and body["duplicates"] == 0 and body["event_ids"] == ["checkout-1:x", "checkout-1:w"]
+        again = c.post("/feedback/batch", json={"events": basket}, headers=AUTH).json()
+        assert again["duplicates"] == 2  # idempotent by event_id
+        assert EventLog(settings.paths.event_log).stats()["logged"] == 2
+        online = fs.online_features(settings, [{"user_id": "c"}], store=fs.get_store(settings))
+        assert {"x", "w"} <= set(online["user_history__history_item_ids"].iloc[0])  # pushed online at once
