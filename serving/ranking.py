@@ -159,6 +159,34 @@ class _Groups:
         return np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
 
 
+def _refine(
+    state: ServingState, users: np.ndarray, scores: torch.Tensor, ks: np.ndarray, eps: np.ndarray,
+    b_rows: np.ndarray, b_cols: np.ndarray, b_vals: np.ndarray,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Exact float32 top ``ks[b]`` from prefilter ``scores`` within ``eps[b]`` (see :func:`rank_users`)."""
+    scorer, n_users, n = state.scorer, len(ks), state.n_items
+    groups = _Groups.of(scores)
+    bound = groups.kth_lower_bound(ks)
+    lowest = float(np.finfo(np.float32).min)  # never admit excluded (-inf) items
+    thr = np.maximum(np.where(np.isfinite(bound), bound - 2 * eps, lowest), lowest)
+    rows, cols = groups.at_least(thr)
+    exact = scorer.exact_rows(users, cols, rows)
+    if len(b_cols) and len(cols):
+        key_b = b_rows * n + b_cols
+        order = np.argsort(key_b)
+        key_b, val_b = key_b[order], b_vals[order]
+        key = rows * n + cols
+        at = np.searchsorted(key_b, key).clip(0, len(key_b) - 1)
+        hit = key_b[at] == key
+        exact[hit] += val_b[at[hit]]
+    order = np.lexsort((cols, -exact, rows))  # by user, best first (ties: lower position)
+    rows, cols, exact = rows[order], cols[order], exact[order]
+    starts = np.searchsorted(rows, np.arange(n_users + 1))
+    chosen = [(cols[starts[b]: starts[b] + min(ks[b], starts[b + 1] - starts[b])],
+               exact[starts[b]: starts[b] + min(ks[b], starts[b + 1] - starts[b])]) for b in range(n_users)]
+    return chosen
+
+
 def rank_users(state: ServingState, asks: list[UserAsk]) -> list[list[Pick]]:
     """Personalised top-k for every ask (exact scan, or ANN candidates when the state has an ANN index).
 
@@ -196,25 +224,15 @@ def rank_users(state: ServingState, asks: list[UserAsk]) -> list[list[Pick]]:
         if a.exclude_history and len(a.query.history_positions):
             scores[b, torch.from_numpy(a.query.history_positions)] = neg
     ks = np.array([min(a.k, n) for a in asks], np.int64)
-    groups = _Groups.of(scores)
-    bound = groups.kth_lower_bound(ks)
-    lowest = float(np.finfo(np.float32).min)  # never admit excluded (-inf) items
-    thr = np.maximum(np.where(np.isfinite(bound), bound - 2 * eps, lowest), lowest)
-    rows, cols = groups.at_least(thr)
-    exact = scorer.exact_rows(users, cols, rows)
-    if len(b_cols) and len(cols):
-        key_b = b_rows * n + b_cols
-        order = np.argsort(key_b)
-        key_b, val_b = key_b[order], b_vals[order]
-        key = rows * n + cols
-        at = np.searchsorted(key_b, key).clip(0, len(key_b) - 1)
-        hit = key_b[at] == key
-        exact[hit] += val_b[at[hit]]
-    order = np.lexsort((cols, -exact, rows))  # by user, best first (ties: lower position)
-    rows, cols, exact = rows[order], cols[order], exact[order]
-    starts = np.searchsorted(rows, np.arange(n_users + 1))
-    chosen = [(cols[starts[b]: starts[b] + min(ks[b], starts[b + 1] - starts[b])],
-               exact[starts[b]: starts[b] + min(ks[b], starts[b + 1] - starts[b])]) for b in range(n_users)]
+    if not prefilter:  # float32 scores already exact: one batched top-k (cheapest for small batches)
+        top_val, top_idx = torch.topk(scores, int(ks.max()), dim=1)
+        chosen = []
+        for b in range(n_users):
+            v, i = top_val[b, : ks[b]].numpy(), top_idx[b, : ks[b]].numpy().astype(np.int64)
+            keep_f = np.isfinite(v)
+            chosen.append((i[keep_f], v[keep_f]))
+    else:
+        chosen = _refine(state, users, scores, ks, eps, b_rows, b_cols, b_vals)
     why = _reason_lists(state, [c[0] for c in chosen], [a.query.history_positions for a in asks])
     return [
         [Pick(int(i), float(v), kd, w) for i, v, kd, w in zip(idx.tolist(), val.tolist(), kinds, ws, strict=True)]
