@@ -14,34 +14,14 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from recflow import feature_store as fs
 from recflow.schemas import REQUEST_LOG_SCHEMA
 
 TOKEN = "t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def shop_model(settings, seed: int = 0):  # noqa: ANN001, ANN201
-    """A tiny random model over the tiny shop's catalogue, without item "v" (a cold-start item)."""
-    from recflow.modeling import ModelConfig, new_model, tiny_tokenizer
-    from recflow.modeling.build import TINY_BERT
-
-    items = pd.read_parquet(settings.paths.items).sort_values("item_id")
-    ids = [i for i in items["item_id"] if i != "v"]
-    texts = items.set_index("item_id").loc[ids, "text"].fillna("").tolist()
-    torch.manual_seed(seed)
-    cfg = ModelConfig(encoder=dict(TINY_BERT), n_ids=len(ids) + 1, text_dim=TINY_BERT["hidden_size"], dim=8,
-                      hidden=16, max_length=16, dropout=0.0)
-    model = new_model(cfg, ids, texts, id_rows=np.arange(1, len(ids) + 1), tokenizer=tiny_tokenizer())
-    with torch.no_grad():
-        model.text_emb.copy_(model.encode_texts(model.texts))
-    return model.eval()
 
 
 def _serving(settings, **serving):  # noqa: ANN001, ANN003, ANN202
@@ -114,7 +94,7 @@ BAD_INPUTS = [
 ]
 
 
-def test_service_end_to_end(tiny_features) -> None:  # noqa: ANN001
+def test_service_end_to_end(tiny_features, shop_model) -> None:  # noqa: ANN001
     from recflow import registry
     from recflow.event_log import EventLog
     from serving.run import start_local, wait_ready
@@ -239,7 +219,7 @@ def test_service_end_to_end(tiny_features) -> None:  # noqa: ANN001
     assert searched == {"query_chars": 9, "query_words": 2}
 
 
-def test_online_store_outage_degrades_and_feedback_is_retried(tiny_features) -> None:  # noqa: ANN001
+def test_online_store_outage_degrades_and_feedback_is_retried(tiny_features, shop_model) -> None:  # noqa: ANN001
     """Stop the Redis online store mid-run: answers degrade to popularity (200), feedback is kept in
     the event log and pushed once Redis is back."""
     import shutil
