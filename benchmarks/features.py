@@ -83,6 +83,7 @@ def main() -> None:
         "dataset": "completejourney",
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
+        "history_length": settings.features.history_length,
         "ingest_rows": rows,
         "ingest_s": round(ingest_s, 2),
         "ingest_rows_per_s": round(rows / ingest_s),
