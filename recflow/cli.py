@@ -466,7 +466,7 @@ def demo(
     if replay_days:
         settings = settings.model_copy(update={"demo": settings.demo.model_copy(update={"replay_days": replay_days})})
     try:
-        summary = run_demo(settings, out=out or DEFAULT_OUT, say=lambda m: console.print(m, highlight=False, markup=False))
+        summary = run_demo(settings, out=out or DEFAULT_OUT, say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
     except (FileNotFoundError, ValueError, LookupError) as exc:
         raise _fail(exc) from exc
     models = summary["models"]

@@ -19,4 +19,4 @@ def test_model_activity_features_exist_in_user_activity() -> None:
 
 
 def test_model_popularity_features_are_item_popularity() -> None:
-    assert config.POPULARITY_FEATURES == tuple(schemas.ITEM_POPULARITY_FEATURES)
+    assert tuple(schemas.ITEM_POPULARITY_FEATURES) == config.POPULARITY_FEATURES
