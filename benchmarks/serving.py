@@ -370,6 +370,8 @@ def main() -> None:
     parser.add_argument("--sweep-duration", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=GOAL["duration_s"], help="Seconds of the goal run.")
     parser.add_argument("--rate", type=float, default=GOAL["rps"], help="Rate of the goal run.")
+    parser.add_argument("--workers", default="1", help="Service worker processes; a list such as 1,2 repeats "
+                        "the goal run with each further count, in the same run (the first one gets the full run).")
     parser.add_argument("--index", default="exact", choices=["exact", "ann"])
     parser.add_argument("--item-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--fuzz-examples", type=int, default=80, help="Schemathesis examples per operation (0: no fuzzing).")
@@ -388,8 +390,10 @@ def main() -> None:
     ensure_features(home)
     settings = load_settings(home=home)
     folder, model_info = bench_model(settings)
+    workers = [int(w) for w in args.workers.split(",") if w]
     settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={
-        "model_path": folder, "token": TOKEN, "index": args.index, "item_dtype": args.item_dtype})})
+        "model_path": folder, "token": TOKEN, "index": args.index, "item_dtype": args.item_dtype,
+        "workers": workers[0]})})
     users = sorted(pd.read_parquet(settings.paths.feature_table("user_history"), columns=["user_id"])["user_id"].unique())
     work = home / "bench"
     work.mkdir(parents=True, exist_ok=True)
@@ -407,7 +411,7 @@ def main() -> None:
 
         status = httpx.post(f"{svc.url}/status", json={}, timeout=30).json()
         result["model"] = {**model_info, "version": status["model_version"], "items": status["items"]}
-        result["service"] = {"index": status["index"], "workers": 1, "online_store": settings.feast.online_store,
+        result["service"] = {"index": status["index"], "workers": workers[0], "online_store": settings.feast.online_store,
                              "history_length": settings.features.history_length,
                              "torch_threads": settings.serving.torch_threads,
                              "max_batch_size": settings.serving.max_batch_size,
@@ -440,6 +444,18 @@ def main() -> None:
             print(f"fuzz: {fz['cases']} cases, {fz['server_errors']} server errors", flush=True)
         service_log = svc.log_text()
         result["service_log_errors"] = [line[:300] for line in service_log.splitlines() if "[ERROR]" in line][:10]
+    if len(workers) > 1:  # the same goal run with other worker counts, as a comparison in the same run
+        by_workers = {str(workers[0]): goal}
+        for count in workers[1:]:
+            other = settings.model_copy(update={"serving": settings.serving.model_copy(update={"workers": count})})
+            with start_local(other, timeout=600, log_path=work / f"service-{count}w.log") as svc:
+                before = scrape(svc.url)
+                run = run_load(svc.url, args.rate, goal_s, users_file, svc.process.pid, work, seed=7)
+                run["server_batches"] = batch_stats(before, scrape(svc.url))
+            by_workers[str(count)] = run
+            print(f"goal run with {count} workers: p50 {run['p50_ms']} p99 {run['p99_ms']} errors {run['errors']}",
+                  flush=True)
+        result["goal_run_by_workers"] = by_workers
     mean_batch = goal["server_batches"]["mean_batch_size"] or 1
     result["breakdown_ms"] = breakdown(settings, [str(u) for u in users], int(round(mean_batch)),
                                       200 if args.quick else 2000)

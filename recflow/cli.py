@@ -314,12 +314,15 @@ def train(
 def serve(
     port: Annotated[int | None, typer.Option(help="Port (default: settings.serving.port).")] = None,
     host: Annotated[str | None, typer.Option(help="Interface (default 127.0.0.1).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, max=64, help="Worker processes (default: settings.serving.workers, 1).")] = None,
 ) -> None:
     """Run the BentoML recommendation service in the foreground with the champion model."""
     from recflow import registry
     from serving.run import serve as run_serve
 
     settings = _settings()
+    if workers is not None:
+        settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"workers": workers})})
     if settings.serving.model_path is None and settings.serving.model_tag is None and registry.get_champion(settings) is None:
         raise _fail(FileNotFoundError(f"no champion model under {settings.paths.models}"),
                     "Train one first: recflow train (or recflow demo)")

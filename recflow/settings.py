@@ -155,6 +155,16 @@ class ServingSettings(BaseModel):
         description="Extra wait for more requests before ranking a batch (0: batch what queued during the previous one).",
     )
     torch_threads: int = Field(default=1, ge=1, description="Intra-op threads of torch and the BLAS in the service.")
+    workers: int = Field(
+        default=1, ge=1, le=64,
+        description="Service worker processes of `recflow serve` (each loads the model; BentoML spreads requests). "
+        "For a bento: BENTOML_CONFIG_OPTIONS='services.recflow.workers=N'.",
+    )
+    champion_poll_s: float = Field(
+        default=10.0, ge=0,
+        description="How often each worker checks the champion pointer and loads a new champion by itself, so a "
+        "promotion or rollback reaches every worker and replica (0: only /reload).",
+    )
     feature_timeout_s: float = Field(
         default=1.0, gt=0, description="Online feature reads slower than this fall back to popularity (degraded)."
     )

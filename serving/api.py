@@ -167,3 +167,4 @@ class Status(BaseModel):
     loaded_at: str | None
     load_error: str | None
     pending_feedback: int | None
+    worker_pid: int  # which worker process answered (with serving.workers > 1, each has its own model)

@@ -67,7 +67,7 @@ class RequestLogWriter:
         if self._thread is not None and self._thread.is_alive():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        stale = [p for p in self.folder.rglob(f"*.parquet{IN_PROGRESS}") if p.is_file()]
+        stale = [p for p in self.folder.rglob(f"*.parquet{IN_PROGRESS}") if p.is_file() and not _writer_alive(p)]
         if stale:
             log.warning("request log: %d file(s) left in progress by an earlier crash (unreadable): %s",
                         len(stale), ", ".join(str(p) for p in stale[:3]))
@@ -142,3 +142,21 @@ class RequestLogWriter:
         final = self._path.with_name(self._path.name.removesuffix(IN_PROGRESS))
         os.replace(self._path, final)
         self._writer, self._path = None, None
+
+
+def _writer_alive(path: Path) -> bool:
+    """Whether the process named in an in-progress file's name (``requests-<start>-<pid>-<n>``) still
+    runs: another worker's open file is not a crash leftover."""
+    try:
+        pid = int(path.name.split("-")[2])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

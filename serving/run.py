@@ -48,6 +48,9 @@ def service_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
     env.setdefault("OMP_NUM_THREADS", str(settings.serving.torch_threads))
     env.setdefault("OPENBLAS_NUM_THREADS", str(settings.serving.torch_threads))
     env.setdefault("MKL_NUM_THREADS", str(settings.serving.torch_threads))
+    if settings.serving.workers > 1:  # the service's decorator says 1; BentoML merges this override into it
+        override = f"services.recflow.workers={settings.serving.workers}"
+        env["BENTOML_CONFIG_OPTIONS"] = " ".join(filter(None, [env.get("BENTOML_CONFIG_OPTIONS"), override]))
     env.update(extra or {})
     return env
 
@@ -77,21 +80,34 @@ class LocalService:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def wait_ready(url: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Block until ``GET url/readyz`` answers 200 (raise TimeoutError / RuntimeError)."""
+def wait_ready(url: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None,
+               workers: int = 1) -> None:
+    """Block until the service is ready (raise TimeoutError / RuntimeError): ``GET url/readyz`` answers
+    200, or, with several worker processes, ``/status`` says ready from ``workers`` distinct ones."""
     import httpx
 
     deadline = time.monotonic() + timeout
+    ready_pids: set[int] = set()
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"service exited with code {process.returncode} before it was ready")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
+            if workers <= 1:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    return
+            else:  # a new connection per call, so the kernel can hand it to any worker
+                body = httpx.post(f"{url}/status", json={}, timeout=2).json()
+                if body.get("ready"):
+                    ready_pids.add(int(body["worker_pid"]))
+                if len(ready_pids) >= workers:
+                    return
+                time.sleep(0.05)
+                continue
+        except (httpx.HTTPError, ValueError, KeyError):
             pass
         time.sleep(0.2)
-    raise TimeoutError(f"{url}/readyz not 200 after {timeout:.0f} s")
+    what = f"{len(ready_pids)} of {workers} workers ready" if workers > 1 else "/readyz not 200"
+    raise TimeoutError(f"{url}: {what} after {timeout:.0f} s")
 
 
 @contextmanager
@@ -118,7 +134,7 @@ def start_local(
         try:
             wait_for_port(port, timeout=timeout, proc=proc)
             if ready:
-                wait_ready(service.url, timeout=timeout, process=proc)
+                wait_ready(service.url, timeout=timeout, process=proc, workers=settings.serving.workers)
             yield service
         except BaseException:
             sys.stderr.write(f"--- service log ({log_path}) ---\n{service.log_text()[-4000:]}\n")

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import time
 import uuid
 from collections import Counter, deque
@@ -50,11 +51,13 @@ from serving.batching import MicroBatcher
 from serving.features import feature_age_s, fetch_user_features, logged_features
 from serving.jsonfast import dumps
 from serving.metrics import metrics
-from serving.model_state import ModelNotFound, ServingState, load_state
+from serving.model_state import ModelNotFound, ServingState, load_state, resolve_model
 from serving.request_log import RequestLogWriter
 
 if TYPE_CHECKING:
     from feast import FeatureService, FeatureStore
+
+    from serving.model_state import ModelSource
 
 log = logging.getLogger("recflow.serving")
 
@@ -210,7 +213,8 @@ class Runtime:
         self._batcher.start()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._load_loop(), name="recflow-load"),
-                       loop.create_task(self._retry_loop(), name="recflow-push-retry")]
+                       loop.create_task(self._retry_loop(), name="recflow-push-retry"),
+                       loop.create_task(self._champion_loop(), name="recflow-champion-watch")]
 
     async def stop(self) -> None:
         """Stop loops and threads; write the request log out."""
@@ -279,6 +283,36 @@ class Runtime:
                 except Exception:  # noqa: BLE001 - the loop must survive; reported by the push path
                     log.exception("feedback retry failed")
             await asyncio.sleep(self.settings.serving.push_retry_s)
+
+    def champion_changed(self) -> ModelSource | None:
+        """The champion pointer's model when it differs from the champion being served, else None.
+
+        Only a service that serves the champion follows it (not ``model_path``, ``model_tag`` or a bento).
+        """
+        state = self.state
+        if state is None or state.source.source != "champion":
+            return None
+        try:
+            src = resolve_model(self.settings)
+        except ModelNotFound:
+            return None  # the pointer was removed: keep serving what is loaded
+        return src if src.source == "champion" and src.folder != state.source.folder else None
+
+    async def _champion_loop(self) -> None:
+        """Follow the champion pointer, so a promotion or rollback reaches every worker and replica, not
+        only the one process that got ``/reload``."""
+        period = self.settings.serving.champion_poll_s
+        if period <= 0:
+            return
+        while True:
+            await asyncio.sleep(period)
+            try:
+                new = await self._run(self._loader, self.champion_changed)
+                if new is not None:
+                    log.info("champion pointer now names %s: loading it", new.version)
+                    await self.reload()
+            except Exception:  # noqa: BLE001 - the loop must survive; /status and the reload metric report it
+                log.exception("following the champion pointer failed")
 
     def require_state(self) -> ServingState:
         state = self.state
@@ -586,4 +620,5 @@ class Runtime:
             items=state.n_items if state else 0,
             index=(state.ann.name if state.ann else state.scorer.name) if state else self.settings.serving.index,
             loaded_at=state.loaded_at if state else None, load_error=self.load_error, pending_feedback=pending,
+            worker_pid=os.getpid(),
         )

@@ -294,3 +294,35 @@ def test_fast_json_matches_the_standard_library() -> None:
              "feature_age_s": None, "fallback": False, "k": 3}
     assert json.loads(jsonfast.dumps(value)) == value
     assert json.loads(jsonfast._std(value)) == value
+
+
+def test_service_env_asks_bentoml_for_the_configured_workers(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from recflow.settings import load_settings
+    from serving.run import service_env
+
+    monkeypatch.setenv("BENTOML_CONFIG_OPTIONS", "api_server.traffic.timeout=5")
+    one = load_settings(home=tmp_path)
+    assert service_env(one)["BENTOML_CONFIG_OPTIONS"] == "api_server.traffic.timeout=5"
+    three = one.model_copy(update={"serving": one.serving.model_copy(update={"workers": 3})})
+    env = service_env(three)
+    assert env["BENTOML_CONFIG_OPTIONS"] == "api_server.traffic.timeout=5 services.recflow.workers=3"
+    assert env["RECFLOW_SERVING__WORKERS"] == "3"
+
+
+def test_request_log_leftovers_exclude_files_of_live_workers(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from serving.request_log import _writer_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        live = tmp_path / f"requests-20261123T000000000000Z-{child.pid}-0.parquet.inprogress"
+        assert _writer_alive(live)
+    finally:
+        child.kill()
+        child.wait()
+    assert not _writer_alive(live)  # the writer is gone: a crash leftover
+    assert not _writer_alive(tmp_path / f"requests-20261123T000000000000Z-{os.getpid()}-0.parquet.inprogress")
+    assert not _writer_alive(tmp_path / "requests-garbled.parquet.inprogress")

@@ -26,7 +26,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 def _serving(settings, **serving):  # noqa: ANN001, ANN003, ANN202
     fast = {"token": TOKEN, "load_retry_s": 0.3, "push_retry_s": 0.3, "request_log_flush_s": 0.2,
-            "request_log_rotate_s": 0.5, "feature_timeout_s": 2.0}
+            "request_log_rotate_s": 0.5, "feature_timeout_s": 2.0, "champion_poll_s": 0.0}
     return settings.model_copy(update={"serving": settings.serving.model_copy(update={**fast, **serving})})
 
 
@@ -266,3 +266,33 @@ def test_online_store_outage_degrades_and_feedback_is_retried(tiny_features, sho
         back = _post(c, "/recommend", {"user_id": "a"}).json()
         assert back["degraded"] is False and back["fallback"] is False, back
         assert {i["reason"]["item_id"] for i in back["items"]} == {"w"}, "the retried event is the user's history now"
+
+
+def test_every_worker_follows_the_champion_pointer(tiny_features, shop_model) -> None:  # noqa: ANN001
+    """Two worker processes: a promotion and a rollback reach both without any /reload call."""
+    from recflow import registry
+    from serving.run import start_local
+
+    settings = _serving(tiny_features, workers=2, champion_poll_s=0.5)
+    _online(settings)
+    first = registry.register(settings, shop_model(settings), {"note": "first"})
+    registry.set_champion(settings, first, "test")
+
+    def versions(url: str, calls: int = 24) -> tuple[set[str | None], set[int]]:
+        seen, pids = set(), set()
+        for _ in range(calls):  # a new connection each time, so the kernel can hand it to either worker
+            body = httpx.post(f"{url}/status", json={}, timeout=30).json()
+            seen.add(body["model_version"])
+            pids.add(body["worker_pid"])
+        return seen, pids
+
+    with start_local(settings) as svc:
+        _wait(lambda: versions(svc.url)[0] == {first}, what="both workers ready with the first champion")
+        _wait(lambda: len(versions(svc.url)[1]) == 2, what="answers from two worker processes")
+        second = registry.register(settings, shop_model(settings, seed=1), {"note": "second"})
+        registry.set_champion(settings, second, "promotion")
+        _wait(lambda: versions(svc.url)[0] == {second}, what="every worker on the new champion")
+        assert httpx.post(f"{svc.url}/recommend", json={"user_id": "a"}, timeout=30).json()["model_version"] == second
+        registry.rollback(settings, "test rollback")
+        _wait(lambda: versions(svc.url)[0] == {first}, what="every worker back on the first champion")
+        assert "[ERROR]" not in svc.log_text()
