@@ -211,12 +211,19 @@ class ExactScorer:
 
 
 class AnnScorer:
-    """FAISS IVF (inner product) over ``[v, bias]``; :meth:`candidates` gives approximate top positions."""
+    """FAISS IVF (inner product) over ``[v, bias]``; :meth:`candidates` gives approximate top positions.
+
+    IVF probes the lists whose centroids score best, and the items with the largest bias (the most
+    popular) can sit in lists a user's query never probes, whatever ``nprobe``; they are top-10 for
+    many users, so the ``n_popular`` highest-bias items are always candidates (exactly re-scored).
+    """
 
     kind = "ann"
 
-    def __init__(self, index: ItemIndex, nlist: int = 0, nprobe: int = 16, seed: int = 0) -> None:
+    def __init__(self, index: ItemIndex, nlist: int = 0, nprobe: int = 16, seed: int = 0, n_popular: int = 64) -> None:
         import faiss
+
+        self.popular = np.argsort(-index.bias, kind="stable")[:n_popular].astype(np.int64)
 
         n, d = index.matrix.shape
         data = np.ascontiguousarray(np.hstack([index.matrix, index.bias[:, None]]).astype(np.float32))

@@ -261,9 +261,9 @@ def _rank_ann(state: ServingState, asks: list[UserAsk], users: np.ndarray) -> li
         q = a.query
         if a.rows is not None:  # a category: score its items exactly (a small subset)
             rows = a.rows
-        else:  # ANN candidates + the user's history items (their re-buy bonus is exact)
+        else:  # ANN candidates + the most popular items + the user's history items (exact re-buy bonus)
             c = cand[b]
-            rows = np.unique(np.concatenate([c[c >= 0], q.bonus_positions]))
+            rows = np.unique(np.concatenate([c[c >= 0], state.ann.popular, q.bonus_positions]))
         s = torch.from_numpy(_exact_subset(state, q, rows).astype(np.float32))
         if a.exclude_history and len(q.history_positions):
             s[torch.from_numpy(np.isin(rows, q.history_positions))] = float("-inf")

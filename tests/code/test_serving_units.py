@@ -155,6 +155,16 @@ def test_ann_index_recall_against_exact() -> None:
     full[5] = float("-inf")
     assert exact[0][1].score == pytest.approx(float(full.max()), rel=1e-5), "exact = the full matrix product"
 
+    # A few items with a large bias (the most popular) are top-10 for every user, wherever IVF put them.
+    hot = rng.choice(n, size=5, replace=False)
+    popular_bias = index.bias.copy()
+    popular_bias[hot] = 25.0
+    index = ItemIndex(index.item_ids, m, popular_bias, np.zeros(n, np.float32))
+    exact = ranking.rank_users(state(None), asks)
+    approx = ranking.rank_users(state(AnnScorer(index, nprobe=1)), asks)
+    assert all(set(hot) <= {p.position for p in e} for e in exact)
+    assert all(set(hot) <= {p.position for p in a} for a in approx), "popular items are always ANN candidates"
+
 
 def test_model_resolution_prefers_model_path_then_champion(make_settings, tmp_path: Path) -> None:
     from recflow import registry
