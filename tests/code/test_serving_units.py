@@ -336,3 +336,16 @@ def test_request_log_leftovers_exclude_files_of_live_workers(tmp_path: Path) -> 
     assert not _writer_alive(live)  # the writer is gone: a crash leftover
     assert not _writer_alive(tmp_path / f"requests-20261123T000000000000Z-{os.getpid()}-0.parquet.inprogress")
     assert not _writer_alive(tmp_path / "requests-garbled.parquet.inprogress")
+
+
+def test_freeze_heap_takes_live_objects_out_of_the_collector() -> None:
+    import gc
+
+    from serving.runtime import freeze_heap
+
+    keep = [[i] for i in range(100_000)]  # a model's worth of small objects
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() >= len(keep)
+    finally:
+        gc.unfreeze()
