@@ -154,6 +154,15 @@ class ServingSettings(BaseModel):
         default=0.0, ge=0, le=100,
         description="Extra wait for more requests before ranking a batch (0: batch what queued during the previous one).",
     )
+    user_cache_size: int = Field(
+        default=10_000, ge=0,
+        description="Users whose user-tower output each worker keeps while their online feature rows are unchanged "
+        "(about 4 KB each; 0: recompute on every request).",
+    )
+    user_cache_ttl_s: float = Field(
+        default=300.0, gt=0,
+        description="Recompute a cached user's query after this long even if the row timestamps are unchanged.",
+    )
     torch_threads: int = Field(default=1, ge=1, description="Intra-op threads of torch and the BLAS in the service.")
     workers: int = Field(
         default=1, ge=1, le=64,

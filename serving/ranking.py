@@ -88,10 +88,10 @@ def _reason_lists(
         pk[b, : len(p)] = p
         hs[b, : len(h)] = h
         hmask[b, : len(h)] = True
-    m = torch.from_numpy(state.index.matrix)
-    sims = torch.bmm(m[torch.from_numpy(pk)], m[torch.from_numpy(hs)].transpose(1, 2))  # [B, k, h]
-    sims.masked_fill_(~torch.from_numpy(hmask)[:, None, :], float("-inf"))
-    best = np.take_along_axis(hs, sims.argmax(dim=2).numpy(), axis=1)  # [B, k]
+    m = state.index.matrix
+    sims = np.matmul(m[pk], m[hs].transpose(0, 2, 1))  # [B, k, h]
+    sims[~np.broadcast_to(hmask[:, None, :], sims.shape)] = -np.inf
+    best = np.take_along_axis(hs, sims.argmax(axis=2), axis=1)  # [B, k]
     in_hist = ((pk[:, :, None] == hs[:, None, :]) & hmask[:, None, :]).any(axis=2)
     out: list[tuple[list[str], list[int | None]]] = []
     for b, p in enumerate(picks):
@@ -102,11 +102,6 @@ def _reason_lists(
         out.append((["repeat" if x else "similar" for x in r],
                     [int(q) if x else int(w) for q, x, w in zip(p.tolist(), r, bst, strict=True)]))
     return out
-
-
-def _picks(state: ServingState, idx: np.ndarray, val: np.ndarray, history: np.ndarray) -> list[Pick]:
-    kinds, why = reasons(state, idx, history)
-    return [Pick(int(i), float(v), kd, w) for i, v, kd, w in zip(idx, val, kinds, why, strict=True)]
 
 
 def _bonus(state: ServingState, q: UserQuery) -> np.ndarray:
@@ -250,26 +245,72 @@ def _exact_subset(state: ServingState, q: UserQuery, rows: np.ndarray) -> np.nda
     return s
 
 
+def _ann_topk(state: ServingState, asks: list[UserAsk], users: np.ndarray, cand: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Exact top-k over each user's candidates (ANN hits, the most popular items and the user's history
+    items, which carry the re-buy bonus), for the whole batch at once: ``(positions, scores)`` per ask."""
+    assert state.ann is not None
+    n_users, n = len(asks), state.n_items
+    hist = [a.query.bonus_positions for a in asks]
+    hmax = max(len(h) for h in hist)
+    h_pos = np.full((n_users, hmax), -1, np.int64)
+    h_bonus = np.zeros((n_users, hmax), np.float32)
+    for b, a in enumerate(asks):
+        h_pos[b, : len(hist[b])] = hist[b]
+        h_bonus[b, : len(hist[b])] = _bonus(state, a.query)
+    pop = np.broadcast_to(state.ann.popular, (n_users, len(state.ann.popular)))
+    rows = np.concatenate([cand.astype(np.int64), pop, h_pos], axis=1)
+    rows.sort(axis=1)
+    valid = rows >= 0  # -1: FAISS found fewer, or history padding
+    valid[:, 1:] &= rows[:, 1:] != rows[:, :-1]  # each position once
+    safe = np.maximum(rows, 0)
+    s = np.matmul(state.index.matrix[safe], users[:, :, None])[:, :, 0] + state.index.bias[safe]  # [B, C]
+    if hmax:
+        # each history item's (first) slot: one search over all rows, made increasing by a row offset
+        width = n + 1
+        flat = (rows + 1 + width * np.arange(n_users)[:, None]).ravel()
+        at = np.searchsorted(flat, (h_pos + 1 + width * np.arange(n_users)[:, None]).ravel())
+        hit = (h_pos >= 0).ravel()
+        s.ravel()[at[hit]] += h_bonus.ravel()[hit]
+        drop = hit & np.repeat([a.exclude_history for a in asks], hmax)
+        valid.ravel()[at[drop]] = False
+    s[~valid] = -np.inf
+    out = []
+    for b, a in enumerate(asks):
+        k = min(a.k, s.shape[1])
+        top = np.argpartition(-s[b], k - 1)[:k] if k < s.shape[1] else np.arange(s.shape[1])
+        top = top[np.lexsort((rows[b, top], -s[b, top]))]  # best first, ties: lower position
+        v = s[b, top]
+        keep = np.isfinite(v)
+        out.append((rows[b, top][keep], v[keep].astype(np.float32)))
+    return out
+
+
 def _rank_ann(state: ServingState, asks: list[UserAsk], users: np.ndarray) -> list[list[Pick]]:
+    """ANN candidates re-scored exactly, batched (see :func:`_ann_topk`); a category filter scores
+    its items exactly instead (a small subset)."""
     assert state.ann is not None
     n = state.n_items
     kmax = max(a.k for a in asks)
-    n_cand = min(n, max(4 * kmax, 64))
-    cand = state.ann.candidates(users, n_cand)
-    out = []
+    chosen: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * len(asks)
+    free = [b for b, a in enumerate(asks) if a.rows is None]
+    if free:
+        cand = state.ann.candidates(users[free], min(n, max(4 * kmax, 64)))
+        for b, got in zip(free, _ann_topk(state, [asks[b] for b in free], users[free], cand), strict=True):
+            chosen[b] = got
     for b, a in enumerate(asks):
+        if a.rows is None:
+            continue
         q = a.query
-        if a.rows is not None:  # a category: score its items exactly (a small subset)
-            rows = a.rows
-        else:  # ANN candidates + the most popular items + the user's history items (exact re-buy bonus)
-            c = cand[b]
-            rows = np.unique(np.concatenate([c[c >= 0], state.ann.popular, q.bonus_positions]))
-        s = torch.from_numpy(_exact_subset(state, q, rows).astype(np.float32))
+        s = torch.from_numpy(_exact_subset(state, q, a.rows).astype(np.float32))
         if a.exclude_history and len(q.history_positions):
-            s[torch.from_numpy(np.isin(rows, q.history_positions))] = float("-inf")
+            s[torch.from_numpy(np.isin(a.rows, q.history_positions))] = float("-inf")
         idx, val = _top(s, a.k)
-        out.append(_picks(state, rows[idx], val, q.history_positions))
-    return out
+        chosen[b] = (a.rows[idx], val)
+    why = _reason_lists(state, [c[0] for c in chosen], [a.query.history_positions for a in asks])
+    return [
+        [Pick(int(i), float(v), kd, w) for i, v, kd, w in zip(idx.tolist(), val.tolist(), kinds, ws, strict=True)]
+        for (idx, val), (kinds, ws) in zip(chosen, why, strict=True)
+    ]
 
 
 def popular(state: ServingState, k: int, rows: np.ndarray | None = None, exclude: np.ndarray | None = None) -> list[Pick]:

@@ -49,7 +49,7 @@ from serving.api import (
     Status,
 )
 from serving.batching import MicroBatcher
-from serving.features import feature_age_s, fetch_user_features, logged_features
+from serving.features import OnlineUserReader, feature_age_s, logged_features
 from serving.jsonfast import dumps
 from serving.metrics import metrics
 from serving.model_state import ModelNotFound, ServingState, load_state, resolve_model
@@ -57,6 +57,8 @@ from serving.request_log import RequestLogWriter
 
 if TYPE_CHECKING:
     from feast import FeatureService, FeatureStore
+
+    from recflow.modeling import UserQuery
 
     from serving.model_state import ModelSource
 
@@ -170,7 +172,8 @@ class Runtime:
     load_error: str | None = None
     stage_times: deque[StageTimes] = field(default_factory=lambda: deque(maxlen=100_000))
     store: FeatureStore | None = None
-    _serving_fs: FeatureService | None = None
+    _reader: OnlineUserReader | None = None
+    _query_cache: tower.UserQueryCache | None = None
     _compute: Executor | None = None
     _features: Executor | None = None
     _feedback: Executor | None = None
@@ -249,17 +252,19 @@ class Runtime:
         from recflow import feature_store as fs
 
         store = fs.get_store(self.settings)
-        name = self.settings.feast.serving_service
         if not self.settings.paths.feast_registry.exists() and self.settings.feast.online_store == "redis":
             log.warning("no Feast registry at %s: applying the bundled feature definitions", self.settings.paths.feast_registry)
             fs.apply(self.settings, store)
+        return store, self._serving_service(store)
+
+    def _serving_service(self, store: FeatureStore) -> FeatureService:
+        name = self.settings.feast.serving_service
         try:
-            service = store.get_feature_service(name)
+            return store.get_feature_service(name)
         except Exception as exc:  # noqa: BLE001 - Feast raises several kinds; make it actionable
             raise ModelNotFound(
                 f"Feast feature service {name!r} not found in {self.settings.paths.feast_registry}: run `recflow features`"
             ) from exc
-        return store, service
 
     async def _load_loop(self) -> None:
         last_error = None
@@ -267,7 +272,7 @@ class Runtime:
             try:
                 if self.store is None:
                     store, service = await self._run(self._loader, self._open_store)
-                    self._serving_fs = service
+                    self._reader = await self._run(self._loader, OnlineUserReader, store, service)
                     self.store = store
                 state = await self._run(self._loader, load_state, self.settings, self.store)
                 self.state = state
@@ -335,12 +340,12 @@ class Runtime:
     # --- online features --------------------------------------------------------------------
     def _fetch(self, user_ids: list[str]) -> dict[str, dict[str, Any]] | None:
         """Online features of ``user_ids`` (None when the store failed or timed out: degraded)."""
-        assert self._features is not None and self.store is not None and self._serving_fs is not None
+        assert self._features is not None and self._reader is not None
         if not user_ids:
             return {}
         if time.monotonic() < self._store_down_until:  # circuit open: answer at once, degraded
             return None
-        fut = self._features.submit(fetch_user_features, self.store, self._serving_fs, user_ids)
+        fut = self._features.submit(self._reader, user_ids)
         try:
             rows = fut.result(timeout=self.settings.serving.feature_timeout_s)
         except Exception as exc:  # noqa: BLE001 - any store failure degrades to popularity
@@ -373,6 +378,23 @@ class Runtime:
         metrics()["latency"].labels("recommend").observe(time.perf_counter() - started)
         return answer.body
 
+    def _user_queries(self, state: ServingState, user_ids: list[str], features: list[dict[str, Any]]) -> list[UserQuery]:
+        """The user tower's queries, from the cache where the users' rows are unchanged (compute thread only)."""
+        cache = self._query_cache
+        if cache is None or cache.version != state.version:
+            s = self.settings.serving
+            stamps = self._reader.stamp_keys if self._reader is not None else []
+            cache = self._query_cache = tower.UserQueryCache(state.version, stamps, s.user_cache_size, s.user_cache_ttl_s)
+        hits, misses = cache.hits, cache.misses
+        out = cache.queries(user_ids, features,
+                            lambda missed: tower.user_queries(state.model, state.index, state.lookup, missed))
+        m = metrics()["user_cache"]
+        if cache.hits > hits:
+            m.labels("hit").inc(cache.hits - hits)
+        if cache.misses > misses:
+            m.labels("miss").inc(cache.misses - misses)
+        return out
+
     def _on_batch(self, size: int, seconds: float) -> None:
         metrics()["batch"].observe(size)
 
@@ -400,8 +422,8 @@ class Runtime:
             rows.append(r)
             out.append(None)  # type: ignore[arg-type]
         with_feats = [i for i, j in enumerate(jobs) if out[i] is None and feats and feats[j.req.user_id] is not None]
-        queries = (tower.user_queries(state.model, state.index, state.lookup, [feats[jobs[i].req.user_id] for i in with_feats])
-                   if feats and with_feats else [])
+        queries = (self._user_queries(state, [jobs[i].req.user_id for i in with_feats],
+                                      [feats[jobs[i].req.user_id] for i in with_feats]) if feats and with_feats else [])
         t2 = time.perf_counter()
         asks, ask_of = [], {}
         for i, q in zip(with_feats, queries, strict=True):
@@ -507,8 +529,7 @@ class Runtime:
             feats = await self._run(None, self._fetch, [req.user_id])
             degraded = feats is None
             if feats and feats.get(req.user_id):
-                q = (await self._run(self._compute, tower.user_queries, state.model, state.index, state.lookup,
-                                     [feats[req.user_id]]))[0]
+                q = (await self._run(self._compute, self._user_queries, state, [req.user_id], [feats[req.user_id]]))[0]
                 query = q if q.n_history > 0 else None
         picks = await self._run(self._compute, ranking.search, state, req.query, k, query,
                                 self.settings.serving.search_personalisation)
@@ -608,6 +629,8 @@ class Runtime:
             try:
                 if self.store is not None:
                     await self._run(self._loader, self.store.refresh_registry)
+                    service = await self._run(self._loader, self._serving_service, self.store)
+                    self._reader = await self._run(self._loader, OnlineUserReader, self.store, service)
                 state = await self._run(self._loader, load_state, self.settings, self.store,
                                         Path(model_path) if model_path else None)
             except ModelNotFound as exc:

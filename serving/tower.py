@@ -13,11 +13,15 @@
 
 The user MLP, attention pooling and repeat head are the model's own (``RecModel.user_forward``);
 ``tests/code/test_serving_units.py`` checks that the queries equal the model's.
+
+:class:`UserQueryCache` keeps each user's last query while the user's feature rows are unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -100,3 +104,57 @@ def user_queries(
         m = items[b] >= 0
         out.append(UserQuery(u_np[b].copy(), items[b][m].copy(), rep_np[b][m].astype(np.float32), int(hist.n_lines[b])))
     return out
+
+
+class UserQueryCache:
+    """The user tower's last output per user, reused while the user's online feature rows are unchanged.
+
+    A user's query is a function of the model and of the user's ``serving_v1`` rows alone, and every
+    write of a row (materialisation, a feedback push) gives it a newer event timestamp, so the entry
+    is keyed by those timestamps (``stamp_keys``): a changed row is a miss, and the next answer
+    reflects it. Entries also expire after ``ttl_s`` (a rebuild that rewrote a row under the same
+    timestamp is picked up within that time). At most ``max_users`` users (least recently used go
+    first; 0 turns the cache off). One per loaded model; not thread-safe (the runtime calls it from
+    its single compute thread).
+    """
+
+    def __init__(self, version: str, stamp_keys: Sequence[str], max_users: int, ttl_s: float) -> None:
+        self.version = version
+        self.stamp_keys = tuple(stamp_keys)
+        self.max_users = max_users
+        self.ttl_s = ttl_s
+        self.hits = 0
+        self.misses = 0
+        self._data: OrderedDict[str, tuple[tuple[Any, ...], float, UserQuery]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def queries(
+        self, user_ids: Sequence[str], features: Sequence[Mapping[str, Any]],
+        compute: Callable[[list[Mapping[str, Any]]], list[UserQuery]],
+    ) -> list[UserQuery]:
+        """One query per user: cached where the user's rows are unchanged, else ``compute`` (one call
+        for all the misses)."""
+        now = time.monotonic()
+        out: list[UserQuery | None] = [None] * len(user_ids)
+        stamps = [tuple(f.get(k) for k in self.stamp_keys) for f in features]
+        missed = []
+        for i, (user, stamp) in enumerate(zip(user_ids, stamps, strict=True)):
+            entry = self._data.get(user) if self.max_users else None
+            if entry is not None and entry[0] == stamp and now - entry[1] <= self.ttl_s:
+                out[i] = entry[2]
+                self._data.move_to_end(user)
+            else:
+                missed.append(i)
+        self.hits += len(user_ids) - len(missed)
+        self.misses += len(missed)
+        if missed:
+            for i, q in zip(missed, compute([features[i] for i in missed]), strict=True):
+                out[i] = q
+                if self.max_users:
+                    self._data[user_ids[i]] = (stamps[i], now, q)
+                    self._data.move_to_end(user_ids[i])
+            while len(self._data) > self.max_users:
+                self._data.popitem(last=False)
+        return out  # type: ignore[return-value]

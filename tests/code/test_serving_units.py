@@ -349,3 +349,36 @@ def test_freeze_heap_takes_live_objects_out_of_the_collector() -> None:
         assert gc.get_freeze_count() >= len(keep)
     finally:
         gc.unfreeze()
+
+
+def test_user_query_cache_reuses_only_unchanged_rows(monkeypatch) -> None:
+    from recflow.modeling import UserQuery
+    from serving import tower
+
+    calls: list[list[str]] = []
+
+    def compute(feats: list[dict]) -> list[UserQuery]:
+        calls.append([f["user_id"] for f in feats])
+        return [UserQuery(np.full(2, f["v"], np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32), 1) for f in feats]
+
+    def row(user: str, ts: int, v: float = 1.0) -> dict:
+        return {"user_id": user, "h__ts": ts, "a__ts": 5, "v": v}
+
+    clock = [100.0]
+    monkeypatch.setattr(tower.time, "monotonic", lambda: clock[0])
+    cache = tower.UserQueryCache("m1", ["h__ts", "a__ts"], max_users=2, ttl_s=60)
+    first = cache.queries(["a", "b"], [row("a", 1), row("b", 1)], compute)
+    again = cache.queries(["a", "b"], [row("a", 1), row("b", 1)], compute)
+    assert calls == [["a", "b"]] and again[0] is first[0] and (cache.hits, cache.misses) == (2, 2)
+    pushed = cache.queries(["a"], [row("a", 2, v=7.0)], compute)  # a new row timestamp: recomputed
+    assert calls[-1] == ["a"] and pushed[0].vector[0] == 7.0
+    cache.queries(["c"], [row("c", 1)], compute)  # over max_users: b, least recently used, goes
+    cache.queries(["b", "a"], [row("b", 1), row("a", 2)], compute)
+    assert calls[-2:] == [["c"], ["b"]] and len(cache) == 2
+    clock[0] += 61  # past the TTL: recomputed even with unchanged timestamps
+    cache.queries(["b"], [row("b", 1)], compute)
+    assert calls[-1] == ["b"]
+    off = tower.UserQueryCache("m1", ["h__ts"], max_users=0, ttl_s=60)
+    off.queries(["a"], [row("a", 1)], compute)
+    off.queries(["a"], [row("a", 1)], compute)
+    assert calls[-2:] == [["a"], ["a"]] and len(off) == 0

@@ -122,6 +122,28 @@ def test_push_is_visible_online_at_once(applied) -> None:
     assert list(online.loc["a", "user_history__history_item_ids"]) == ["v", "z", "x", "y", "x"]
 
 
+def test_serving_reader_equals_feast_get_online_features(applied) -> None:
+    """The service's lean reader (OnlineStore.online_read per view) answers exactly what Feast's
+    get_online_features does: values, types, timestamps, unknown and repeated users, after a push."""
+    from serving.features import OnlineUserReader, fetch_user_features
+
+    settings, store, _ = applied
+    fs.materialize(settings, *fs.default_window(settings), store=store)
+    service = store.get_feature_service(settings.feast.serving_service)
+    reader = OnlineUserReader(store, service)
+    users = ["a", "b", "nobody", "c", "a"]
+    expected = fetch_user_features(store, service, users)
+    assert reader(users) == expected
+    assert expected[0]["user_history__history_item_ids"] and expected[2]["user_activity__purchases_7d"] is None
+    row = pd.read_parquet(settings.paths.feature_table("user_activity")).query("user_id == 'b'").tail(1).copy()
+    row["event_timestamp"] = row["created_timestamp"] = pd.Timestamp("2024-05-01T12:00:00Z")
+    row["purchases_7d"] = 99
+    fs.push(settings, "user_activity_push", row, store=store)
+    got = reader(["b"])
+    assert got == fetch_user_features(store, service, ["b"]) and got[0]["user_activity__purchases_7d"] == 99
+    assert got[0]["user_activity__purchases_7d__ts"] == int(pd.Timestamp("2024-05-01T12:00:00Z").timestamp())
+
+
 def test_build_features_flow_twice_gives_identical_online_values(prefect_harness, tiny_settings) -> None:
     from flows.features import build_features
 

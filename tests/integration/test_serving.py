@@ -175,6 +175,7 @@ def test_service_end_to_end(tiny_features, shop_model) -> None:  # noqa: ANN001
         metrics = c.get("/metrics").text
         assert 'recflow_responses_total{endpoint="recommend",kind="model"}' in metrics
         assert "recflow_stage_seconds_bucket" in metrics
+        assert 'recflow_user_cache_total{result="hit"}' in metrics, "a repeated user's query came from the cache"
 
         # Zero-downtime reload: a new champion is swapped in while requests keep flowing.
         second = registry.register(settings, shop_model(settings, seed=1), {"note": "second"})
