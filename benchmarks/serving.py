@@ -7,16 +7,21 @@ Writes benchmarks/results/serving.json. Steps:
    model of the production architecture and size (pretrained MiniLM item text encoder, dim 64,
    one id row per item) over the whole catalogue, saved once (item texts encoded by MiniLM,
    cached) -- the JSON says which.
-3. ``bentoml serve`` on 127.0.0.1 (``serving.run.start_local``), one worker, SQLite online store.
+3. ``bentoml serve`` on 127.0.0.1 (``serving.run.start_local``) with the goal configuration
+   (``--serving``, by default the FAISS IVF index, nprobe 4, and 2 workers), SQLite online store.
 4. Load: an open-loop generator (aiohttp, fixed arrival rate, latency measured from each request's
    *scheduled* send time so a slow server cannot slow the load down) in a separate process on the
-   same 2 cores; known users drawn uniformly. A sweep of rates, then the goal run (200/s, 60 s).
-   CPU seconds of the server, the generator and the rest of the machine are recorded.
+   same 2 cores; known users drawn uniformly. The goal run (200/s, 60 s) on the fresh service, then
+   a sweep of rates. CPU seconds of the server, the generator and the rest of the machine, and the
+   service's batch sizes, stage times and user-cache hit rate are recorded.
 5. Fuzzing: Schemathesis against the service's OpenAPI document (``/docs.json``), with the token.
-6. In-process breakdown for the same users: online feature read, user tower, top-k (batch of 1 and
-   the service's mean batch), and the recall@10 / time of the bfloat16 and FAISS IVF index options.
+6. The same goal run for each ``--compare`` variant (by default: no user cache, exact ranking,
+   1 worker), each on its own fresh service, in the same run.
+7. In-process breakdown for the same users: online feature read, user tower, top-k (batch of 1 and
+   the service's mean batch), and the recall@10 / time of the exact, bfloat16 and IVF options.
 
-    python benchmarks/serving.py [--home DIR] [--rates 100,200,300,400] [--duration 60] [--quick]
+    python benchmarks/serving.py [--home DIR] [--serving index=ann,workers=2] [--compare "index=exact;workers=1"]
+                                 [--rates 50,100,200] [--duration 60] [--quick]
 """
 
 from __future__ import annotations
@@ -221,6 +226,9 @@ def scrape(url: str) -> dict[str, float]:
         m = re.match(r'^(recflow_batch_size|recflow_stage_seconds)_(sum|count)(\{stage="(\w+)"\})? ([0-9.e+-]+)$', line)
         if m:
             out[f"{m.group(1)}:{m.group(4) or ''}:{m.group(2)}"] = float(m.group(5))
+        m = re.match(r'^recflow_user_cache_total\{result="(\w+)"\} ([0-9.e+-]+)$', line)
+        if m:
+            out[f"user_cache:{m.group(1)}"] = float(m.group(2))
     return out
 
 
@@ -232,6 +240,8 @@ def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     for stage in ("features", "user_tower", "topk"):
         c = d.get(f"recflow_stage_seconds:{stage}:count", 0.0)
         res[f"{stage}_ms_per_batch"] = round(1e3 * d.get(f"recflow_stage_seconds:{stage}:sum", 0.0) / c, 3) if c else None
+    hits, misses = d.get("user_cache:hit", 0.0), d.get("user_cache:miss", 0.0)
+    res["user_cache_hit_rate"] = round(hits / (hits + misses), 3) if hits + misses else None
     return res
 
 
@@ -277,38 +287,46 @@ def _pct(values: list[float]) -> dict[str, float]:
 
 
 def breakdown(settings, users: list[str], batch: int, n_requests: int) -> dict[str, Any]:  # noqa: ANN001
-    """Per-request stage times in this process: online read, user tower, top-k (+ reasons)."""
+    """Per-request stage times in this process (warm caches, no other load): the service's online read,
+    Feast's ``get_online_features`` for comparison, user tower (a cache miss), top-k (+ reasons)."""
     import torch
 
     from recflow import feature_store as fs
     from serving import ranking, tower
-    from serving.features import fetch_user_features
+    from serving.features import OnlineUserReader, fetch_user_features
     from serving.model_state import load_state
 
     torch.set_num_threads(settings.serving.torch_threads)
     store = fs.get_store(settings)
     service = store.get_feature_service(settings.feast.serving_service)
+    reader = OnlineUserReader(store, service)
     t = time.perf_counter()
     state = load_state(settings, store)
     load_s = time.perf_counter() - t
-    out: dict[str, Any] = {"load_state_s": round(load_s, 1), "items": state.n_items}
+    out: dict[str, Any] = {"load_state_s": round(load_s, 1), "items": state.n_items,
+                           "index": state.ann.name if state.ann else state.scorer.name,
+                           "note": "in process, back to back (warm CPU caches): the service under load pays more per stage"}
     rng = np.random.default_rng(1)
     for b in sorted({1, max(1, batch)}):
-        feat_t, tower_t, top_t = [], [], []
+        feat_t, feast_t, tower_t, top_t = [], [], [], []
         for _ in range(max(1, n_requests // b)):
             ids = [users[i] for i in rng.integers(0, len(users), b)]
             t0 = time.perf_counter()
-            feats = fetch_user_features(store, service, ids)
+            feats = reader(ids)
             t1 = time.perf_counter()
             queries = tower.user_queries(state.model, state.index, state.lookup, feats)
             t2 = time.perf_counter()
             ranking.rank_users(state, [ranking.UserAsk(q, 10) for q in queries if q.n_history > 0])
             t3 = time.perf_counter()
+            fetch_user_features(store, service, ids)
+            t4 = time.perf_counter()
             feat_t.append((t1 - t0) / b)
             tower_t.append((t2 - t1) / b)
             top_t.append((t3 - t2) / b)
-        out[f"batch_{b}"] = {"per_request_ms": {"feature_fetch": _pct(feat_t), "user_tower": _pct(tower_t),
-                                                "top_k": _pct(top_t)}, "batches": len(feat_t)}
+            feast_t.append((t4 - t3) / b)
+        out[f"batch_{b}"] = {"per_request_ms": {"feature_fetch": _pct(feat_t), "feature_fetch_feast_get_online_features":
+                                                _pct(feast_t), "user_tower": _pct(tower_t), "top_k": _pct(top_t)},
+                             "batches": len(feat_t)}
     out["index_options"] = index_options(settings, state, store, service, users)
     return out
 
@@ -358,6 +376,42 @@ def index_options(settings, state, store, service, users: list[str]) -> dict[str
 
 
 # --- main ----------------------------------------------------------------------------------------
+def _override(settings, spec: str):  # noqa: ANN001, ANN202
+    """``settings`` with ``name=value,...`` applied to its serving section (values parsed as JSON when they can be)."""
+    update: dict[str, Any] = {}
+    for part in filter(None, spec.split(",")):
+        name, _, raw = part.partition("=")
+        try:
+            update[name.strip()] = json.loads(raw)
+        except ValueError:
+            update[name.strip()] = raw.strip()
+    return settings.model_copy(update={"serving": settings.serving.model_copy(update=update)})
+
+
+def goal_load(svc, settings, users_file: Path, work: Path, rate: float, duration: float, label: str) -> dict[str, Any]:  # noqa: ANN001
+    """The goal load on a running service; with the service's mean batch, stage times and user-cache
+    hit rate over the run."""
+    import httpx
+
+    status = httpx.post(f"{svc.url}/status", json={}, timeout=30).json()
+    before = scrape(svc.url)
+    run = run_load(svc.url, rate, duration, users_file, svc.process.pid, work, seed=7)
+    run["server_batches"] = batch_stats(before, scrape(svc.url))
+    run["service"] = {"index": status["index"], "workers": settings.serving.workers,
+                      "user_cache_size": settings.serving.user_cache_size}
+    print(f"goal run [{label}]: p50 {run['p50_ms']} p99 {run['p99_ms']} max {run['max_ms']} errors {run['errors']} "
+          f"user cache hit rate {run['server_batches']['user_cache_hit_rate']}", flush=True)
+    return run
+
+
+def fresh_goal_run(settings, users_file: Path, work: Path, rate: float, duration: float, label: str) -> dict[str, Any]:  # noqa: ANN001
+    """:func:`goal_load` on a freshly started service with ``settings``."""
+    from serving.run import start_local
+
+    with start_local(settings, timeout=600, log_path=work / f"service-{label}.log") as svc:
+        return goal_load(svc, settings, users_file, work, rate, duration, label)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd")
@@ -366,14 +420,15 @@ def main() -> None:
                       ("--k", int), ("--seed", int)):
         lg.add_argument(name, type=typ, required=name not in ("--k", "--seed"), default={"--k": 10, "--seed": 0}.get(name))
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("RECFLOW_BENCH_HOME", "/tmp/recflow-serving-bench")))
-    parser.add_argument("--rates", default="100,200,300,400,500", help="Sweep of arrival rates (requests/s).")
+    parser.add_argument("--rates", default="50,100,200,300,400,500", help="Sweep of arrival rates (requests/s).")
     parser.add_argument("--sweep-duration", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=GOAL["duration_s"], help="Seconds of the goal run.")
     parser.add_argument("--rate", type=float, default=GOAL["rps"], help="Rate of the goal run.")
-    parser.add_argument("--workers", default="1", help="Service worker processes; a list such as 1,2 repeats "
-                        "the goal run with each further count, in the same run (the first one gets the full run).")
-    parser.add_argument("--index", default="exact", choices=["exact", "ann"])
-    parser.add_argument("--item-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--serving", default="index=ann,ann_nprobe=4,workers=2",
+                        help="Serving settings of the goal configuration (name=value,...; see docs/operations.md).")
+    parser.add_argument("--compare", default="user_cache_size=0;index=exact;workers=1",
+                        help="Variants of the goal configuration, ';'-separated, each run through the same goal load on "
+                        "its own fresh service in the same run ('' for none).")
     parser.add_argument("--fuzz-examples", type=int, default=80, help="Schemathesis examples per operation (0: no fuzzing).")
     parser.add_argument("--quick", action="store_true", help="Short runs (a sanity check, not results).")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -388,12 +443,10 @@ def main() -> None:
 
     home = args.home.resolve()
     ensure_features(home)
-    settings = load_settings(home=home)
-    folder, model_info = bench_model(settings)
-    workers = [int(w) for w in args.workers.split(",") if w]
-    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={
-        "model_path": folder, "token": TOKEN, "index": args.index, "item_dtype": args.item_dtype,
-        "workers": workers[0]})})
+    base = load_settings(home=home)
+    folder, model_info = bench_model(base)
+    base = base.model_copy(update={"serving": base.serving.model_copy(update={"model_path": folder, "token": TOKEN})})
+    settings = _override(base, args.serving)
     users = sorted(pd.read_parquet(settings.paths.feature_table("user_history"), columns=["user_id"])["user_id"].unique())
     work = home / "bench"
     work.mkdir(parents=True, exist_ok=True)
@@ -404,6 +457,17 @@ def main() -> None:
 
     result: dict[str, Any] = {"measured_at": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
                               "load_average_before": os.getloadavg(), "dataset": "completejourney"}
+    s = settings.serving
+    result["service"] = {"settings": args.serving, "index": s.index, "ann_nprobe": s.ann_nprobe, "workers": s.workers,
+                         "user_cache_size": s.user_cache_size, "online_store": settings.feast.online_store,
+                         "history_length": settings.features.history_length, "torch_threads": s.torch_threads,
+                         "max_batch_size": s.max_batch_size, "batch_wait_ms": s.batch_wait_ms, "k": 10}
+    result["load_generator"] = {
+        "tool": "aiohttp open loop in a separate process: fixed arrival rate, latency from each request's scheduled "
+                "send time (no coordinated omission)", "users": len(users), "user_choice": "uniform over households "
+                "with a history (all known: the model path, not the popularity fallback)",
+        "shares_cpus_with_server": True,
+        "goal_runs": "each on a freshly started service (the user cache starts empty, as after a deploy)"}
     started = time.perf_counter()
     with start_local(settings, timeout=600, log_path=work / "service.log") as svc:
         result["startup_to_ready_s"] = round(time.perf_counter() - started, 1)
@@ -411,19 +475,15 @@ def main() -> None:
 
         status = httpx.post(f"{svc.url}/status", json={}, timeout=30).json()
         result["model"] = {**model_info, "version": status["model_version"], "items": status["items"]}
-        result["service"] = {"index": status["index"], "workers": workers[0], "online_store": settings.feast.online_store,
-                             "history_length": settings.features.history_length,
-                             "torch_threads": settings.serving.torch_threads,
-                             "max_batch_size": settings.serving.max_batch_size,
-                             "batch_wait_ms": settings.serving.batch_wait_ms, "k": 10}
-        result["load_generator"] = {
-            "tool": "aiohttp open loop in a separate process: fixed arrival rate, latency from each request's scheduled "
-                    "send time (no coordinated omission)", "users": len(users), "user_choice": "uniform over households "
-                    "with a history (all known: the model path, not the popularity fallback)",
-            "shares_cpus_with_server": True}
+        result["service"]["index_name"] = status["index"]
+        goal = goal_load(svc, settings, users_file, work, args.rate, goal_s, "goal")
+        result.update({k: goal[k] for k in ("rps", "duration_s", "p50_ms", "p95_ms", "p99_ms", "errors")})
+        result["goal_run"] = goal
         sweep = []
         for rate in rates:
+            before = scrape(svc.url)
             run = run_load(svc.url, rate, sweep_s, users_file, svc.process.pid, work)
+            run["server_batches"] = batch_stats(before, scrape(svc.url))
             sweep.append(run)
             print(f"sweep {rate:g}/s: p50 {run['p50_ms']} p99 {run['p99_ms']} errors {run['errors']}", flush=True)
             if run["p99_ms"] > 200 or run["errors"] > 0.01 * run["requests"]:
@@ -431,12 +491,6 @@ def main() -> None:
         ok = [r["target_rps"] for r in sweep if r["p99_ms"] < 50 and r["errors"] == 0]
         result["max_rps_p99_under_50ms"] = max(ok) if ok else None
         result["sweep"] = sweep
-        before = scrape(svc.url)
-        goal = run_load(svc.url, args.rate, goal_s, users_file, svc.process.pid, work, seed=7)
-        goal["server_batches"] = batch_stats(before, scrape(svc.url))
-        print(f"goal run {args.rate:g}/s x {goal_s:g} s: {goal}", flush=True)
-        result.update({k: goal[k] for k in ("rps", "duration_s", "p50_ms", "p95_ms", "p99_ms", "errors")})
-        result["goal_run"] = goal
         if args.fuzz_examples > 0:
             fz = fuzz(svc.url, work, 15 if args.quick else args.fuzz_examples)
             result["fuzz_cases"], result["fuzz_server_errors"] = fz["cases"], fz["server_errors"]
@@ -444,18 +498,10 @@ def main() -> None:
             print(f"fuzz: {fz['cases']} cases, {fz['server_errors']} server errors", flush=True)
         service_log = svc.log_text()
         result["service_log_errors"] = [line[:300] for line in service_log.splitlines() if "[ERROR]" in line][:10]
-    if len(workers) > 1:  # the same goal run with other worker counts, as a comparison in the same run
-        by_workers = {str(workers[0]): goal}
-        for count in workers[1:]:
-            other = settings.model_copy(update={"serving": settings.serving.model_copy(update={"workers": count})})
-            with start_local(other, timeout=600, log_path=work / f"service-{count}w.log") as svc:
-                before = scrape(svc.url)
-                run = run_load(svc.url, args.rate, goal_s, users_file, svc.process.pid, work, seed=7)
-                run["server_batches"] = batch_stats(before, scrape(svc.url))
-            by_workers[str(count)] = run
-            print(f"goal run with {count} workers: p50 {run['p50_ms']} p99 {run['p99_ms']} errors {run['errors']}",
-                  flush=True)
-        result["goal_run_by_workers"] = by_workers
+    variants = {}
+    for i, spec in enumerate(v for v in args.compare.split(";") if v.strip()):
+        variants[spec] = fresh_goal_run(_override(settings, spec), users_file, work, args.rate, goal_s, f"variant{i}")
+    result["goal_run_variants"] = variants
     mean_batch = goal["server_batches"]["mean_batch_size"] or 1
     result["breakdown_ms"] = breakdown(settings, [str(u) for u in users], int(round(mean_batch)),
                                       200 if args.quick else 2000)
