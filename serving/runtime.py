@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from feast import FeatureService, FeatureStore
 
     from recflow.modeling import UserQuery
-
     from serving.model_state import ModelSource
 
 log = logging.getLogger("recflow.serving")
@@ -637,6 +636,7 @@ class Runtime:
                 metrics()["reloads"].labels("not_found").inc()
                 raise NotFound(f"{exc}; still serving {previous}", field="model_path" if model_path else None) from exc
             self.state = state
+            self._query_cache = None  # queries of the old model, or of rows read with the old registry
             await self._run(self._loader, freeze_heap)
             metrics()["reloads"].labels("ok").inc()
             log.info("reloaded: %s -> %s", previous, state.version)
