@@ -195,6 +195,7 @@ def loadgen_main(args: argparse.Namespace) -> None:
         "errors": int((~ok).sum()), "status_counts": {str(s): int(c) for s, c in zip(*np.unique(status, return_counts=True),
                                                                                 strict=True)},
         "fallback_share": round(float(out["fallback"].sum()) / max(1, int(ok.sum())), 4),
+        "p99_ms_by_10s": [round(float(np.percentile(w, 99)), 2) for w in np.array_split(lat, max(1, round(args.duration / 10)))],
         "client_cpu_s": round((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), 2),
     }
     Path(args.out).write_text(json.dumps(summary))

@@ -274,9 +274,10 @@ class Runtime:
                     self._reader = await self._run(self._loader, OnlineUserReader, store, service)
                     self.store = store
                 state = await self._run(self._loader, load_state, self.settings, self.store)
+                await self._run(self._loader, self.warm_up, state)
+                await self._run(self._loader, freeze_heap)  # before ready: a full collection stalls requests
                 self.state = state
                 self.load_error = None
-                await self._run(self._loader, freeze_heap)
                 metrics()["reloads"].labels("ok").inc()
                 log.info("ready: model %s, %d items", state.version, state.n_items)
                 return
@@ -329,6 +330,31 @@ class Runtime:
                     await self.reload()
             except Exception:  # noqa: BLE001 - the loop must survive; /status and the reload metric report it
                 log.exception("following the champion pointer failed")
+
+    def warm_up(self, state: ServingState, rounds: int = 3) -> float:
+        """Run the /recommend path (online read, user tower, ranking with reasons, popularity) on a
+        synthetic user a few times before ``state`` serves: the first calls of each code path and
+        tensor shape are several times slower, and on a fresh worker they set the first second's
+        latency. Returns the seconds it took."""
+        started = time.perf_counter()
+        if self._reader is not None:
+            try:
+                self._reader(["__recflow_warm_up__"])  # an unknown user: one read of every view
+            except Exception as exc:  # noqa: BLE001 - the store may be down; serving degrades by itself
+                log.info("warm-up: online read failed (%s: %s)", type(exc).__name__, str(exc)[:200])
+        ids = [state.index.item_ids[p] for p in state.catalogue.pop_order[:300]]
+        now = int(time.time())
+        feats = {"user_history__history_item_ids": ids,
+                 "user_history__history_ts": [now - 86_400 * (i // 12) for i in range(len(ids))]}
+        for _ in range(rounds):
+            for size in (1, 2, 4):
+                queries = tower.user_queries(state.model, state.index, state.lookup, [feats] * size)
+                ranking.rank_users(state, [ranking.UserAsk(q, 10, exclude_history=i % 2 == 1)
+                                           for i, q in enumerate(queries)])
+            ranking.popular(state, 10)
+        seconds = time.perf_counter() - started
+        log.info("warm-up of model %s: %.2f s", state.version, seconds)
+        return seconds
 
     def require_state(self) -> ServingState:
         state = self.state
@@ -632,6 +658,7 @@ class Runtime:
                     self._reader = await self._run(self._loader, OnlineUserReader, self.store, service)
                 state = await self._run(self._loader, load_state, self.settings, self.store,
                                         Path(model_path) if model_path else None)
+                await self._run(self._loader, self.warm_up, state)
             except ModelNotFound as exc:
                 metrics()["reloads"].labels("not_found").inc()
                 raise NotFound(f"{exc}; still serving {previous}", field="model_path" if model_path else None) from exc
