@@ -25,8 +25,9 @@ class OnlineUserReader:
     columns; for one user that generic machinery costs more than the store reads themselves. This
     resolves the service's feature views once and calls ``OnlineStore.online_read`` per view (the
     API Feast's own precompute path uses), converting values with Feast's type map, so the answer
-    equals :func:`fetch_user_features` (``tests/integration/test_serving.py`` checks it) at about
-    half the cost. Rebuild it when the registry changes (``Runtime`` does on reload).
+    equals :func:`fetch_user_features` (``tests/integration/test_feature_store.py`` checks it) at
+    about a third of the cost (``benchmarks/results/serving.json``). Rebuild it when the registry
+    changes (``Runtime`` does on reload).
     """
 
     def __init__(self, store: FeatureStore, service: FeatureService) -> None:

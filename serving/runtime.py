@@ -337,11 +337,9 @@ class Runtime:
         tensor shape are several times slower, and on a fresh worker they set the first second's
         latency. Returns the seconds it took."""
         started = time.perf_counter()
-        if self._reader is not None:
-            try:
-                self._reader(["__recflow_warm_up__"])  # an unknown user: one read of every view
-            except Exception as exc:  # noqa: BLE001 - the store may be down; serving degrades by itself
-                log.info("warm-up: online read failed (%s: %s)", type(exc).__name__, str(exc)[:200])
+        # an unknown user: one read of every view, through the timeout and circuit breaker of requests
+        # (a store that is down or hung makes this degraded, never a hung load)
+        self._fetch(["__recflow_warm_up__"])
         ids = [state.index.item_ids[p] for p in state.catalogue.pop_order[:300]]
         now = int(time.time())
         feats = {"user_history__history_item_ids": ids,
