@@ -1,0 +1,306 @@
+"""Ranker features: one function of (purchase lines, item statistics, as-of time), online and offline.
+
+Every value here is a pure function of the lines strictly before ``as_of`` and of ``as_of``
+itself, so the same call gives the same number in training (weekly anchors), evaluation (each
+test week's start) and serving (the user's pushed history at request time). Nothing is a fixed
+window that a push can only add to: recency enters as ages and exponentially decayed counts
+evaluated at ``as_of``.
+
+- :func:`item_stats`: per-item statistics over every user's lines (popularity windows, trend,
+  re-buy rate, median re-buy gap, age, the popularity of the item's text group and category).
+- :func:`user_item_stats`: per (user, item) re-buy statistics (counts, decayed counts at several
+  half-lives, purchase occasions, first/last purchase, mean and std of the re-buy gap).
+- :func:`pair_features`: the ranker's feature matrix for candidate pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from recflow.ranker.log import DAY_S, PurchaseLog
+
+HALF_LIVES_DAYS: tuple[float, ...] = (7.0, 30.0, 90.0, 365.0)
+ITEM_FEATURES: tuple[str, ...] = (
+    "item_pop_7d", "item_pop_30d", "item_pop_90d", "item_pop_all", "item_buyers_all", "item_buyers_30d",
+    "item_trend", "item_rebuy_rate", "item_gap_median_d", "item_age_d", "item_text_pop_30d", "item_cat_pop_30d",
+)
+
+
+def _segments(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start indices of runs of equal ``keys`` (sorted) and the run id of every element."""
+    if len(keys) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    new = np.concatenate([[True], keys[1:] != keys[:-1]])
+    return np.flatnonzero(new), np.cumsum(new) - 1
+
+
+@dataclass
+class UserItemStats:
+    """Per (user, item) re-buy statistics, sorted by ``key = user * n_items + item``."""
+
+    key: np.ndarray
+    cnt: np.ndarray  # purchase lines
+    occasions: np.ndarray  # distinct purchase days (shopping trips)
+    first: np.ndarray  # epoch s
+    last: np.ndarray
+    gap_mean_d: np.ndarray  # days between purchase days; NaN with fewer than two
+    gap_std_d: np.ndarray
+    decayed: np.ndarray  # [P, len(half_lives)]
+
+    def lookup(self, key: np.ndarray) -> np.ndarray:
+        """Row of each ``key`` (-1 where the user never bought the item)."""
+        pos = np.searchsorted(self.key, key)
+        pos = np.minimum(pos, max(len(self.key) - 1, 0))
+        ok = (len(self.key) > 0) & (self.key[pos] == key) if len(self.key) else np.zeros(len(key), bool)
+        return np.where(ok, pos, -1)
+
+
+def user_item_stats(log: PurchaseLog, as_of: int, half_lives: tuple[float, ...] = HALF_LIVES_DAYS) -> UserItemStats:
+    """Re-buy statistics of every (user, item) pair in ``log`` as of ``as_of`` (lines after it are ignored)."""
+    log = log.before(as_of)
+    key = log.user * log.n_items + log.item
+    order = np.lexsort((log.ts, key))
+    key, ts = key[order], log.ts[order]
+    starts, run = _segments(key)
+    n = len(starts)
+    cnt = np.diff(np.append(starts, len(key))).astype(np.float64)
+    first = ts[starts] if n else np.zeros(0, np.int64)
+    last = np.maximum.reduceat(ts, starts) if n else np.zeros(0, np.int64)
+    day = ts // DAY_S
+    d = np.diff(day, prepend=day[:1]) if len(day) else day
+    new_occ = np.ones(len(ts), bool)
+    new_occ[1:] = (d[1:] > 0) | (run[1:] != run[:-1])
+    occasions = np.bincount(run, weights=new_occ, minlength=n)
+    is_gap = new_occ.copy()
+    is_gap[starts] = False
+    g = np.where(is_gap, d, 0).astype(np.float64)
+    n_gap = np.bincount(run, weights=is_gap, minlength=n)
+    s1 = np.bincount(run, weights=g, minlength=n)
+    s2 = np.bincount(run, weights=g * g, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n_gap > 0, s1 / np.maximum(n_gap, 1), np.nan)
+        std = np.where(n_gap > 1, np.sqrt(np.maximum(s2 / np.maximum(n_gap, 1) - mean**2, 0.0)), np.nan)
+    age = (as_of - ts) / DAY_S
+    dec = np.stack([np.bincount(run, weights=np.exp2(-age / h), minlength=n) for h in half_lives], axis=1) if n else np.zeros((0, len(half_lives)))
+    return UserItemStats(key[starts] if n else key, cnt, occasions, first, last, mean, std, dec)
+
+
+@dataclass
+class ItemStats:
+    """Per-item statistics as of ``as_of`` over every user's lines: ``columns[name]`` is ``[N]`` float64."""
+
+    as_of: int
+    columns: dict[str, np.ndarray]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    @property
+    def n_items(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    @property
+    def sold(self) -> np.ndarray:
+        """Items with at least one purchase before ``as_of`` (the others are cold)."""
+        return self.columns["item_pop_all"] > 0
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.columns)
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, as_of: int) -> ItemStats:
+        missing = set(ITEM_FEATURES) - set(frame.columns)
+        if missing:
+            raise ValueError(f"item statistics: missing columns {sorted(missing)}")
+        return cls(int(as_of), {c: frame[c].to_numpy(dtype=np.float64) for c in ITEM_FEATURES})
+
+
+def _group_sum(values: np.ndarray, group: np.ndarray | None) -> np.ndarray:
+    """Each item's value summed over the items of its group (``group`` -1 = no group: itself)."""
+    if group is None:
+        return values.copy()
+    g = np.asarray(group, dtype=np.int64)
+    ok = g >= 0
+    tot = np.bincount(g[ok], weights=values[ok], minlength=int(g.max()) + 1 if ok.any() else 0)
+    return np.where(ok, tot[np.maximum(g, 0)] if len(tot) else 0.0, values)
+
+
+def item_stats(
+    log: PurchaseLog, as_of: int, *, text_group: np.ndarray | None = None, category: np.ndarray | None = None,
+    uis: UserItemStats | None = None,
+) -> ItemStats:
+    """Item statistics as of ``as_of`` from every user's lines before it.
+
+    ``text_group`` (an item's unique-text row) and ``category`` (a category code, -1 unknown) give
+    the popularity of the item's text group and category: the prior a cold item inherits.
+    """
+    log = log.before(as_of)
+    n = log.n_items
+    age = (as_of - log.ts) / DAY_S
+    pop = {w: np.bincount(log.item[age < w], minlength=n).astype(np.float64) for w in (7, 30, 90)}
+    pop_all = np.bincount(log.item, minlength=n).astype(np.float64)
+    uis = uis if uis is not None else user_item_stats(log, as_of)
+    ui_item = uis.key % n
+    buyers = np.bincount(ui_item, minlength=n).astype(np.float64)
+    buyers_30 = np.bincount(ui_item[(as_of - uis.last) / DAY_S < 30], minlength=n).astype(np.float64)
+    repeaters = np.bincount(ui_item[uis.occasions >= 2], minlength=n).astype(np.float64)
+    gaps = pd.Series(uis.gap_mean_d).groupby(ui_item).median()
+    gap_median = np.full(n, np.nan)
+    gap_median[gaps.index.to_numpy()] = gaps.to_numpy()
+    first = np.full(n, np.iinfo(np.int64).max)
+    if len(log):
+        np.minimum.at(first, log.item, log.ts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cols = {
+            "item_pop_7d": pop[7],
+            "item_pop_30d": pop[30],
+            "item_pop_90d": pop[90],
+            "item_pop_all": pop_all,
+            "item_buyers_all": buyers,
+            "item_buyers_30d": buyers_30,
+            "item_trend": (pop[7] + 1.0) / (pop[30] * 7.0 / 30.0 + 1.0),
+            "item_rebuy_rate": np.where(buyers > 0, repeaters / np.maximum(buyers, 1), np.nan),
+            "item_gap_median_d": gap_median,
+            "item_age_d": np.where(pop_all > 0, (as_of - first) / DAY_S, np.nan),
+            "item_text_pop_30d": _group_sum(pop[30], text_group),
+            "item_cat_pop_30d": _group_sum(pop[30], category),
+        }
+    return ItemStats(int(as_of), cols)
+
+
+@dataclass
+class UserStats:
+    """Per-user summaries as of an as-of time, ``[U]`` each."""
+
+    n_lines: np.ndarray
+    n_baskets: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+    n_items: np.ndarray
+    baskets_30d: np.ndarray
+
+
+def user_stats(log: PurchaseLog, as_of: int, uis: UserItemStats) -> UserStats:
+    log = log.before(as_of)
+    u = log.n_users
+    n_lines = np.bincount(log.user, minlength=u).astype(np.float64)
+    ub = np.unique(log.user * (2**33) + log.ts // DAY_S)  # a shopping trip: one user's purchases on one UTC day
+    b_user = ub // (2**33)
+    b_day = ub % (2**33)
+    n_baskets = np.bincount(b_user, minlength=u).astype(np.float64)
+    baskets_30 = np.bincount(b_user[(as_of // DAY_S - b_day) < 30], minlength=u).astype(np.float64)
+    first = np.full(u, np.nan)
+    last = np.full(u, np.nan)
+    off = log.offsets()
+    has = np.diff(off) > 0
+    first[has] = log.ts[off[:-1][has]]
+    last[has] = log.ts[off[1:][has] - 1]
+    n_items = np.bincount(uis.key // log.n_items, minlength=u).astype(np.float64) if len(uis.key) else np.zeros(u)
+    return UserStats(n_lines, n_baskets, first, last, n_items, baskets_30)
+
+
+def user_category_counts(log: PurchaseLog, as_of: int, category: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Sorted ``(user * C + category)`` keys and line counts, or None without categories."""
+    if category is None:
+        return None
+    log = log.before(as_of)
+    c = np.asarray(category, dtype=np.int64)[log.item]
+    n_c = int(np.max(category)) + 2
+    key = log.user * n_c + (c + 1)
+    k, cnt = np.unique(key, return_counts=True)
+    return k, cnt.astype(np.float64)
+
+
+@dataclass
+class Context:
+    """What :func:`pair_features` needs besides the candidate pairs: the as-of statistics of a log."""
+
+    as_of: int
+    log: PurchaseLog
+    items: ItemStats
+    uis: UserItemStats
+    users: UserStats
+    category: np.ndarray | None
+    ucat: tuple[np.ndarray, np.ndarray] | None
+
+
+def user_context(log: PurchaseLog, items: ItemStats, as_of: int, category: np.ndarray | None = None) -> Context:
+    """The user-side statistics of ``log`` as of ``as_of``, with item statistics ``items`` (same or earlier time)."""
+    log = log.before(as_of)
+    uis = user_item_stats(log, as_of)
+    return Context(as_of, log, items, uis, user_stats(log, as_of, uis), category, user_category_counts(log, as_of, category))
+
+
+PAIR_FEATURES: tuple[str, ...] = (
+    "ui_cnt", "ui_occasions", *(f"ui_dec_{int(h)}d" for h in HALF_LIVES_DAYS),
+    "ui_days_since_last", "ui_days_since_first", "ui_gap_mean_d", "ui_gap_std_d", "ui_overdue", "ui_due_in_d",
+    "ui_overdue_item_gap", "ui_basket_share", "ui_bought",
+    "u_n_lines", "u_n_baskets", "u_n_items", "u_days_since_last", "u_span_d", "u_basket_gap_d", "u_baskets_30d",
+    "ucat_share",
+    *ITEM_FEATURES,
+)
+
+
+def pair_features(ctx: Context, user: np.ndarray, item: np.ndarray) -> dict[str, np.ndarray]:
+    """Features ``[P]`` of the pairs ``(user[k], item[k])`` (user codes of ``ctx.log``) as of ``ctx.as_of``.
+
+    Returns :data:`PAIR_FEATURES` as float32 arrays (NaN where undefined, e.g. a never-bought item's
+    gap). Candidate-source features (scores, flags) are added by :mod:`recflow.ranker.candidates`.
+    """
+    user = np.asarray(user, dtype=np.int64)
+    item = np.asarray(item, dtype=np.int64)
+    n = ctx.log.n_items
+    t = ctx.as_of
+    r = ctx.uis.lookup(user * n + item)
+    has = r >= 0
+    rr = np.maximum(r, 0)
+
+    def ui(values: np.ndarray, missing: float = 0.0) -> np.ndarray:
+        return np.where(has, values[rr] if len(values) else missing, missing).astype(np.float64)
+
+    out: dict[str, np.ndarray] = {}
+    out["ui_cnt"] = ui(ctx.uis.cnt)
+    out["ui_occasions"] = ui(ctx.uis.occasions)
+    for j, h in enumerate(HALF_LIVES_DAYS):
+        out[f"ui_dec_{int(h)}d"] = ui(ctx.uis.decayed[:, j] if len(ctx.uis.key) else np.zeros(0))
+    last = ui((t - ctx.uis.last) / DAY_S if len(ctx.uis.key) else np.zeros(0), np.nan)
+    out["ui_days_since_last"] = last
+    out["ui_days_since_first"] = ui((t - ctx.uis.first) / DAY_S if len(ctx.uis.key) else np.zeros(0), np.nan)
+    gap = ui(ctx.uis.gap_mean_d, np.nan)
+    out["ui_gap_mean_d"] = gap
+    out["ui_gap_std_d"] = ui(ctx.uis.gap_std_d, np.nan)
+    item_gap = ctx.items["item_gap_median_d"][item]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["ui_overdue"] = last / gap
+        out["ui_due_in_d"] = gap - last
+        out["ui_overdue_item_gap"] = last / item_gap
+        nb = ctx.users.n_baskets[user]
+        out["ui_basket_share"] = np.where(nb > 0, out["ui_occasions"] / np.maximum(nb, 1), 0.0)
+    out["ui_bought"] = has.astype(np.float64)
+    us = ctx.users
+    out["u_n_lines"] = us.n_lines[user]
+    out["u_n_baskets"] = us.n_baskets[user]
+    out["u_n_items"] = us.n_items[user]
+    out["u_days_since_last"] = (t - us.last[user]) / DAY_S
+    span = (us.last[user] - us.first[user]) / DAY_S
+    out["u_span_d"] = span
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["u_basket_gap_d"] = np.where(us.n_baskets[user] > 1, span / np.maximum(us.n_baskets[user] - 1, 1), np.nan)
+    out["u_baskets_30d"] = us.baskets_30d[user]
+    if ctx.ucat is not None and ctx.category is not None:
+        keys, cnt = ctx.ucat
+        n_c = int(np.max(ctx.category)) + 2
+        q = user * n_c + (np.asarray(ctx.category, dtype=np.int64)[item] + 1)
+        pos = np.minimum(np.searchsorted(keys, q), max(len(keys) - 1, 0))
+        hit = (keys[pos] == q) if len(keys) else np.zeros(len(q), bool)
+        c = np.where(hit, cnt[pos] if len(cnt) else 0.0, 0.0)
+        known = np.asarray(ctx.category)[item] >= 0
+        out["ucat_share"] = np.where(known & (us.n_lines[user] > 0), c / np.maximum(us.n_lines[user], 1), np.nan)
+    else:
+        out["ucat_share"] = np.full(len(user), np.nan)
+    for name in ITEM_FEATURES:
+        out[name] = ctx.items[name][item]
+    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}

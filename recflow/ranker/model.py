@@ -1,0 +1,208 @@
+"""The second stage: a LightGBM ranker over candidate pairs, saved in LightGBM's text format.
+
+``score_users`` is the one implementation of "score a user's candidates": training evaluation,
+the quality benchmark and the service call it with a :class:`~recflow.ranker.features.Context`
+(the users' purchase lines as of a time) and an :class:`~recflow.ranker.candidates.ItemSide`.
+
+Saved layout (:func:`save_two_stage`, a folder; no pickle)::
+
+    ranker.txt          LightGBM model (text)
+    ranker.json         RankerConfig, feature names, metrics
+    item_stats.parquet  item statistics as of the model's data end (serving's item side)
+    item_ids.parquet    catalogue order of the item positions
+    arrays.npz          category codes, unique-text MiniLM vectors and each item's text row
+    similarity.npz      item-item co-purchase matrix (scipy sparse, npz)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from recflow.ranker.candidates import CANDIDATE_FEATURES, CandidateConfig, Candidates, ItemSide, generate
+from recflow.ranker.features import PAIR_FEATURES, Context, ItemStats, pair_features
+
+FEATURES: tuple[str, ...] = (*PAIR_FEATURES, *CANDIDATE_FEATURES)
+TEXT_FEATURES: frozenset[str] = frozenset({"cand_text", "cand_text_rel", "src_text", "src_cold", "item_text_pop_30d"})
+
+
+@dataclass
+class RankerConfig:
+    """LightGBM and candidate settings; ``features`` are the columns the booster reads, in order."""
+
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    features: tuple[str, ...] = FEATURES
+    objective: str = "lambdarank"
+    num_leaves: int = 31
+    learning_rate: float = 0.1
+    min_data_in_leaf: int = 100
+    feature_fraction: float = 0.8
+    bagging_fraction: float = 0.8
+    lambda_l2: float = 1.0
+    max_bin: int = 63
+    max_rounds: int = 300
+    early_stopping_rounds: int = 25
+    negative_share: float = 0.15
+    seed: int = 0
+    threads: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["features"] = list(self.features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RankerConfig:
+        kw = dict(d)
+        kw["candidates"] = CandidateConfig(**kw.get("candidates", {}))
+        kw["features"] = tuple(kw.get("features", FEATURES))
+        return cls(**kw)
+
+    def lgb_params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {
+            "objective": self.objective,
+            "num_leaves": self.num_leaves,
+            "learning_rate": self.learning_rate,
+            "min_data_in_leaf": self.min_data_in_leaf,
+            "feature_fraction": self.feature_fraction,
+            "bagging_fraction": self.bagging_fraction,
+            "bagging_freq": 1 if self.bagging_fraction < 1 else 0,
+            "lambda_l2": self.lambda_l2,
+            "max_bin": self.max_bin,
+            "seed": self.seed,
+            "verbosity": -1,
+            "deterministic": True,
+            "force_col_wise": True,
+        }
+        if self.threads:
+            p["num_threads"] = self.threads
+        if self.objective == "lambdarank":
+            p.update({"metric": "ndcg", "eval_at": [10], "lambdarank_truncation_level": 20})
+        else:
+            p.update({"metric": "auc"})
+        return p
+
+
+def feature_matrix(ctx: Context, cands: Candidates, names: tuple[str, ...]) -> np.ndarray:
+    """``[C, F]`` float32 features of the candidate pairs, columns in ``names`` order."""
+    pf = pair_features(ctx, cands.user, cands.item)
+    cols = {**pf, **cands.features}
+    missing = [n for n in names if n not in cols]
+    if missing:
+        raise ValueError(f"ranker features {missing} are not computed by this recflow version")
+    return np.stack([cols[n] for n in names], axis=1) if len(cands) else np.zeros((0, len(names)), np.float32)
+
+
+@dataclass
+class Ranker:
+    """A trained booster with its config (and the metrics it was saved with)."""
+
+    config: RankerConfig
+    booster: Any  # lightgbm.Booster
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        if len(x) == 0:
+            return np.zeros(0, np.float64)
+        return np.asarray(self.booster.predict(x, num_threads=self.config.threads or 0), dtype=np.float64)
+
+
+@dataclass
+class Scored:
+    """Candidates of some users with the ranker's score of each pair."""
+
+    cands: Candidates
+    score: np.ndarray  # [C]
+    as_of: int = 0
+
+    def dense(self, users: np.ndarray, n_items: int, fill: np.ndarray | None = None) -> np.ndarray:
+        """``[len(users), N]`` scores (non-candidates get ``fill`` far below every candidate)."""
+        out = np.full((len(users), n_items), -1e9, np.float32)
+        if fill is not None:
+            out += fill[None, :].astype(np.float32)
+        row = pd.Index(users).get_indexer(self.cands.user)
+        ok = row >= 0
+        out[row[ok], self.cands.item[ok]] = self.score[ok].astype(np.float32)
+        return out
+
+
+def score_users(
+    ranker: Ranker | None, ctx: Context, side: ItemSide, users: np.ndarray, *,
+    candidates: CandidateConfig | None = None, order_by: str | None = None,
+) -> Scored:
+    """Score every candidate of ``users`` as of ``ctx.as_of``: the ranker's score, or with no ranker
+    (``recflow_no_ranker``) the single feature ``order_by`` (default ``ui_dec_90d`` + popularity tie-break)."""
+    cfg = candidates or (ranker.config.candidates if ranker is not None else CandidateConfig())
+    cands = generate(ctx, side, users, cfg)
+    if ranker is not None:
+        x = feature_matrix(ctx, cands, ranker.config.features)
+        return Scored(cands, ranker.predict(x), ctx.as_of)
+    name = order_by or "ui_dec_90d"
+    pf = pair_features(ctx, cands.user, cands.item)
+    cols = {**pf, **cands.features}
+    pop = np.log1p(cols["item_pop_30d"].astype(np.float64))
+    return Scored(cands, cols[name].astype(np.float64) * 1e3 + pop, ctx.as_of)
+
+
+@dataclass
+class TwoStage:
+    """What ranking needs at serving time: the booster, the item side as of the data end, the
+    catalogue ids (position ``p`` is ``item_ids[p]``) and category codes."""
+
+    ranker: Ranker
+    side: ItemSide
+    item_ids: np.ndarray  # [N] str
+    category: np.ndarray | None = None  # [N] int64 (-1 unknown)
+
+    def __post_init__(self) -> None:
+        self.item_index = pd.Index(np.asarray(self.item_ids).astype(str))
+
+
+def save_two_stage(model: TwoStage, folder: Path) -> Path:
+    """Write ``model`` under ``folder``: LightGBM text, JSON, parquet and npy/npz only (no pickle)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.ranker.booster.save_model(str(folder / "ranker.txt"))
+    side = model.side
+    side.stats.to_frame().to_parquet(folder / "item_stats.parquet", index=False)
+    pd.DataFrame({"item_id": model.item_index.astype(str)}).to_parquet(folder / "item_ids.parquet", index=False)
+    arrays: dict[str, np.ndarray] = {}
+    if model.category is not None:
+        arrays["category"] = np.asarray(model.category, np.int64)
+    if side.text_emb is not None and side.item_text is not None:
+        arrays["text_emb"] = np.asarray(side.text_emb, np.float32)
+        arrays["item_text"] = np.asarray(side.item_text, np.int64)
+    np.savez(folder / "arrays.npz", **arrays)
+    if side.similarity is not None:
+        sp.save_npz(folder / "similarity.npz", side.similarity.tocsr(), compressed=True)
+    meta = {"config": model.ranker.config.to_dict(), "metrics": model.ranker.metrics, "item_stats_as_of": side.stats.as_of,
+            "format": "recflow.ranker: ranker.txt (LightGBM) + ranker.json + item_stats.parquet + item_ids.parquet "
+                      "+ arrays.npz + similarity.npz"}
+    (folder / "ranker.json").write_text(json.dumps(meta, indent=1, default=float))
+    return folder
+
+
+def load_two_stage(folder: Path) -> TwoStage:
+    """The model saved by :func:`save_two_stage` (raises FileNotFoundError naming the missing file)."""
+    import lightgbm as lgb
+
+    folder = Path(folder)
+    for name in ("ranker.json", "ranker.txt", "item_stats.parquet", "item_ids.parquet", "arrays.npz"):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder / name} is missing: not a recflow ranker folder (save_two_stage writes it)")
+    meta = json.loads((folder / "ranker.json").read_text())
+    ranker = Ranker(RankerConfig.from_dict(meta["config"]), lgb.Booster(model_file=str(folder / "ranker.txt")),
+                    meta.get("metrics", {}))
+    stats = ItemStats.from_frame(pd.read_parquet(folder / "item_stats.parquet"), meta["item_stats_as_of"])
+    with np.load(folder / "arrays.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    sim = sp.load_npz(folder / "similarity.npz").tocsr() if (folder / "similarity.npz").exists() else None
+    side = ItemSide(stats, sim, arrays.get("text_emb"), arrays.get("item_text"))
+    ids = pd.read_parquet(folder / "item_ids.parquet")["item_id"].astype(str).to_numpy()
+    return TwoStage(ranker, side, ids, arrays.get("category"))

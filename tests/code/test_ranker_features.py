@@ -1,0 +1,112 @@
+"""The two-stage model's feature function and candidates: hand-computed values, online = offline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recflow.ranker.candidates import CandidateConfig, ItemSide, generate, item_similarity
+from recflow.ranker.features import item_stats, pair_features, user_context
+from recflow.ranker.log import DAY_S, PurchaseLog
+
+T0 = int(pd.Timestamp("2024-01-01", tz="UTC").value // 10**9)
+ITEMS = pd.Index(["x", "y", "z", "w"])
+
+
+def tiny_log() -> PurchaseLog:
+    # user a: x on days 0, 4, 10 (twice on day 10), y on day 4; user b: x on day 2, z on day 3
+    rows = [("a", "x", 0), ("a", "y", 4), ("a", "x", 4), ("a", "x", 10), ("a", "x", 10.01), ("b", "x", 2), ("b", "z", 3),
+            ("b", "w", 30)]
+    ev = pd.DataFrame({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                       "event_timestamp": pd.to_datetime([T0 + r[2] * DAY_S for r in rows], unit="s", utc=True)})
+    return PurchaseLog.from_events(ev, ITEMS)
+
+
+def test_pair_features_by_hand() -> None:
+    log = tiny_log()
+    as_of = T0 + 14 * DAY_S
+    stats = item_stats(log, as_of)
+    ctx = user_context(log, stats, as_of)
+    a = int(np.flatnonzero(log.user_ids == "a")[0])
+    f = pair_features(ctx, np.array([a, a]), np.array([0, 2]))  # (a, x), (a, z)
+    assert f["ui_cnt"][0] == 4 and f["ui_occasions"][0] == 3  # two lines on day 10 are one trip
+    assert f["ui_gap_mean_d"][0] == pytest.approx(5.0)  # gaps 4 and 6
+    assert f["ui_gap_std_d"][0] == pytest.approx(1.0)
+    assert f["ui_days_since_last"][0] == pytest.approx(4.0 - 0.01, abs=1e-4)
+    assert f["ui_overdue"][0] == pytest.approx((4.0 - 0.01) / 5.0, rel=1e-4)
+    want = 2 ** (-14 / 7) + 2 ** (-10 / 7) + 2 ** (-4 / 7) + 2 ** (-3.99 / 7)
+    assert f["ui_dec_7d"][0] == pytest.approx(want, rel=1e-5)
+    assert f["ui_basket_share"][0] == pytest.approx(1.0)  # x in all 3 of a's trips
+    assert f["ui_bought"].tolist() == [1.0, 0.0]
+    assert f["ui_cnt"][1] == 0 and np.isnan(f["ui_gap_mean_d"][1])
+    # item side: x has 5 lines, 2 buyers, one of whom re-bought; w (day 30) is after as_of: cold
+    assert stats["item_pop_all"].tolist() == [5.0, 1.0, 1.0, 0.0]
+    assert stats["item_rebuy_rate"][0] == pytest.approx(0.5)
+    assert not stats.sold[3]
+    assert f["u_n_baskets"][0] == 3 and f["u_n_lines"][0] == 5
+
+
+def test_features_ignore_lines_at_or_after_as_of() -> None:
+    log = tiny_log()
+    as_of = T0 + 4 * DAY_S  # day-4 lines are not yet known
+    ctx = user_context(log, item_stats(log, as_of), as_of)
+    a = int(np.flatnonzero(log.user_ids == "a")[0])
+    f = pair_features(ctx, np.array([a]), np.array([0]))
+    assert f["ui_cnt"][0] == 1 and f["ui_days_since_last"][0] == pytest.approx(4.0)
+
+
+def test_online_history_gives_the_offline_features() -> None:
+    """The service builds the log from each user's pushed history (ids + epoch seconds): same numbers."""
+    from training.synthetic import synthetic_shop
+
+    events, items = synthetic_shop(n_users=30, n_items=60, days=60, seed=3)
+    idx = pd.Index(items["item_id"].astype(str))
+    offline = PurchaseLog.from_events(events, idx)
+    as_of = int(pd.Timestamp("2024-02-20", tz="UTC").value // 10**9)
+    stats = item_stats(offline, as_of)
+    users = offline.user_ids[:12]
+    # what the online store holds after the pushes: each user's lines, most recent first
+    before = offline.before(as_of).for_users(users)
+    off = before.offsets()
+    hist = [(idx[before.item[off[u]:off[u + 1]][::-1]].tolist(), before.ts[off[u]:off[u + 1]][::-1].tolist())
+            for u in range(len(users))]
+    online = PurchaseLog.from_histories(hist, idx, users)
+    c_off = user_context(offline.for_users(users), stats, as_of)
+    c_on = user_context(online, stats, as_of)
+    u = np.repeat(np.arange(len(users)), len(idx))
+    i = np.tile(np.arange(len(idx)), len(users))
+    a, b = pair_features(c_off, u, i), pair_features(c_on, u, i)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_candidates_cover_the_whole_history() -> None:
+    from training.synthetic import synthetic_shop
+
+    events, items = synthetic_shop(n_users=40, n_items=80, days=70, seed=1)
+    idx = pd.Index(items["item_id"].astype(str))
+    log = PurchaseLog.from_events(events, idx)
+    as_of = int(pd.Timestamp("2024-03-01", tz="UTC").value // 10**9)
+    before = log.before(as_of)
+    side = ItemSide(item_stats(before, as_of), item_similarity(before, 20))
+    ctx = user_context(log, side.stats, as_of)
+    users = np.arange(log.n_users)
+    cands = generate(ctx, side, users, CandidateConfig(n_popular=5, n_cooccur=5, n_trending=0), batch_size=7)
+    bought = np.unique(before.user * log.n_items + before.item)
+    got = cands.user * log.n_items + cands.item
+    assert np.isin(bought, got).all()
+    hist = cands.features["src_history"] > 0
+    assert np.array_equal(np.sort(got[hist]), bought)
+    # popular unseen items are proposed to everyone
+    top = side.popular[0]
+    assert (cands.item == top).sum() == len(np.unique(cands.user))
+
+
+def test_history_order_does_not_matter_and_unknown_items_are_dropped() -> None:
+    a = PurchaseLog.from_histories([(["x", "y", "nope"], [30, 10, 20])], ITEMS, ["u"])
+    b = PurchaseLog.from_histories([(["y", "x"], [10, 30])], ITEMS, ["u"])
+    assert a.item.tolist() == b.item.tolist() == [1, 0]
+    assert a.ts.tolist() == [10, 30]
+    with pytest.raises(ValueError, match="different lengths"):
+        PurchaseLog.from_histories([(["x"], [1, 2])], ITEMS)

@@ -1,0 +1,106 @@
+"""The two-stage model on a synthetic shop: it learns, it round-trips, and serving equals offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recflow.ranker import load_two_stage, save_two_stage, score_users
+from recflow.ranker.features import user_context
+from recflow.ranker.log import DAY_S
+from recflow.ranker.model import Scored
+from recflow.ranker.recommend import Ask, reason_text, recommend
+from training.evaluate import evaluate
+from training.protocol import Protocol, week_evalset
+from training.synthetic import synthetic_shop
+from training.two_stage import Inputs, config_for, final_model, fit, seconds, week_scorer
+
+
+@pytest.fixture(scope="module")
+def shop() -> dict:
+    events, items = synthetic_shop(n_users=150, n_items=200, days=120, seed=7)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(items["text"].nunique() + 1, 16)).astype(np.float32)
+    from recflow.modeling.build import unique_texts
+    from training.data import Catalogue
+
+    texts, _ = unique_texts(Catalogue.from_items(items).texts)
+    inputs = Inputs.build(events, items, emb[: len(texts)])
+    protocol = Protocol.make("2024-04-08", train_weeks=5, test_weeks=2)
+    cfg = config_for(inputs, max_rounds=40, early_stopping_rounds=10, min_data_in_leaf=5, threads=1,
+                     negative_share=0.5)
+    fitted = fit(inputs, protocol, cfg)
+    return {"events": events, "items": items, "inputs": inputs, "protocol": protocol, "cfg": cfg, "fit": fitted}
+
+
+def test_ranker_beats_a_shuffled_ranker(shop: dict) -> None:
+    inputs, cfg, fitted = shop["inputs"], shop["cfg"], shop["fit"]
+    ev = week_evalset("test", shop["events"], inputs.catalogue, shop["protocol"].tests[0])
+    scorer, week = week_scorer(inputs, fitted.ranker, ev, cfg)
+    model = evaluate(scorer, ev)["ndcg@10"]
+    rng = np.random.default_rng(1)
+    shuffled = Scored(week.cands, rng.permutation(fitted.ranker.predict(week.x)), week.anchor)
+    users = pd.Index(inputs.log.user_ids).get_indexer(ev.rows.user_ids)
+    dense = shuffled.dense(users, len(inputs.catalogue))
+    rand = evaluate(lambda rows: dense[rows], ev)["ndcg@10"]
+    assert fitted.ranker.metrics["best_iteration"] >= 1
+    assert model > rand + 0.05, (model, rand)
+
+
+def test_round_trip_gives_identical_scores(shop: dict, tmp_path: Path) -> None:
+    inputs, fitted = shop["inputs"], shop["fit"]
+    end = seconds(shop["protocol"].tests[-1])
+    model = final_model(inputs, fitted.ranker, end)
+    loaded = load_two_stage(save_two_stage(model, tmp_path / "ranker"))
+    ctx = user_context(inputs.log, model.side.stats, end, model.category)
+    users = np.arange(min(40, inputs.log.n_users))
+    a = score_users(model.ranker, ctx, model.side, users)
+    b = score_users(loaded.ranker, user_context(inputs.log, loaded.side.stats, end, loaded.category), loaded.side, users)
+    assert np.array_equal(a.cands.item, b.cands.item)
+    np.testing.assert_array_equal(a.score, b.score)
+    assert (tmp_path / "ranker" / "ranker.txt").read_text().startswith("tree")  # LightGBM text, not a pickle
+
+
+def test_served_answer_equals_the_offline_scorer(shop: dict) -> None:
+    """recommend() on the users' online histories gives the offline scorer's top 10 (same user, same time)."""
+    inputs, fitted = shop["inputs"], shop["fit"]
+    as_of = seconds(shop["protocol"].tests[0]) + 3 * 3600
+    model = final_model(inputs, fitted.ranker, as_of)
+    log = inputs.log.before(as_of)
+    off = log.offsets()
+    users = [u for u in range(log.n_users) if off[u + 1] > off[u]][:25]
+    asks = [Ask(inputs.catalogue.item_ids[log.item[off[u]:off[u + 1]]][::-1].tolist(),
+                log.ts[off[u]:off[u + 1]][::-1].tolist(), as_of, 10) for u in users]
+    served = recommend(model, asks)
+    ctx = user_context(inputs.log, model.side.stats, as_of, model.category)
+    sc = score_users(model.ranker, ctx, model.side, np.array(users))
+    for k, u in enumerate(users):
+        m = sc.cands.user == u
+        order = np.argsort(-sc.score[m], kind="stable")[:10]
+        assert [p.position for p in served[k]] == sc.cands.item[m][order].tolist()
+        np.testing.assert_allclose([p.score for p in served[k]], sc.score[m][order], rtol=1e-12)
+    texts = [reason_text(p, lambda i: f"item {i}") for picks in served for p in picks]
+    assert any(t.startswith("you buy this about every") for t in texts)
+    assert all(t for t in texts)
+
+
+def test_filters_and_fill(shop: dict) -> None:
+    inputs, fitted = shop["inputs"], shop["fit"]
+    as_of = seconds(shop["protocol"].tests[0])
+    model = final_model(inputs, fitted.ranker, as_of)
+    log = inputs.log.before(as_of)
+    off = log.offsets()
+    u = int(np.argmax(np.diff(off)))
+    hist_ids = inputs.catalogue.item_ids[log.item[off[u]:off[u + 1]]].tolist()
+    hist_ts = log.ts[off[u]:off[u + 1]].tolist()
+    no_repeat = recommend(model, [Ask(hist_ids, hist_ts, as_of, 10, exclude_history=True)])[0]
+    assert len(no_repeat) == 10 and not set(p.position for p in no_repeat) & set(log.item[off[u]:off[u + 1]].tolist())
+    rows = np.arange(0, 200, 7)
+    only = recommend(model, [Ask(hist_ids, hist_ts, as_of, 12, rows=rows)])[0]
+    assert len(only) == 12 and all(p.position in set(rows.tolist()) for p in only)
+    cold_user = recommend(model, [Ask([], [], as_of, 5)])[0]  # no history: popular items
+    assert [p.kind for p in cold_user] == ["popular"] * 5
+    assert as_of - max(hist_ts) >= 0 and DAY_S == 86400

@@ -1,0 +1,175 @@
+"""Training the second stage: weekly (user, candidate) examples and a LightGBM ranker.
+
+An example week is an anchor time ``a``: candidates and features are computed from the lines
+before ``a`` (:mod:`recflow.ranker`), and a pair is positive when the user bought the item in
+``[a, a + days)``. Training weeks lie before the validation week, which early-stops the booster;
+test weeks are never seen. The item side (statistics, co-purchase matrix) is recomputed as of
+each anchor, so every feature is out of sample for its week.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from recflow.ranker.candidates import CandidateConfig, Candidates, ItemSide, generate, item_similarity
+from recflow.ranker.features import Context, item_stats, user_context
+from recflow.ranker.log import DAY_S, PurchaseLog
+from recflow.ranker.model import Ranker, RankerConfig, feature_matrix
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ItemInputs:
+    """Catalogue-level inputs of the item side: text embeddings and groups, categories."""
+
+    text_emb: np.ndarray | None = None  # [T, d] L2-normalised
+    item_text: np.ndarray | None = None  # [N]
+    category: np.ndarray | None = None  # [N] int64, -1 unknown
+
+
+def item_side_at(log: PurchaseLog, as_of: int, inputs: ItemInputs, neighbors: int = 100) -> ItemSide:
+    """The item side of candidate generation as of ``as_of`` (from every user's lines before it)."""
+    before = log.before(as_of)
+    stats = item_stats(before, as_of, text_group=inputs.item_text, category=inputs.category)
+    return ItemSide(stats, item_similarity(before, neighbors), inputs.text_emb, inputs.item_text)
+
+
+def targets_of(log: PurchaseLog, start: int, days: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique ``(user, item)`` keys bought in ``[start, start + days)`` and the users with any."""
+    w = log.window(start, start + days * DAY_S)
+    keys = np.unique(w.user * log.n_items + w.item)
+    return keys, np.unique(keys // log.n_items)
+
+
+@dataclass
+class Week:
+    """One anchor's candidates, features and labels."""
+
+    anchor: int
+    ctx: Context
+    side: ItemSide
+    users: np.ndarray  # evaluated users (codes of the log): a target in the week and a purchase before
+    cands: Candidates
+    x: np.ndarray
+    y: np.ndarray
+    target_keys: np.ndarray
+    features: tuple[str, ...] = ()
+
+    def groups(self) -> np.ndarray:
+        """Group sizes (candidates per user, in order)."""
+        _, counts = np.unique(self.cands.user, return_counts=True)
+        return counts
+
+
+def build_week(
+    log: PurchaseLog, anchor: int, days: int, inputs: ItemInputs, cfg: RankerConfig, *, side: ItemSide | None = None,
+    users: np.ndarray | None = None,
+) -> Week:
+    """Candidates and labelled features of the users active in ``[anchor, anchor + days)``."""
+    side = side or item_side_at(log, anchor, inputs, cfg.candidates.neighbors)
+    ctx = user_context(log, side.stats, anchor, inputs.category)
+    keys, active = targets_of(log, anchor, days)
+    has_history = ctx.users.n_lines > 0
+    if users is None:
+        users = active[has_history[active]]
+    cands = generate(ctx, side, users, cfg.candidates)
+    x = feature_matrix(ctx, cands, cfg.features)
+    k = cands.user * log.n_items + cands.item
+    y = np.isin(k, keys).astype(np.float32)
+    return Week(anchor, ctx, side, users, cands, x, y, keys, cfg.features)
+
+
+def _subsample(week: Week, share: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of groups with a positive: every positive, ``share`` of the negatives; and group sizes."""
+    u = week.cands.user
+    pos_users = np.unique(u[week.y > 0])
+    in_group = np.isin(u, pos_users)
+    keep = in_group & ((week.y > 0) | (rng.random(len(u)) < share))
+    idx = np.flatnonzero(keep)
+    _, sizes = np.unique(u[idx], return_counts=True)
+    return week.x[idx], week.y[idx], sizes
+
+
+def fit_ranker(train: list[Week], val: Week, cfg: RankerConfig, progress: Progress | None = None) -> Ranker:
+    """LightGBM on the training weeks (negatives subsampled), early-stopped on the validation week."""
+    import lightgbm as lgb
+
+    say = progress or (lambda _m: None)
+    rng = np.random.default_rng(cfg.seed)
+    parts = [_subsample(w, cfg.negative_share, rng) for w in train]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    g = np.concatenate([p[2] for p in parts])
+    vx, vy, vg = _subsample(val, 1.0, rng)
+    names = list(cfg.features)
+    dtrain = lgb.Dataset(x, y, group=g if cfg.objective == "lambdarank" else None, feature_name=names, free_raw_data=True)
+    dval = lgb.Dataset(vx, vy, group=vg if cfg.objective == "lambdarank" else None, reference=dtrain)
+    t = time.perf_counter()
+    evals: dict[str, dict[str, list[float]]] = {}
+    booster = lgb.train(
+        cfg.lgb_params(), dtrain, num_boost_round=cfg.max_rounds, valid_sets=[dval], valid_names=["validation"],
+        callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False), lgb.record_evaluation(evals)],
+    )
+    secs = time.perf_counter() - t
+    say(f"ranker: {len(y):,} training rows ({int(y.sum()):,} positive) in {len(g):,} groups, "
+        f"{booster.best_iteration} rounds in {secs:.0f}s")
+    gain = booster.feature_importance("gain")
+    top = sorted(zip(names, gain, strict=True), key=lambda p: -p[1])[:8]
+    metrics = {
+        "best_iteration": int(booster.best_iteration),
+        "train_rows": int(len(y)),
+        "train_groups": int(len(g)),
+        "fit_seconds": round(secs, 1),
+        "top_features_by_gain": {n: round(float(v), 1) for n, v in top},
+    }
+    return Ranker(cfg, booster, metrics)
+
+
+def candidate_recall(week: Week, sold_before: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Share of the week's targets (of its evaluated users) that each source, and the union, contains,
+    on the repeat, new and cold targets."""
+    n = week.ctx.log.n_items
+    users = week.users
+    tk = week.target_keys[np.isin(week.target_keys // n, users)]
+    t_user, t_item = tk // n, tk % n
+    seen = week.ctx.uis.lookup(tk) >= 0
+    sold = week.side.stats.sold if sold_before is None else sold_before
+    kinds = {"repeat": seen, "new": ~seen, "cold": ~sold[t_item]}
+    ck = week.cands.user * n + week.cands.item
+    out: dict[str, dict[str, float]] = {}
+    srcs = {"union": np.ones(len(ck), bool)}
+    for name in ("history", "cooccur", "popular", "trending", "text", "cold"):
+        srcs[name] = week.cands.features[f"src_{name}"] > 0
+    for sname, m in srcs.items():
+        hit = np.isin(tk, ck[m])
+        out[sname] = {k: round(float(hit[sel].mean()), 4) if sel.any() else 0.0 for k, sel in kinds.items()}
+        out[sname]["all"] = round(float(hit.mean()), 4) if len(hit) else 0.0
+    out["union"]["targets"] = int(len(tk))
+    out["union"]["candidates_per_user"] = round(len(ck) / max(len(users), 1), 1)
+    del t_user
+    return out
+
+
+def default_config(**overrides: object) -> RankerConfig:
+    """The default :class:`RankerConfig` with ``overrides`` (``candidates`` may be a dict)."""
+    kw = dict(overrides)
+    if isinstance(kw.get("candidates"), dict):
+        kw["candidates"] = CandidateConfig(**kw["candidates"])  # type: ignore[arg-type]
+    return RankerConfig(**kw)  # type: ignore[arg-type]
+
+
+def without_text(week: Week, features: tuple[str, ...]) -> Week:
+    """The week as a model without text would see it: no text-only candidates, only ``features`` columns
+    (``recflow_no_text``; equal to generating with the text sources off)."""
+    f = week.cands.features
+    keep = (f["src_history"] + f["src_cooccur"] + f["src_popular"] + f["src_trending"]) > 0
+    names = list(week.features)
+    cols = [names.index(n) for n in features]
+    cands = Candidates(week.cands.user[keep], week.cands.item[keep], {k: v[keep] for k, v in f.items()})
+    side = ItemSide(week.side.stats, week.side.similarity)
+    return Week(week.anchor, week.ctx, side, week.users, cands, week.x[keep][:, cols], week.y[keep], week.target_keys, tuple(features))

@@ -1,0 +1,132 @@
+"""The two-stage pipeline a flow or a benchmark chains: inputs, weekly examples, ranker, evaluation.
+
+No Feast, Prefect or BentoML: the inputs are the canonical events and items and the cached MiniLM
+vectors of the items' unique texts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from recflow.modeling.build import unique_texts
+from recflow.ranker.log import PurchaseLog
+from recflow.ranker.model import FEATURES, TEXT_FEATURES, Ranker, RankerConfig, Scored, TwoStage, score_users
+from training.data import Catalogue
+from training.evaluate import EvalSet, Scorer
+from training.protocol import Protocol
+from training.ranker import ItemInputs, Week, build_week, fit_ranker, item_side_at
+
+Progress = Callable[[str], None]
+
+
+def seconds(ts: pd.Timestamp) -> int:
+    return int(pd.Timestamp(ts).value // 10**9)
+
+
+@dataclass
+class Inputs:
+    """The shop as the two-stage model sees it: catalogue, purchase log and item-side inputs."""
+
+    catalogue: Catalogue
+    log: PurchaseLog
+    items: ItemInputs
+
+    @classmethod
+    def build(cls, events: pd.DataFrame, items: pd.DataFrame, text_emb: np.ndarray | None) -> Inputs:
+        """``text_emb`` rows follow ``unique_texts`` of the catalogue's texts (None: no text features)."""
+        cat = Catalogue.from_items(items)
+        log = PurchaseLog.from_events(events, cat.index)
+        category = None
+        for col in ("category", "department"):
+            if col in items.columns and items[col].notna().any():
+                category = pd.factorize(items[col])[0].astype(np.int64)
+                break
+        emb = it = None
+        if text_emb is not None:
+            _, rows = unique_texts(cat.texts)
+            it = np.asarray(rows, np.int64)
+            e = np.asarray(text_emb, np.float32)
+            emb = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            blank = np.array([not t.strip() for t in cat.texts])
+            it[blank] = -1  # an item without text has no text vector
+        return cls(cat, log, ItemInputs(emb, it, category))
+
+
+def config_for(inputs: Inputs, **overrides: Any) -> RankerConfig:
+    """The default config; without text vectors the text features are left out."""
+    cfg = RankerConfig(**overrides)
+    if inputs.items.text_emb is None:
+        cfg.features = tuple(f for f in cfg.features if f not in TEXT_FEATURES)
+    return cfg
+
+
+@dataclass
+class Fit:
+    """A trained ranker with the validation week it was early-stopped on."""
+
+    ranker: Ranker
+    validation: Week
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def fit(inputs: Inputs, protocol: Protocol, cfg: RankerConfig, progress: Progress | None = None) -> Fit:
+    """Weekly examples at every training anchor, then LightGBM early-stopped on the validation week."""
+    say = progress or (lambda _m: None)
+    t0 = time.perf_counter()
+    weeks = []
+    for a in protocol.train:
+        w = build_week(inputs.log, seconds(a), protocol.days, inputs.items, cfg)
+        weeks.append(w)
+        say(f"examples as of {a.date()}: {len(w.users):,} users, {len(w.y):,} candidates, {int(w.y.sum()):,} bought")
+    val = build_week(inputs.log, seconds(protocol.validation), protocol.days, inputs.items, cfg)
+    t1 = time.perf_counter()
+    ranker = fit_ranker(weeks, val, cfg, progress=say)
+    return Fit(ranker, val, {"examples": round(t1 - t0, 1), "fit": round(time.perf_counter() - t1, 1)})
+
+
+def final_model(inputs: Inputs, ranker: Ranker, as_of: int) -> TwoStage:
+    """The servable model: the ranker with the item side as of ``as_of`` (the data end)."""
+    side = item_side_at(inputs.log, as_of, inputs.items, ranker.config.candidates.neighbors)
+    return TwoStage(ranker, side, inputs.catalogue.item_ids, inputs.items.category)
+
+
+def refresh(model: TwoStage, events: pd.DataFrame, as_of: int) -> TwoStage:
+    """The same ranker with its item side (statistics, co-purchase) recomputed from ``events`` as of
+    ``as_of``: what an incremental retrain carries forward, since fresh features, not new weights,
+    are what moves next-basket quality."""
+    log = PurchaseLog.from_events(events, model.item_index)
+    inputs = ItemInputs(model.side.text_emb, model.side.item_text, model.category)
+    side = item_side_at(log, as_of, inputs, model.ranker.config.candidates.neighbors)
+    return TwoStage(model.ranker, side, model.item_ids, model.category)
+
+
+def week_scorer(
+    inputs: Inputs, ranker: Ranker | None, ev: EvalSet, cfg: RankerConfig, week: Week | None = None,
+) -> tuple[Scorer, Week]:
+    """A dense scorer of ``ev``'s users for :func:`training.evaluate.evaluate`: the ranker's scores on
+    its candidates (``ranker=None``: candidates ordered by one score, ``recflow_no_ranker``), every
+    other item far below in popularity order."""
+    users = pd.Index(inputs.log.user_ids).get_indexer(ev.rows.user_ids)
+    if (users < 0).any():
+        raise ValueError(f"{ev.name}: {int((users < 0).sum())} evaluated users have no purchase in the log")
+    w = week or build_week(inputs.log, seconds(ev.anchor), 7, inputs.items, cfg, users=users)
+    if ranker is not None and week is not None:
+        sc = Scored(w.cands, ranker.predict(w.x), w.anchor)
+    else:
+        sc = score_users(ranker, w.ctx, w.side, users, candidates=cfg.candidates)
+    fill = (1e-6 * np.log1p(w.side.stats["item_pop_30d"])).astype(np.float32)
+    n = len(inputs.catalogue)
+
+    def score(rows: np.ndarray) -> np.ndarray:
+        return Scored(sc.cands, sc.score, sc.as_of).dense(users[rows], n, fill) if len(rows) else np.zeros((0, n), np.float32)
+
+    return score, w
+
+
+__all__ = ["FEATURES", "Fit", "Inputs", "config_for", "final_model", "fit", "refresh", "week_scorer"]
