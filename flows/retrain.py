@@ -160,7 +160,15 @@ def retrain(
         "training_feature_service": settings.feast.training_service,
         "history_length_in_store": settings.features.history_length,
     }
-    tag = registry.register(settings, result.model, metadata)
+    two_stage = None
+    champion_ranker = registry.model_path(settings, pointer["tag"]) / registry.RANKER_DIR
+    if champion_ranker.is_dir():
+        from recflow.ranker import load_two_stage
+        from training.two_stage import refresh
+
+        two_stage = refresh(load_two_stage(champion_ranker), events, int(end.value // 10**9))
+        log.info("two-stage ranker carried over from %s with item statistics as of %s", pointer["tag"], end.date())
+    tag = registry.register(settings, result.model, metadata, two_stage=two_stage)
     after = pointer["tag"]
     reload: dict[str, Any] | None = None
     if decision.promote:

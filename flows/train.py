@@ -108,11 +108,36 @@ def evaluate_task(data: Any, events: pd.DataFrame, model: Any) -> dict[str, Any]
     return {"week": ev.name, "anchor": str(ev.anchor), "results": results, "goals": goals(results)}
 
 
+@task(name="two-stage", cache_policy=NO_CACHE)
+def two_stage_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame, emb: Any, cutoff: pd.Timestamp,
+                   data: Any) -> dict[str, Any]:
+    """Candidates + LightGBM ranker on weekly anchors before the cutoff, early-stopped on the validation
+    week; test-week metrics; the servable model with the item side as of the data end."""
+    from training.evaluate import evaluate
+    from training.protocol import Protocol
+    from training.two_stage import Inputs, config_for, final_model, fit, seconds, week_scorer
+
+    t = settings.training
+    inputs = Inputs.build(events, items, emb)
+    protocol = Protocol.make(cutoff, t.ranker_train_weeks, 1, t.eval_days)
+    cfg = config_for(inputs, seed=t.seed)
+    fitted = fit(inputs, protocol, cfg, progress=_log)
+    ev = data.test if data.test is not None else data.val
+    week = fitted.validation if ev is data.val else None
+    scorer, _ = week_scorer(inputs, fitted.ranker, ev, cfg, week)
+    metrics = evaluate(scorer, ev)
+    fitted.ranker.metrics[ev.name] = {k: round(float(v), 6) for k, v in metrics.items()}
+    _log(f"two-stage {ev.name} NDCG@10 {metrics['ndcg@10']:.4f}; {fitted.ranker.metrics.get('best_iteration')} rounds")
+    end = seconds(pd.Timestamp(data.window["data_end"]))
+    return {"model": final_model(inputs, fitted.ranker, end), "metrics": metrics, "seconds": fitted.seconds}
+
+
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def register_task(settings: Settings, model: Any, metadata: dict[str, Any], promote: bool) -> dict[str, Any]:
+def register_task(settings: Settings, model: Any, metadata: dict[str, Any], promote: bool,
+                  two_stage: Any = None) -> dict[str, Any]:
     from recflow import registry
 
-    tag = registry.register(settings, model, metadata)
+    tag = registry.register(settings, model, metadata, two_stage=two_stage)
     pointer = registry.set_champion(settings, tag, reason="train flow") if promote else registry.get_champion(settings)
     _log(f"registered {tag}; champion: {pointer['tag'] if pointer else None}")
     return {"tag": tag, "champion": pointer["tag"] if pointer else None, "path": str(registry.model_path(settings, tag))}
@@ -179,6 +204,16 @@ def train(
     t0 = time.perf_counter()
     evaluation = evaluate_task(data, events, outcome.model)
     lap("evaluate", t0)
+    two_stage = None
+    if t.ranker:
+        t0 = time.perf_counter()
+        two_stage = two_stage_task(settings, events, items, emb, cut, data)
+        lap("two_stage", t0)
+        evaluation["results"]["recflow_two_tower"] = evaluation["results"].pop("recflow")
+        evaluation["results"]["recflow"] = two_stage["metrics"]
+        from training.pipeline import goals
+
+        evaluation["goals"] = goals(evaluation["results"])
     metadata = {
         "metrics": {"validation": outcome.metrics, evaluation["week"]: evaluation["results"]["recflow"]},
         "baselines": {k: v for k, v in evaluation["results"].items() if k != "recflow"},
@@ -189,9 +224,11 @@ def train(
         "feature_service": settings.feast.serving_service,
         "training_feature_service": settings.feast.training_service,
         "history_length_in_store": settings.features.history_length,
+        "ranker": two_stage["model"].ranker.metrics if two_stage is not None else None,
     }
     t0 = time.perf_counter()
-    reg = register_task(settings, outcome.model, metadata, t.promote)
+    reg = register_task(settings, outcome.model, metadata, t.promote,
+                        two_stage["model"] if two_stage is not None else None)
     lap("register", t0)
     timings["total"] = round(time.perf_counter() - started, 1)
     table = markdown_table(evaluation["results"], f"{evaluation['week']} week from {evaluation['anchor']}")

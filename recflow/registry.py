@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 CHAMPION_FILE = "champion.json"
 HISTORY_KEEP = 20
+RANKER_DIR = "ranker"  # the two-stage model inside a registered model folder (recflow.ranker.save_two_stage)
 
 
 def _store(settings: Settings) -> Any:
@@ -66,9 +67,10 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
 
 def register(
     settings: Settings, model: RecModel, metadata: dict[str, Any], *, name: str | None = None,
-    labels: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None, two_stage: Any = None,
 ) -> str:
-    """Save ``model`` into the BentoML store; returns its tag (``name:version``)."""
+    """Save ``model`` (and the two-stage ranker, under ``ranker/``) into the BentoML store; returns its
+    tag (``name:version``)."""
     import bentoml
 
     from recflow.modeling import save_model
@@ -83,6 +85,10 @@ def register(
         _model_store=_store(settings),
     ) as bento_model:
         save_model(model, bento_model.path, meta)
+        if two_stage is not None:
+            from recflow.ranker import save_two_stage
+
+            save_two_stage(two_stage, Path(bento_model.path) / RANKER_DIR)
     return str(bento_model.tag)
 
 

@@ -121,6 +121,12 @@ class TrainingSettings(BaseModel):
     promotion_margin: float = Field(
         default=0.01, ge=0, description="The challenger must beat the champion's gate metric by this relative margin."
     )
+    ranker: bool = Field(
+        default=True, description="Train the two-stage model (candidates + LightGBM ranker) that /recommend serves."
+    )
+    ranker_train_weeks: int = Field(
+        default=8, ge=1, le=52, description="Weekly anchors of the ranker's training examples before the cutoff."
+    )
     seed: int = 42
     model_name: str = "recflow_two_tower"
 
@@ -128,6 +134,9 @@ class TrainingSettings(BaseModel):
 class ServingSettings(BaseModel):
     """BentoML recommendation service (``serving/``)."""
 
+    two_stage: bool = Field(
+        default=True, description="/recommend ranks with the model's two-stage ranker when it has one (else the two-tower).",
+    )
     host: str = Field(default="127.0.0.1", description="Interface `recflow serve` binds to.")
     port: int = Field(default=3000, ge=0, le=65535, description="Port of `recflow serve`.")
     token: str | None = Field(

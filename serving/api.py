@@ -100,6 +100,7 @@ class Reason(BaseModel):
 
     kind: Literal["repeat", "similar", "popular", "text"]
     item_id: str | None = Field(description="The history item that most supports the pick (None for popular/text).")
+    text: str | None = Field(default=None, description="Why, as a sentence (e.g. 'you buy this about every 8 days').")
 
 
 class Item(BaseModel):

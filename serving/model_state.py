@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
     from recflow.modeling import ItemIndex, RecModel
+    from recflow.ranker import TwoStage
     from serving.tower import PositionLookup
 
 log = logging.getLogger("recflow.serving")
@@ -259,6 +260,9 @@ class ServingState:
     loaded_at: str
     load_seconds: float
     cold_start_items: int = 0
+    two_stage: TwoStage | None = None  # the /recommend ranker (candidates + LightGBM), when the model has one
+    two_stage_to_state: np.ndarray | None = None  # [N_ranker] position in this state's index
+    state_to_two_stage: np.ndarray | None = None  # [N] position in the ranker's catalogue (-1: unknown to it)
 
     @property
     def n_items(self) -> int:
@@ -349,13 +353,39 @@ def load_state(settings: Settings, store: FeatureStore, model_path: Path | None 
     ann = AnnScorer(index, settings.serving.ann_nlist, settings.serving.ann_nprobe) if settings.serving.index == "ann" else None
     from datetime import UTC, datetime
 
+    two_stage, to_state, to_ranker = _load_two_stage(settings, src.folder, list(index.item_ids))
     state = ServingState(
         model=model, index=index, scorer=scorer, ann=ann, catalogue=catalogue, version=src.version, source=src,
         loaded_at=datetime.now(UTC).isoformat(timespec="seconds"), load_seconds=time.perf_counter() - started,
-        cold_start_items=added,
+        cold_start_items=added, two_stage=two_stage, two_stage_to_state=to_state, state_to_two_stage=to_ranker,
     )
     model.eval()
     _ = state.lookup  # built now, not on the first request
-    log.info("model %s loaded from %s (%s): %d items, index %s, %.1f s", state.version, src.folder, src.source,
-             state.n_items, ann.name if ann else scorer.name, state.load_seconds)
+    log.info("model %s loaded from %s (%s): %d items, index %s, /recommend %s, %.1f s", state.version, src.folder,
+             src.source, state.n_items, ann.name if ann else scorer.name,
+             "two-stage ranker" if two_stage is not None else "two-tower", state.load_seconds)
     return state
+
+
+def _load_two_stage(
+    settings: Settings, folder: Path, item_ids: list[str]
+) -> tuple[TwoStage | None, np.ndarray | None, np.ndarray | None]:
+    """The model folder's two-stage ranker (``ranker/``) and position maps to and from the index, or Nones
+    when the folder has none or ``serving.two_stage`` is off."""
+    from recflow.registry import RANKER_DIR
+
+    path = Path(folder) / RANKER_DIR
+    if not settings.serving.two_stage or not path.is_dir():
+        return None, None, None
+    import pandas as pd
+
+    from recflow.ranker import load_two_stage
+
+    ts = load_two_stage(path)
+    idx = pd.Index(item_ids)
+    to_state = idx.get_indexer(ts.item_index)
+    if (to_state < 0).any():
+        raise ValueError(f"{path}: {int((to_state < 0).sum())} ranker item(s) are not in the model's catalogue")
+    to_ranker = np.full(len(item_ids), -1, np.int64)
+    to_ranker[to_state] = np.arange(len(to_state))
+    return ts, to_state.astype(np.int64), to_ranker

@@ -36,6 +36,19 @@ class Pick:
     score: float
     kind: str  # repeat | similar | popular | text
     reason: int | None = None
+    text: str | None = None  # a sentence for shoppers and support agents (two-stage model)
+
+
+@dataclass
+class HistoryAsk:
+    """One user's two-stage ranking request: the online history, the request time and filters."""
+
+    history_ids: list[str]
+    history_ts: list[int]
+    as_of: int
+    k: int
+    exclude_history: bool = False
+    rows: np.ndarray | None = None  # only these positions (category filter)
 
 
 @dataclass
@@ -351,3 +364,28 @@ def search(state: ServingState, text: str, k: int, query: UserQuery | None = Non
     kinds, why = reasons(state, picks, query.history_positions)
     return [Pick(int(p), float(v), "text" if w is None else kd, w)
             for p, v, kd, w in zip(picks, val, kinds, why, strict=True)]
+
+
+def rank_two_stage(state: ServingState, asks: list[HistoryAsk]) -> list[list[Pick]]:
+    """Top-k of the two-stage model (:func:`recflow.ranker.recommend.recommend`, the scoring core the
+    offline evaluation uses) for every ask, in this state's positions, with reason sentences."""
+    from recflow.ranker.recommend import Ask, reason_text, recommend
+
+    ts, to_state, to_ranker = state.two_stage, state.two_stage_to_state, state.state_to_two_stage
+    assert ts is not None and to_state is not None and to_ranker is not None
+    core = []
+    for a in asks:
+        rows = None if a.rows is None else to_ranker[a.rows]
+        core.append(Ask(a.history_ids, a.history_ts, a.as_of, a.k, a.exclude_history,
+                        None if rows is None else rows[rows >= 0]))
+    titles = state.catalogue.titles
+
+    def title_of(p: int) -> str | None:
+        t = titles[to_state[p]]
+        return None if t is None else str(t)
+
+    return [
+        [Pick(int(to_state[p.position]), p.score, p.kind, None if p.reason is None else int(to_state[p.reason]),
+              reason_text(p, title_of)) for p in picks]
+        for picks in recommend(ts, core)
+    ]

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from recflow.event_log import EventLog
+from recflow.modeling.features import get_feature
 from recflow.settings import Settings
 from serving import ranking, tower
 from serving.api import (
@@ -346,6 +347,10 @@ class Runtime:
                  "user_history__history_ts": [now - 86_400 * (i // 12) for i in range(len(ids))]}
         for _ in range(rounds):
             for size in (1, 2, 4):
+                if state.two_stage is not None:
+                    ranking.rank_two_stage(state, [ranking.HistoryAsk(ids, feats["user_history__history_ts"], now, 10,
+                                                                      exclude_history=i % 2 == 1) for i in range(size)])
+                    continue
                 queries = tower.user_queries(state.model, state.index, state.lookup, [feats] * size)
                 ranking.rank_users(state, [ranking.UserAsk(q, 10, exclude_history=i % 2 == 1)
                                            for i, q in enumerate(queries)])
@@ -445,17 +450,33 @@ class Runtime:
             rows.append(r)
             out.append(None)  # type: ignore[arg-type]
         with_feats = [i for i, j in enumerate(jobs) if out[i] is None and feats and feats[j.req.user_id] is not None]
+        two_stage = state.two_stage is not None
         queries = (self._user_queries(state, [jobs[i].req.user_id for i in with_feats],
-                                      [feats[jobs[i].req.user_id] for i in with_feats]) if feats and with_feats else [])
+                                      [feats[jobs[i].req.user_id] for i in with_feats])
+                   if feats and with_feats and not two_stage else [])
         t2 = time.perf_counter()
-        asks, ask_of = [], {}
-        for i, q in zip(with_feats, queries, strict=True):
-            if q.n_history > 0:
-                ask_of[i] = len(asks)
-                asks.append(ranking.UserAsk(q, ks[i], jobs[i].req.exclude_purchased, rows[i]))
-        ranked = ranking.rank_users(state, asks)
+        asks: list[Any] = []
+        ask_of: dict[int, int] = {}
+        history_of: dict[int, int] = {}
+        if two_stage:
+            for i in with_feats:
+                f = feats[jobs[i].req.user_id]  # type: ignore[index]
+                hid = get_feature(f, "user_history", "history_item_ids") or []
+                hts = get_feature(f, "user_history", "history_ts") or []
+                if hid and len(hid) == len(hts):
+                    ask_of[i] = len(asks)
+                    asks.append(ranking.HistoryAsk(list(map(str, hid)), [int(x) for x in hts], int(jobs[i].now.timestamp()),
+                                                   ks[i], jobs[i].req.exclude_purchased, rows[i]))
+                    history_of[i] = len(hid)
+            ranked = ranking.rank_two_stage(state, asks)
+        else:
+            for i, q in zip(with_feats, queries, strict=True):
+                if q.n_history > 0:
+                    ask_of[i] = len(asks)
+                    asks.append(ranking.UserAsk(q, ks[i], jobs[i].req.exclude_purchased, rows[i]))
+            ranked = ranking.rank_users(state, asks)
         t3 = time.perf_counter()
-        query_of = dict(zip(with_feats, queries, strict=True))
+        query_of = dict(zip(with_feats, queries, strict=True)) if queries else {}
         for i, j in enumerate(jobs):
             if out[i] is not None:
                 continue
@@ -466,13 +487,14 @@ class Runtime:
             else:
                 exclude = q.history_positions if (q is not None and j.req.exclude_purchased) else None
                 picks, fallback = ranking.popular(state, ks[i], rows[i], exclude), True
+            n_history = q.n_history if q is not None else history_of.get(i, 0)
             age = feature_age_s(f, j.now.timestamp()) if f else None
             items = self._item_dicts(state, picks)
             body = dumps({
                 "request_id": j.request_id, "user_id": j.req.user_id, "items": items, "model_version": state.version,
                 "feature_age_s": age, "fallback": fallback, "degraded": degraded,
             })
-            out[i] = _Answer(body, logged_features(f, q.n_history if q is not None else 0), ks[i],
+            out[i] = _Answer(body, logged_features(f, n_history), ks[i],
                              [it["item_id"] for it in items], [it["score"] for it in items], state.version,
                              fallback, degraded, age)
         t4 = time.perf_counter()
@@ -495,7 +517,7 @@ class Runtime:
         return [
             {"item_id": ids[p.position], "score": round(p.score, 6), "title": _text(cat.titles[p.position]),
              "category": _text(cat.categories[p.position]),
-             "reason": {"kind": p.kind, "item_id": ids[p.reason] if p.reason is not None else None}}
+             "reason": {"kind": p.kind, "item_id": ids[p.reason] if p.reason is not None else None, "text": p.text}}
             for p in picks
         ]
 
@@ -506,7 +528,8 @@ class Runtime:
             Item.model_construct(
                 item_id=ids[p.position], score=round(p.score, 6), title=cat.titles[p.position],
                 category=cat.categories[p.position],
-                reason=Reason.model_construct(kind=p.kind, item_id=ids[p.reason] if p.reason is not None else None),
+                reason=Reason.model_construct(kind=p.kind, item_id=ids[p.reason] if p.reason is not None else None,
+                                              text=p.text),
             )
             for p in picks
         ]

@@ -1,0 +1,93 @@
+"""/recommend serves the two-stage model: a real `bentoml serve` on the tiny shop, with a model whose
+folder holds a ranker. Feedback pushed through /feedback reaches the ranker's features exactly: the
+served answer equals the offline scorer's on the event log (canonical events + the journal)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from tests.integration.test_serving import AUTH, _online, _post, _serving
+
+NOW = pd.Timestamp("2024-05-20T12:00:00Z")
+
+
+def _toy_ranker(features: tuple[str, ...]):  # noqa: ANN202
+    """A real LightGBM booster over the ranker's features that prefers frequent, recent re-buys."""
+    import lightgbm as lgb
+
+    from recflow.ranker import Ranker, RankerConfig
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, len(features))).astype(np.float32)
+    cnt, last = features.index("ui_cnt"), features.index("ui_dec_30d")
+    y = (x[:, cnt] + x[:, last] > 0).astype(float)
+    cfg = RankerConfig(features=features, objective="binary", max_rounds=10, min_data_in_leaf=5, threads=1)
+    booster = lgb.train(cfg.lgb_params(), lgb.Dataset(x, y, feature_name=list(features)), num_boost_round=10)
+    return Ranker(cfg, booster)
+
+
+def _two_stage(settings, model):  # noqa: ANN001, ANN202
+    from recflow.ranker import TwoStage
+    from recflow.ranker.log import PurchaseLog
+    from recflow.ranker.model import FEATURES, TEXT_FEATURES
+    from training.ranker import ItemInputs, item_side_at
+
+    events = pd.read_parquet(settings.paths.events)
+    ids = pd.Index(list(model.item_ids))
+    log = PurchaseLog.from_events(events, ids)
+    side = item_side_at(log, int(NOW.value // 10**9), ItemInputs(), neighbors=10)
+    return TwoStage(_toy_ranker(tuple(f for f in FEATURES if f not in TEXT_FEATURES)), side, ids.to_numpy())
+
+
+def _offline(settings, ts, user: str, at: pd.Timestamp, k: int):  # noqa: ANN001, ANN202
+    """The offline answer: the user's purchase lines from the canonical events and the feedback journal."""
+    from recflow.event_log import EventLog
+    from recflow.ranker.log import epoch_seconds
+    from recflow.ranker.recommend import Ask, recommend
+
+    events = pd.concat([pd.read_parquet(settings.paths.events), EventLog(settings.paths.event_log).read()])
+    p = events[(events.user_id == user) & (events.event_type == "purchase")]
+    secs = epoch_seconds(p["event_timestamp"]).tolist()
+    return recommend(ts, [Ask(p["item_id"].astype(str).tolist(), secs, int(at.value // 10**9), k)])[0]
+
+
+def test_recommend_serves_the_two_stage_model(tiny_features, shop_model) -> None:  # noqa: ANN001
+    from recflow import registry
+    from serving.run import start_local
+
+    settings = _serving(tiny_features)
+    _online(settings)
+    model = shop_model(settings)
+    ts = _two_stage(settings, model)
+    tag = registry.register(settings, model, {"note": "two-stage"}, two_stage=ts)
+    registry.set_champion(settings, tag, "test")
+    assert (registry.model_path(settings, tag) / registry.RANKER_DIR / "ranker.txt").is_file()
+    import httpx
+
+    with start_local(settings) as svc, httpx.Client(base_url=svc.url, timeout=30) as c:
+        r = _post(c, "/recommend", {"user_id": "a", "k": 4, "timestamp": NOW.isoformat()})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["fallback"] is False
+        want = _offline(settings, ts, "a", NOW, 4)
+        assert [i["item_id"] for i in body["items"]] == [model.item_ids[p.position] for p in want]
+        np.testing.assert_allclose([i["score"] for i in body["items"]], [p.score for p in want], atol=1e-6,
+                                   err_msg=str((body["items"], want)))
+        repeat = [i for i in body["items"] if i["reason"]["kind"] == "repeat"]
+        assert repeat and all(i["reason"]["text"].startswith(("you buy this about every", "you bought this"))
+                              for i in repeat)
+
+        # Purchases pushed through /feedback: the next answer equals the offline scorer on the journal.
+        for n, (item, day) in enumerate([("w", "2024-05-10"), ("w", "2024-05-17"), ("y", "2024-05-18")]):
+            ev = {"event_id": f"fb-{n}", "user_id": "a", "item_id": item, "event_type": "purchase",
+                  "timestamp": f"{day}T09:00:00Z"}
+            assert _post(c, "/feedback", ev, AUTH).json()["pushed"] is True
+        later = NOW + pd.Timedelta(hours=1)
+        body = _post(c, "/recommend", {"user_id": "a", "k": 4, "timestamp": later.isoformat()}).json()
+        want = _offline(settings, ts, "a", later, 4)
+        assert [i["item_id"] for i in body["items"]] == [model.item_ids[p.position] for p in want]
+        np.testing.assert_allclose([i["score"] for i in body["items"]], [p.score for p in want], atol=1e-6,
+                                   err_msg=str((body["items"], want)))
+        w = next(i for i in body["items"] if i["item_id"] == "w")
+        assert w["reason"]["text"] == "you buy this about every 7 days; last bought 3 days ago"
