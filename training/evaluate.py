@@ -13,12 +13,15 @@
   targets first sold at or after the anchor (items that no purchase history can know).
 
 Everything is vectorised: scores come in user batches as a ``[b, N]`` tensor, and top-k runs in torch.
+``evaluate(..., per_user=True)`` also returns every user's metrics; :func:`paired_bootstrap` turns
+two models' per-user metrics (one or several weeks) into a confidence interval of their difference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -66,14 +69,6 @@ def _csr_rows(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
     return new, np.repeat(starts - new[:-1], lens) + np.arange(new[-1])
 
 
-def _dense(offsets: np.ndarray, items: np.ndarray, rows: np.ndarray, n: int) -> torch.Tensor:
-    off, idx = _csr_rows(offsets, rows)
-    m = torch.zeros(len(rows), n, dtype=torch.bool)
-    r = np.repeat(np.arange(len(rows)), np.diff(off))
-    m[torch.from_numpy(r), torch.from_numpy(items[idx])] = True
-    return m
-
-
 def _discounts(k: int) -> torch.Tensor:
     return 1.0 / torch.log2(torch.arange(k, dtype=torch.float64) + 2.0)
 
@@ -98,8 +93,34 @@ def hitrate_at_k(top_rel: torch.Tensor, k: int) -> torch.Tensor:
     return top_rel[:, :k].any(1).double()
 
 
-def evaluate(scorer: Scorer, ev: EvalSet, batch_size: int = 256, k: int = 10, k_recall: int = 20) -> dict[str, float]:
-    """Metrics of ``scorer`` on ``ev`` (see the module docstring)."""
+def _pair_keys(offsets: np.ndarray, items: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """Sorted distinct ``position in rows * n + item`` of the CSR rows ``rows``."""
+    off, idx = _csr_rows(offsets, rows)
+    keys = np.repeat(np.arange(len(rows)), np.diff(off)) * n + items[idx]
+    return keys if bool(np.all(keys[1:] > keys[:-1])) else np.unique(keys)  # usually sorted already
+
+
+def _isin_sorted(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``np.isin(q, keys)`` for sorted ``keys``."""
+    if not len(keys):
+        return np.zeros(q.shape, dtype=bool)
+    return keys[np.minimum(np.searchsorted(keys, q), len(keys) - 1)] == q
+
+
+def _member(keys: np.ndarray, top: torch.Tensor, n: int) -> torch.Tensor:
+    """``[b, k]`` bool: is ``(row, top[row, j])`` among the sorted pair ``keys``."""
+    return torch.from_numpy(_isin_sorted(np.arange(len(top))[:, None] * n + top.numpy(), keys))
+
+
+def evaluate(
+    scorer: Scorer, ev: EvalSet, batch_size: int = 256, k: int = 10, k_recall: int = 20, per_user: bool = False
+) -> dict[str, Any]:
+    """Metrics of ``scorer`` on ``ev`` (see the module docstring).
+
+    ``per_user``: also return ``out["per_user"]``: ``user_ids`` (aligned with ``ev.rows.user_ids``)
+    and, for every metric and slice (``ndcg@10``, ``ndcg@10_new``, ...), a float64 array with NaN
+    where the user has no relevant item in that slice (the users left out of that slice's mean).
+    """
     n = ev.n_items
     kk = max(k, k_recall)
     cold = torch.from_numpy(ev.cold)
@@ -107,30 +128,41 @@ def evaluate(scorer: Scorer, ev: EvalSet, batch_size: int = 256, k: int = 10, k_
     counts: dict[str, int] = {"": 0, "_repeat": 0, "_new": 0, "_cold": 0}
     covered = torch.zeros(n, dtype=torch.bool)
     covered_new = torch.zeros(n, dtype=torch.bool)
+    metric_names = (f"ndcg@{k}", f"recall@{k_recall}", f"hitrate@{k}")
+    per = {m + sl: np.full(len(ev), np.nan) for m in metric_names for sl in counts} if per_user else {}
+    # Targets and seen items stay sparse (sorted row * N + item keys): only the scores are [b, N], in
+    # one buffer reused across batches (a fresh large tensor per batch costs its page faults).
+    buf = torch.empty(min(batch_size, len(ev)), n)
     for s in range(0, len(ev), batch_size):
         rows = np.arange(s, min(s + batch_size, len(ev)))
         scores = scorer(rows)
         scores = torch.as_tensor(scores).float()
         if scores.shape != (len(rows), n):
             raise ValueError(f"scorer returned {tuple(scores.shape)}, expected {(len(rows), n)}")
-        scores = torch.nan_to_num(scores, nan=-1e30, neginf=-1e30, posinf=1e30)
-        tgt = _dense(ev.rows.target_offsets, ev.rows.targets, rows, n)
-        seen = _dense(ev.seen_offsets, ev.seen_items, rows, n)
+        scores = torch.nan_to_num(scores, nan=-1e30, neginf=-1e30, posinf=1e30, out=buf[: len(rows)])
+        tgt = _pair_keys(ev.rows.target_offsets, ev.rows.targets, rows, n)
+        seen = _pair_keys(ev.seen_offsets, ev.seen_items, rows, n)
         top = torch.topk(scores, kk, dim=1).indices
-        masked = scores.masked_fill(seen, -1e30)
-        top_new = torch.topk(masked, kk, dim=1).indices
+        scores[torch.from_numpy(seen // n), torch.from_numpy(seen % n)] = -1e30  # seen removed (our copy)
+        top_new = torch.topk(scores, kk, dim=1).indices
         covered[top[:, :k].reshape(-1)] = True
         covered_new[top_new[:, :k].reshape(-1)] = True
+        # relevance of the ranked top (rel[:, top] for rel = targets & seen etc.) and the number of
+        # relevant items per slice, both from the sparse keys
+        tgt_top, tgt_new = _member(tgt, top, n), _member(tgt, top_new, n)
         slices = {
-            "": (tgt, top),
-            "_repeat": (tgt & seen, top),
-            "_new": (tgt & ~seen, top_new),
-            "_cold": (tgt & cold, top_new),
+            "": tgt_top,
+            "_repeat": tgt_top & _member(seen, top, n),
+            "_new": tgt_new & ~_member(seen, top_new, n),
+            "_cold": tgt_new & cold[top_new],
         }
-        for name, (rel, ranking) in slices.items():
-            n_rel = rel.sum(1)
+        t_row = torch.from_numpy(tgt // n)
+        t_seen = torch.from_numpy(_isin_sorted(tgt, seen))
+        t_cold = cold[torch.from_numpy(tgt % n)]
+        n_rels = {"": t_row, "_repeat": t_row[t_seen], "_new": t_row[~t_seen], "_cold": t_row[t_cold]}
+        for name, top_rel in slices.items():
+            n_rel = torch.bincount(n_rels[name], minlength=len(rows))
             users = n_rel > 0
-            top_rel = torch.gather(rel, 1, ranking)
             vals = {
                 f"ndcg@{k}": ndcg_at_k(top_rel, n_rel, k),
                 f"recall@{k_recall}": recall_at_k(top_rel, n_rel, k_recall),
@@ -138,8 +170,10 @@ def evaluate(scorer: Scorer, ev: EvalSet, batch_size: int = 256, k: int = 10, k_
             }
             for m, v in vals.items():
                 sums[m + name] = sums.get(m + name, 0.0) + float(v[users].sum())
+                if per_user:
+                    per[m + name][rows] = torch.where(users, v, torch.full_like(v, float("nan"))).numpy()
             counts[name] += int(users.sum())
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     for key, total in sums.items():
         slice_name = next(sl for sl in ("_repeat", "_new", "_cold") if key.endswith(sl)) if key.endswith(("_repeat", "_new", "_cold")) else ""
         out[key] = total / counts[slice_name] if counts[slice_name] else 0.0
@@ -148,4 +182,47 @@ def evaluate(scorer: Scorer, ev: EvalSet, batch_size: int = 256, k: int = 10, k_
     for name, c in counts.items():
         out["n_users" + name] = c
     out["n_items"] = n
+    if per_user:
+        out["per_user"] = {"user_ids": np.asarray(ev.rows.user_ids).astype(str), **per}
     return out
+
+
+def paired_bootstrap(
+    a: np.ndarray | list[tuple[np.ndarray, np.ndarray]],
+    b: np.ndarray | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> dict[str, float]:
+    """Paired bootstrap of ``mean(a - b)`` over users (percentile interval at level ``ci``).
+
+    ``a`` and ``b`` are per-user metrics of two models on the same users (pairs with a NaN are
+    dropped). With a list of ``(a, b)`` pairs, one per week, users are resampled within each week
+    and the statistic is the mean over weeks of the weekly mean differences (stratified bootstrap).
+    Returns ``mean_diff``, ``ci95_lo``, ``ci95_hi`` (the bounds at level ``ci``) and ``n_users``.
+    """
+    weeks = [(a, b)] if b is not None else list(a)  # type: ignore[arg-type]
+    diffs = []
+    for wa, wb in weeks:
+        wa, wb = np.asarray(wa, dtype=np.float64), np.asarray(wb, dtype=np.float64)
+        if wa.shape != wb.shape:
+            raise ValueError(f"paired_bootstrap: a has shape {wa.shape}, b {wb.shape}")
+        d = wa - wb
+        d = d[~np.isnan(d)]
+        if len(d):
+            diffs.append(d)
+    n_users = int(sum(len(d) for d in diffs))
+    if not diffs:
+        return {"mean_diff": float("nan"), "ci95_lo": float("nan"), "ci95_hi": float("nan"), "n_users": 0}
+    rng = np.random.default_rng(seed)
+    stat = np.zeros(n_resamples)
+    for d in diffs:
+        step = max(1, (1 << 22) // len(d))  # resamples per chunk: at most ~4M indices at once
+        for lo in range(0, n_resamples, step):
+            idx = rng.integers(0, len(d), size=(min(step, n_resamples - lo), len(d)))
+            stat[lo : lo + len(idx)] += d[idx].mean(1)
+    stat /= len(diffs)
+    q = (1.0 - ci) / 2.0
+    lo_q, hi_q = np.quantile(stat, [q, 1.0 - q])
+    mean = float(np.mean([d.mean() for d in diffs]))
+    return {"mean_diff": mean, "ci95_lo": float(lo_q), "ci95_hi": float(hi_q), "n_users": n_users}

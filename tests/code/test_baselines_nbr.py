@@ -159,6 +159,26 @@ def test_tune_tifu_knn_matches_the_scorer() -> None:
         assert evaluate(tifu_knn_scorer(h, N, **params), ev)["ndcg@10"] == pytest.approx(score)
 
 
+def test_tuning_scores_rank_as_the_scorer() -> None:
+    from training.baselines import _popularity_fill, _tifu_neighbour_mean, _tuning_scorer
+
+    events, cat, ev = _shop()
+    h = history_before(events, cat, ev)
+    x = tifu_user_vectors(h, N, **TIFU)
+    xt, below, rows = x.torch_t(), _popularity_fill(h, N) - 1.0, np.arange(2)
+    nb = tifu_neighbours(x, rows, 2)
+    m = _tifu_neighbour_mean(x, xt, nb)
+    cached = torch.where(m > 0, m, below)
+    for alpha in (0.5, 0.9, 1.0):
+        want = tifu_knn_scorer(h, N, **TIFU, neighbors=2, alpha=alpha)(rows)
+        for c in (cached, None):
+            for r in (rows, rows[::-1].copy()):  # a row range (one-pass path) and not
+                got = _tuning_scorer(x, xt, None if alpha == 1.0 else nb, c, torch.empty(2, N), alpha, below)(r)
+                assert torch.equal(torch.argsort(got, dim=1, descending=True, stable=True), torch.argsort(want[r], dim=1, descending=True, stable=True))
+                pos = want[r] > 0
+                assert torch.equal(got[pos], want[r][pos])
+
+
 def test_decayed_frequency_order_and_tuning() -> None:
     # a: item 0 three times ~300 days ago, item 1 once yesterday; b: item 2 once
     lines = [("a", "B1", 0, -300), ("a", "B2", 0, -299), ("a", "B3", 0, -298), ("a", "B4", 1, -1), ("b", "C1", 2, -3)]
