@@ -114,7 +114,7 @@ def two_stage_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame
     """Candidates + LightGBM ranker on weekly anchors before the cutoff, early-stopped on the validation
     week; test-week metrics; the servable model with the item side as of the data end."""
     from training.evaluate import evaluate
-    from training.protocol import Protocol
+    from training.protocol import Protocol, check_users
     from training.two_stage import Inputs, config_for, final_model, fit, seconds, week_scorer
 
     t = settings.training
@@ -123,6 +123,8 @@ def two_stage_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame
     cfg = config_for(inputs, seed=t.seed)
     fitted = fit(inputs, protocol, cfg, progress=_log)
     ev = data.test if data.test is not None else data.val
+    for warning in check_users([data.val, ev]):
+        get_run_logger().warning(warning)
     week = fitted.validation if ev is data.val else None
     scorer, _ = week_scorer(inputs, fitted.ranker, ev, cfg, week)
     metrics = evaluate(scorer, ev)

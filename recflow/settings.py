@@ -99,7 +99,10 @@ class TrainingSettings(BaseModel):
     train_weeks: int = Field(default=20, ge=1, le=104, description="Weekly (user, week) training examples before the cutoff.")
     epochs: int = Field(default=2, ge=1, description="Epochs per trial (the ASHA budget).")
     trials: int = Field(default=4, ge=1, description="Ray Tune trials.")
-    max_minutes: float = Field(default=7.0, gt=0, description="Time budget of the search (the flow adds about 3 minutes).")
+    max_minutes: float = Field(
+        default=4.0, gt=0,
+        description="Time budget of the two-tower search (the flow adds data preparation and the two-stage ranker).",
+    )
     cpus_per_trial: float = Field(default=1.0, gt=0)
     gpus_per_trial: float = Field(default=0.25, ge=0, description="Used only when CUDA is present.")
     encoder_mode: Literal["frozen", "top_k", "full"] = Field(
