@@ -110,9 +110,10 @@ def evaluate_task(data: Any, events: pd.DataFrame, model: Any) -> dict[str, Any]
 
 @task(name="two-stage", cache_policy=NO_CACHE)
 def two_stage_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame, emb: Any, cutoff: pd.Timestamp,
-                   data: Any) -> dict[str, Any]:
+                   data: Any) -> dict[str, Any] | None:
     """Candidates + LightGBM ranker on weekly anchors before the cutoff, early-stopped on the validation
-    week; test-week metrics; the servable model with the item side as of the data end."""
+    week; test-week metrics; the servable model with the item side as of the data end (None, with a
+    warning, when the data is too short for weekly examples)."""
     from training.evaluate import evaluate
     from training.protocol import Protocol, check_users
     from training.two_stage import Inputs, config_for, final_model, fit, seconds, week_scorer
@@ -121,7 +122,11 @@ def two_stage_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame
     inputs = Inputs.build(events, items, emb)
     protocol = Protocol.make(cutoff, t.ranker_train_weeks, 1, t.eval_days)
     cfg = config_for(inputs, seed=t.seed)
-    fitted = fit(inputs, protocol, cfg, progress=_log)
+    try:
+        fitted = fit(inputs, protocol, cfg, progress=_log)
+    except ValueError as exc:  # too little history for weekly examples: serve the two-tower model
+        get_run_logger().warning("%s", exc)
+        return None
     ev = data.test if data.test is not None else data.val
     for warning in check_users([data.val, ev]):
         get_run_logger().warning(warning)
@@ -211,11 +216,12 @@ def train(
         t0 = time.perf_counter()
         two_stage = two_stage_task(settings, events, items, emb, cut, data)
         lap("two_stage", t0)
-        evaluation["results"]["recflow_two_tower"] = evaluation["results"].pop("recflow")
-        evaluation["results"]["recflow"] = two_stage["metrics"]
-        from training.pipeline import goals
+        if two_stage is not None:
+            evaluation["results"]["recflow_two_tower"] = evaluation["results"].pop("recflow")
+            evaluation["results"]["recflow"] = two_stage["metrics"]
+            from training.pipeline import goals
 
-        evaluation["goals"] = goals(evaluation["results"])
+            evaluation["goals"] = goals(evaluation["results"])
     metadata = {
         "metrics": {"validation": outcome.metrics, evaluation["week"]: evaluation["results"]["recflow"]},
         "baselines": {k: v for k, v in evaluation["results"].items() if k != "recflow"},

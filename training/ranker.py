@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from recflow.ranker.candidates import CandidateConfig, Candidates, ItemSide, generate, item_similarity
+from recflow.ranker.candidates import (
+    SOURCES,
+    CandidateConfig,
+    Candidates,
+    ItemSide,
+    generate,
+    item_similarity,
+    user_vectors,
+)
 from recflow.ranker.features import Context, item_stats, user_context
 from recflow.ranker.log import DAY_S, PurchaseLog
 from recflow.ranker.model import Ranker, RankerConfig, feature_matrix
@@ -36,7 +44,8 @@ def item_side_at(log: PurchaseLog, as_of: int, inputs: ItemInputs, neighbors: in
     """The item side of candidate generation as of ``as_of`` (from every user's lines before it)."""
     before = log.before(as_of)
     stats = item_stats(before, as_of, text_group=inputs.item_text, category=inputs.category)
-    return ItemSide(stats, item_similarity(before, neighbors), inputs.text_emb, inputs.item_text)
+    return ItemSide(stats, item_similarity(before, neighbors), inputs.text_emb, inputs.item_text,
+                    user_vectors(before, as_of), before.user_ids)
 
 
 def targets_of(log: PurchaseLog, start: int, days: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,21 +116,25 @@ def fit_ranker(train: list[Week], val: Week, cfg: RankerConfig, progress: Progre
     g = np.concatenate([p[2] for p in parts])
     vx, vy, vg = _subsample(val, 1.0, rng)
     names = list(cfg.features)
-    dtrain = lgb.Dataset(x, y, group=g if cfg.objective == "lambdarank" else None, feature_name=names, free_raw_data=True)
-    dval = lgb.Dataset(vx, vy, group=vg if cfg.objective == "lambdarank" else None, reference=dtrain)
+    rank = cfg.objective == "lambdarank"
+    dtrain = lgb.Dataset(x, y, group=g if rank else None, feature_name=names, free_raw_data=True)
     t = time.perf_counter()
-    evals: dict[str, dict[str, list[float]]] = {}
-    booster = lgb.train(
-        cfg.lgb_params(), dtrain, num_boost_round=cfg.max_rounds, valid_sets=[dval], valid_names=["validation"],
-        callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False), lgb.record_evaluation(evals)],
-    )
+    if len(vy) and vy.sum() > 0:
+        dval = lgb.Dataset(vx, vy, group=vg if rank else None, reference=dtrain)
+        booster = lgb.train(
+            cfg.lgb_params(), dtrain, num_boost_round=cfg.max_rounds, valid_sets=[dval], valid_names=["validation"],
+            callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)],
+        )
+    else:  # no validation purchase to stop on: a fixed, small number of rounds
+        say("ranker: the validation week has no usable purchase; training a fixed 50 rounds without early stopping")
+        booster = lgb.train(cfg.lgb_params(), dtrain, num_boost_round=min(cfg.max_rounds, 50))
     secs = time.perf_counter() - t
     say(f"ranker: {len(y):,} training rows ({int(y.sum()):,} positive) in {len(g):,} groups, "
-        f"{booster.best_iteration} rounds in {secs:.0f}s")
+        f"{booster.best_iteration or booster.current_iteration()} rounds in {secs:.0f}s")
     gain = booster.feature_importance("gain")
     top = sorted(zip(names, gain, strict=True), key=lambda p: -p[1])[:8]
     metrics = {
-        "best_iteration": int(booster.best_iteration),
+        "best_iteration": int(booster.best_iteration or booster.current_iteration()),
         "train_rows": int(len(y)),
         "train_groups": int(len(g)),
         "fit_seconds": round(secs, 1),
@@ -143,7 +156,7 @@ def candidate_recall(week: Week, sold_before: np.ndarray | None = None) -> dict[
     ck = week.cands.user * n + week.cands.item
     out: dict[str, dict[str, float]] = {}
     srcs = {"union": np.ones(len(ck), bool)}
-    for name in ("history", "cooccur", "popular", "trending", "text", "cold"):
+    for name in SOURCES:
         srcs[name] = week.cands.features[f"src_{name}"] > 0
     for sname, m in srcs.items():
         hit = np.isin(tk, ck[m])
@@ -167,9 +180,10 @@ def without_text(week: Week, features: tuple[str, ...]) -> Week:
     """The week as a model without text would see it: no text-only candidates, only ``features`` columns
     (``recflow_no_text``; equal to generating with the text sources off)."""
     f = week.cands.features
-    keep = (f["src_history"] + f["src_cooccur"] + f["src_popular"] + f["src_trending"]) > 0
+    keep = (f["src_history"] + f["src_cooccur"] + f["src_popular"] + f["src_trending"] + f["src_neighbours"]) > 0
     names = list(week.features)
     cols = [names.index(n) for n in features]
     cands = Candidates(week.cands.user[keep], week.cands.item[keep], {k: v[keep] for k, v in f.items()})
-    side = ItemSide(week.side.stats, week.side.similarity)
+    side = ItemSide(week.side.stats, week.side.similarity, user_vectors=week.side.user_vectors,
+                    user_ids=week.side.user_ids)
     return Week(week.anchor, week.ctx, side, week.users, cands, week.x[keep][:, cols], week.y[keep], week.target_keys, tuple(features))

@@ -85,8 +85,16 @@ def fit(inputs: Inputs, protocol: Protocol, cfg: RankerConfig, progress: Progres
         weeks.append(w)
         say(f"examples as of {a.date()}: {len(w.users):,} users, {len(w.y):,} candidates, {int(w.y.sum()):,} bought")
     val = build_week(inputs.log, seconds(protocol.validation), protocol.days, inputs.items, cfg)
+    usable = [w for w in weeks if (w.y > 0).any()]
+    if not usable:
+        raise ValueError(
+            f"two-stage ranker: none of the {len(weeks)} training weeks before {protocol.validation.date()} has a "
+            "purchase by a user who bought before it; give it more history (an earlier --cutoff or fewer "
+            "training.ranker_train_weeks) or serve the two-tower model (training.ranker=false)")
+    if len(usable) < len(weeks):
+        say(f"{len(weeks) - len(usable)} training week(s) without a usable purchase left out")
     t1 = time.perf_counter()
-    ranker = fit_ranker(weeks, val, cfg, progress=say)
+    ranker = fit_ranker(usable, val, cfg, progress=say)
     return Fit(ranker, val, {"examples": round(t1 - t0, 1), "fit": round(time.perf_counter() - t1, 1)})
 
 
