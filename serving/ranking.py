@@ -49,6 +49,7 @@ class HistoryAsk:
     k: int
     exclude_history: bool = False
     rows: np.ndarray | None = None  # only these positions (category filter)
+    user_id: str | None = None
 
 
 @dataclass
@@ -377,7 +378,7 @@ def rank_two_stage(state: ServingState, asks: list[HistoryAsk]) -> list[list[Pic
     for a in asks:
         rows = None if a.rows is None else to_ranker[a.rows]
         core.append(Ask(a.history_ids, a.history_ts, a.as_of, a.k, a.exclude_history,
-                        None if rows is None else rows[rows >= 0]))
+                        None if rows is None else rows[rows >= 0], a.user_id))
     titles = state.catalogue.titles
 
     def title_of(p: int) -> str | None:

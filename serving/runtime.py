@@ -466,7 +466,7 @@ class Runtime:
                 if hid and len(hid) == len(hts):
                     ask_of[i] = len(asks)
                     asks.append(ranking.HistoryAsk(list(map(str, hid)), [int(x) for x in hts], int(jobs[i].now.timestamp()),
-                                                   ks[i], jobs[i].req.exclude_purchased, rows[i]))
+                                                   ks[i], jobs[i].req.exclude_purchased, rows[i], jobs[i].req.user_id))
                     history_of[i] = len(hid)
             ranked = ranking.rank_two_stage(state, asks)
         else:

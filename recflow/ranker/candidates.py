@@ -9,8 +9,10 @@ For a batch of users as of ``ctx.as_of`` (see :mod:`recflow.ranker.features`):
   of the last week against the month;
 - ``text``: the top unseen sold items by cosine between their MiniLM text vector and the user's
   text profile (decay-weighted mean of the history's text vectors): substitutes;
-- ``cold``: the same text score over items never sold before ``as_of`` (cold start; ties go to
-  the text group's popularity).
+- ``cold``: the same text score over items never sold before ``as_of``, plus a prior from the
+  popularity of the item's text group (cold start);
+- ``neighbours``: the top unseen items of the user's nearest users (cosine of decayed purchase
+  vectors, TIFU-KNN style): the user's live history against a snapshot of the other users' vectors.
 
 The co-purchase and text scores of every candidate are kept as ranker features, next to a bit
 per source.
@@ -21,14 +23,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
 from recflow.ranker.features import Context, ItemStats
 from recflow.ranker.log import DAY_S, PurchaseLog
 
-SOURCES: tuple[str, ...] = ("history", "cooccur", "popular", "trending", "text", "cold")
-CANDIDATE_FEATURES: tuple[str, ...] = ("cand_cf", "cand_cf_rel", "cand_text", "cand_text_rel", *(f"src_{s}" for s in SOURCES))
+SOURCES: tuple[str, ...] = ("history", "cooccur", "popular", "trending", "text", "cold", "neighbours")
+CANDIDATE_FEATURES: tuple[str, ...] = ("cand_cf", "cand_cf_rel", "cand_text", "cand_text_rel", "cand_ucf", "cand_ucf_rel",
+                                       *(f"src_{s}" for s in SOURCES))
 _HISTORY_WEIGHT_COLUMN = 2  # the 90-day decayed count weighs the user's items (co-purchase and text profile)
 
 
@@ -41,11 +45,17 @@ class CandidateConfig:
     n_trending: int = 20
     n_text: int = 30
     n_cold: int = 20
+    n_neighbour_items: int = 50
+    user_neighbours: int = 50
+    cold_prior_weight: float = 0.3
     neighbors: int = 100
     min_trending_lines: int = 5
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+    def neighbours_enabled(self) -> bool:
+        return self.n_neighbour_items > 0 and self.user_neighbours > 0
 
 
 def item_similarity(log: PurchaseLog, neighbors: int = 100, min_cooccur: int = 2) -> sp.csr_matrix:
@@ -80,6 +90,8 @@ class ItemSide:
     similarity: sp.csr_matrix | None = None  # [N, N]
     text_emb: np.ndarray | None = None  # [T, d] float32, rows L2-normalised
     item_text: np.ndarray | None = None  # [N] row in text_emb (-1: no text)
+    user_vectors: sp.csr_matrix | None = None  # [U, N] every user's decayed purchases, rows L2-normalised
+    user_ids: np.ndarray | None = None  # [U] str: whose row is whose (a user is never their own neighbour)
 
     def __post_init__(self) -> None:
         self.popular = np.argsort(-self.stats["item_pop_30d"], kind="stable")
@@ -91,8 +103,10 @@ class ItemSide:
             ok = np.flatnonzero(it >= 0)
             self._item_to_text = sp.csr_matrix(
                 (np.ones(len(ok), np.float32), (ok, it[ok])), shape=(len(it), self.text_emb.shape[0]))
-        # cold ties: an item inherits its text group's popularity as a small tie-breaker
-        self.cold_prior = (1e-3 * np.log1p(self.stats["item_text_pop_30d"])).astype(np.float32)
+        # a cold item inherits a prior from its text group's popularity (in [0, 1])
+        tp = np.log1p(self.stats["item_text_pop_30d"])
+        self.cold_prior = (tp / max(float(tp.max()), 1e-12)).astype(np.float32)
+        self._user_row = None if self.user_ids is None else pd.Index(np.asarray(self.user_ids).astype(str))
 
 
 @dataclass
@@ -105,6 +119,37 @@ class Candidates:
 
     def __len__(self) -> int:
         return len(self.user)
+
+
+def user_vectors(log: PurchaseLog, as_of: int, half_life_days: float = 90.0) -> sp.csr_matrix:
+    """``[U, N]`` decayed purchase counts of every user of ``log`` before ``as_of``, rows L2-normalised."""
+    log = log.before(as_of)
+    w = np.exp2(-(as_of - log.ts) / DAY_S / half_life_days).astype(np.float32)
+    m = sp.csr_matrix((w, (log.user, log.item)), shape=(log.n_users, log.n_items))
+    m.sum_duplicates()
+    norm = np.sqrt(np.asarray(m.multiply(m).sum(axis=1)).ravel())
+    return sp.csr_matrix(sp.diags(1.0 / np.maximum(norm, 1e-12)) @ m, dtype=np.float32)
+
+
+def _neighbour_scores(side: ItemSide, h: sp.csr_matrix, user_ids: np.ndarray, k: int) -> np.ndarray:
+    """``[b, N]``: the similarity-weighted mean of each user's ``k`` nearest other users' vectors."""
+    assert side.user_vectors is not None and side._user_row is not None
+    v = side.user_vectors
+    norm = np.sqrt(np.asarray(h.multiply(h).sum(axis=1)).ravel())
+    hn = sp.diags(1.0 / np.maximum(norm, 1e-12)) @ h
+    sims = np.asarray((hn @ v.T).todense(), dtype=np.float32)  # [b, U]
+    me = side._user_row.get_indexer(np.asarray(user_ids).astype(str))
+    ok = me >= 0
+    sims[np.flatnonzero(ok), me[ok]] = -np.inf
+    kk = min(k, sims.shape[1])
+    if kk == 0:
+        return np.zeros(h.shape, np.float32)
+    val, idx = torch.topk(torch.from_numpy(sims), kk, dim=1)
+    val = torch.clamp(val, min=0).numpy()
+    w = sp.csr_matrix((val.reshape(-1), (np.repeat(np.arange(h.shape[0]), kk), idx.numpy().reshape(-1))),
+                      shape=sims.shape)
+    tot = np.maximum(val.sum(axis=1), 1e-12)
+    return (np.asarray((w @ v).todense(), dtype=np.float32) / tot[:, None]).astype(np.float32)
 
 
 def _history_matrix(ctx: Context, users: np.ndarray) -> sp.csr_matrix:
@@ -178,9 +223,15 @@ def _generate_batch(ctx: Context, side: ItemSide, users: np.ndarray, cfg: Candid
         it = np.asarray(side.item_text, dtype=np.int64)
         text = np.where(it[None, :] >= 0, tsc[:, np.maximum(it, 0)], -1.0).astype(np.float32)
         flags[_top_mask(text, ~seen & sold, cfg.n_text)] |= 16
-        flags[_top_mask(text + side.cold_prior[None, :], ~sold & (it[None, :] >= 0), cfg.n_cold)] |= 32
+        cold_score = text + cfg.cold_prior_weight * side.cold_prior[None, :]
+        flags[_top_mask(cold_score, ~sold & (it[None, :] >= 0), cfg.n_cold)] |= 32
     else:
         text = np.zeros((b, n), np.float32)
+    if side.user_vectors is not None and cfg.neighbours_enabled():
+        ucf = _neighbour_scores(side, h, ctx.log.user_ids[users], cfg.user_neighbours)
+        flags[_top_mask(ucf, ~seen & (ucf > 0), cfg.n_neighbour_items)] |= 64
+    else:
+        ucf = np.zeros((b, n), np.float32)
     rows, cols = np.nonzero(flags)
     f = flags[rows, cols]
     cf_max = np.maximum(cf.max(axis=1), 1e-12)
@@ -190,6 +241,8 @@ def _generate_batch(ctx: Context, side: ItemSide, users: np.ndarray, cfg: Candid
         "cand_cf_rel": cf[rows, cols] / cf_max[rows],
         "cand_text": text[rows, cols],
         "cand_text_rel": text[rows, cols] - text_max[rows],
+        "cand_ucf": ucf[rows, cols],
+        "cand_ucf_rel": ucf[rows, cols] / np.maximum(ucf.max(axis=1), 1e-12)[rows],
     }
     for bit, name in enumerate(SOURCES):
         feats[f"src_{name}"] = ((f >> bit) & 1).astype(np.float32)

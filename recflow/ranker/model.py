@@ -12,6 +12,7 @@ Saved layout (:func:`save_two_stage`, a folder; no pickle)::
     item_ids.parquet    catalogue order of the item positions
     arrays.npz          category codes, unique-text MiniLM vectors and each item's text row
     similarity.npz      item-item co-purchase matrix (scipy sparse, npz)
+    user_vectors.npz    every user's decayed purchase vector (the neighbour source), user_ids.parquet
 """
 
 from __future__ import annotations
@@ -181,6 +182,9 @@ def save_two_stage(model: TwoStage, folder: Path) -> Path:
     np.savez(folder / "arrays.npz", **arrays)
     if side.similarity is not None:
         sp.save_npz(folder / "similarity.npz", side.similarity.tocsr(), compressed=True)
+    if side.user_vectors is not None and side.user_ids is not None:
+        sp.save_npz(folder / "user_vectors.npz", side.user_vectors.tocsr(), compressed=True)
+        pd.DataFrame({"user_id": np.asarray(side.user_ids).astype(str)}).to_parquet(folder / "user_ids.parquet", index=False)
     meta = {"config": model.ranker.config.to_dict(), "metrics": model.ranker.metrics, "item_stats_as_of": side.stats.as_of,
             "format": "recflow.ranker: ranker.txt (LightGBM) + ranker.json + item_stats.parquet + item_ids.parquet "
                       "+ arrays.npz + similarity.npz"}
@@ -203,6 +207,10 @@ def load_two_stage(folder: Path) -> TwoStage:
     with np.load(folder / "arrays.npz") as z:
         arrays = {k: z[k] for k in z.files}
     sim = sp.load_npz(folder / "similarity.npz").tocsr() if (folder / "similarity.npz").exists() else None
-    side = ItemSide(stats, sim, arrays.get("text_emb"), arrays.get("item_text"))
+    uv = uid = None
+    if (folder / "user_vectors.npz").exists():
+        uv = sp.load_npz(folder / "user_vectors.npz").tocsr()
+        uid = pd.read_parquet(folder / "user_ids.parquet")["user_id"].astype(str).to_numpy()
+    side = ItemSide(stats, sim, arrays.get("text_emb"), arrays.get("item_text"), uv, uid)
     ids = pd.read_parquet(folder / "item_ids.parquet")["item_id"].astype(str).to_numpy()
     return TwoStage(ranker, side, ids, arrays.get("category"))

@@ -29,6 +29,7 @@ class Ask:
     k: int
     exclude_history: bool = False
     rows: np.ndarray | None = None
+    user_id: str | None = None  # who asks (never their own neighbour); None: an anonymous history
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class Pick:
 
 def history_log(model: TwoStage, asks: Sequence[Ask]) -> PurchaseLog:
     """The asks' histories as one log (user ``k`` = ``asks[k]``)."""
-    return PurchaseLog.from_histories([(a.history_ids, a.history_ts) for a in asks], model.item_index)
+    ids = [a.user_id if a.user_id is not None else f"\x00anonymous-{n}" for n, a in enumerate(asks)]
+    return PurchaseLog.from_histories([(a.history_ids, a.history_ts) for a in asks], model.item_index, ids)
 
 
 def score_asks(model: TwoStage, asks: Sequence[Ask]) -> tuple[PurchaseLog, list[Scored], list[np.ndarray]]:
@@ -135,6 +137,9 @@ def _explain(model: TwoStage, log: PurchaseLog, u: int, rows: np.ndarray, sc: Sc
             kind_facts = {"cosine": float(hv.max()), "new": float(f["src_cold"][r] > 0)}
             picks.append(Pick(int(p), score, "text", int(history[int(np.argmax(hv))]), kind_facts))
             continue
+        if f["src_neighbours"][r] > 0 and f["cand_ucf"][r] > 0:
+            picks.append(Pick(int(p), score, "similar", None, {"neighbours": 1.0}))
+            continue
         trending = f["src_trending"][r] > 0
         picks.append(Pick(int(p), score, "popular", None, {"trending": float(trending)}))
     return picks
@@ -152,6 +157,8 @@ def reason_text(pick: Pick, title_of: Callable[[int], str | None]) -> str:
     other = title_of(pick.reason) if pick.reason is not None else None
     if pick.kind == "similar" and other:
         return f"often bought with {other}"
+    if pick.kind == "similar" and f.get("neighbours"):
+        return "shoppers who buy what you buy often buy this"
     if pick.kind == "text" and other:
         return f"{'new, ' if f.get('new') else ''}similar to {other}"
     return "trending this week" if f.get("trending") else "popular this month"

@@ -73,7 +73,7 @@ def test_served_answer_equals_the_offline_scorer(shop: dict) -> None:
     off = log.offsets()
     users = [u for u in range(log.n_users) if off[u + 1] > off[u]][:25]
     asks = [Ask(inputs.catalogue.item_ids[log.item[off[u]:off[u + 1]]][::-1].tolist(),
-                log.ts[off[u]:off[u + 1]][::-1].tolist(), as_of, 10) for u in users]
+                log.ts[off[u]:off[u + 1]][::-1].tolist(), as_of, 10, user_id=str(log.user_ids[u])) for u in users]
     served = recommend(model, asks)
     ctx = user_context(inputs.log, model.side.stats, as_of, model.category)
     sc = score_users(model.ranker, ctx, model.side, np.array(users))
