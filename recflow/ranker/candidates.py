@@ -107,6 +107,8 @@ class ItemSide:
         tp = np.log1p(self.stats["item_text_pop_30d"])
         self.cold_prior = (tp / max(float(tp.max()), 1e-12)).astype(np.float32)
         self._user_row = None if self.user_ids is None else pd.Index(np.asarray(self.user_ids).astype(str))
+        # [N, U] once: a per-request ``h @ v.T`` would transpose the whole matrix every call
+        self._user_vectors_t = None if self.user_vectors is None else self.user_vectors.T.tocsr()
 
 
 @dataclass
@@ -137,7 +139,7 @@ def _neighbour_scores(side: ItemSide, h: sp.csr_matrix, user_ids: np.ndarray, k:
     v = side.user_vectors
     norm = np.sqrt(np.asarray(h.multiply(h).sum(axis=1)).ravel())
     hn = sp.diags(1.0 / np.maximum(norm, 1e-12)) @ h
-    sims = np.asarray((hn @ v.T).todense(), dtype=np.float32)  # [b, U]
+    sims = np.asarray((hn @ side._user_vectors_t).todense(), dtype=np.float32)  # [b, U]
     me = side._user_row.get_indexer(np.asarray(user_ids).astype(str))
     ok = me >= 0
     sims[np.flatnonzero(ok), me[ok]] = -np.inf
