@@ -41,14 +41,14 @@ class RankerConfig:
     features: tuple[str, ...] = FEATURES
     objective: str = "lambdarank"
     num_leaves: int = 31
-    learning_rate: float = 0.1
+    learning_rate: float = 0.05
     min_data_in_leaf: int = 100
     feature_fraction: float = 0.8
     bagging_fraction: float = 0.8
     lambda_l2: float = 1.0
     max_bin: int = 63
-    max_rounds: int = 300
-    early_stopping_rounds: int = 25
+    max_rounds: int = 500
+    early_stopping_rounds: int = 50
     negative_share: float = 0.15
     seed: int = 0
     threads: int = 0
