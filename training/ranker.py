@@ -17,7 +17,6 @@ import numpy as np
 
 from recflow.ranker.candidates import (
     SOURCES,
-    CandidateConfig,
     Candidates,
     ItemSide,
     generate,
@@ -68,11 +67,6 @@ class Week:
     y: np.ndarray
     target_keys: np.ndarray
     features: tuple[str, ...] = ()
-
-    def groups(self) -> np.ndarray:
-        """Group sizes (candidates per user, in order)."""
-        _, counts = np.unique(self.cands.user, return_counts=True)
-        return counts
 
 
 def build_week(
@@ -149,7 +143,7 @@ def candidate_recall(week: Week, sold_before: np.ndarray | None = None) -> dict[
     n = week.ctx.log.n_items
     users = week.users
     tk = week.target_keys[np.isin(week.target_keys // n, users)]
-    t_user, t_item = tk // n, tk % n
+    t_item = tk % n
     seen = week.ctx.uis.lookup(tk) >= 0
     sold = week.side.stats.sold if sold_before is None else sold_before
     kinds = {"repeat": seen, "new": ~seen, "cold": ~sold[t_item]}
@@ -164,16 +158,8 @@ def candidate_recall(week: Week, sold_before: np.ndarray | None = None) -> dict[
         out[sname]["all"] = round(float(hit.mean()), 4) if len(hit) else 0.0
     out["union"]["targets"] = int(len(tk))
     out["union"]["candidates_per_user"] = round(len(ck) / max(len(users), 1), 1)
-    del t_user
     return out
 
-
-def default_config(**overrides: object) -> RankerConfig:
-    """The default :class:`RankerConfig` with ``overrides`` (``candidates`` may be a dict)."""
-    kw = dict(overrides)
-    if isinstance(kw.get("candidates"), dict):
-        kw["candidates"] = CandidateConfig(**kw["candidates"])  # type: ignore[arg-type]
-    return RankerConfig(**kw)  # type: ignore[arg-type]
 
 
 def without_text(week: Week, features: tuple[str, ...]) -> Week:
