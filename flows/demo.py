@@ -74,12 +74,13 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
     start = pd.Timestamp(d.replay_from, tz="UTC")
     settings = _with(settings, "data", until=start.to_pydatetime())
     settings = _with(settings, "training", train_weeks=d.train_weeks)
-    settings = _with(settings, "serving", token=d.token, request_log_rotate_s=5.0)
+    settings = _with(settings, "serving", request_log_rotate_s=5.0, **({"token": d.token} if d.token else {}))
     # Flows called with ``home`` load settings from the environment: make it match.
     os.environ["RECFLOW_HOME"] = str(settings.home)
     os.environ["RECFLOW_DATA__UNTIL"] = start.isoformat()
     os.environ["RECFLOW_TRAINING__TRAIN_WEEKS"] = str(d.train_weeks)
-    os.environ["RECFLOW_SERVING__TOKEN"] = d.token
+    if d.token:
+        os.environ["RECFLOW_SERVING__TOKEN"] = d.token.get_secret_value()
     os.environ["RECFLOW_SERVING__REQUEST_LOG_ROTATE_S"] = "5.0"
 
     def lap(name: str, t0: float) -> None:
@@ -134,7 +135,7 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
                 say(f"[demo] retrain: challenger {r['challenger']} {'promoted' if r['promoted'] else 'rejected'}: "
                     f"{r['gate']['reason']}")
 
-        replay(settings, service.url, start, d.replay_days, token=d.token, concurrency=d.concurrency, on_day=on_day)
+        replay(settings, service.url, start, d.replay_days, concurrency=d.concurrency, on_day=on_day)
         timings["replay_monitor_retrain"] = round(time.perf_counter() - t_replay, 1)
     final = registry.get_champion(settings)["tag"]  # type: ignore[index]
 

@@ -29,7 +29,9 @@ def reload_task(settings: Settings, url: str) -> dict[str, Any]:
     """Ask the running service at ``url`` to load the current champion (zero-downtime swap)."""
     import httpx
 
-    headers = {"Authorization": f"Bearer {settings.serving.token}"} if settings.serving.token else {}
+    from recflow.security import auth_headers
+
+    headers = auth_headers(settings)
     response = httpx.post(f"{url.rstrip('/')}/reload", json={}, headers=headers, timeout=300)
     response.raise_for_status()
     return response.json()

@@ -74,7 +74,9 @@ def promote_task(settings: Settings, tag: str, reason: str) -> dict[str, Any]:
 def reload_task(settings: Settings, url: str) -> dict[str, Any]:
     import httpx
 
-    headers = {"Authorization": f"Bearer {settings.serving.token}"} if settings.serving.token else {}
+    from recflow.security import auth_headers
+
+    headers = auth_headers(settings)
     r = httpx.post(f"{url.rstrip('/')}/reload", json={}, headers=headers, timeout=300)
     r.raise_for_status()
     return r.json()

@@ -326,7 +326,11 @@ def serve(
     if settings.serving.model_path is None and settings.serving.model_tag is None and registry.get_champion(settings) is None:
         raise _fail(FileNotFoundError(f"no champion model under {settings.paths.models}"),
                     "Train one first: recflow train (or recflow demo)")
-    raise typer.Exit(run_serve(settings, port=port, host=host))
+    try:
+        code = run_serve(settings, port=port, host=host, say=lambda m: console.print(m, markup=False, highlight=False))
+    except ValueError as exc:  # auth_disabled on a host other than loopback
+        raise _fail(exc) from exc
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -382,7 +386,9 @@ def rollback(
     if reload_url:
         import httpx
 
-        headers = {"Authorization": f"Bearer {settings.serving.token}"} if settings.serving.token else {}
+        from recflow.security import auth_headers
+
+        headers = auth_headers(settings)
         r = httpx.post(f"{reload_url.rstrip('/')}/reload", json={}, headers=headers, timeout=120)
         console.print(f"reload: {r.status_code} {r.text[:200]}")
 
@@ -441,7 +447,7 @@ def replay(
     settings = _settings()
     try:
         with progress_bar():
-            results = run_replay(settings, url, from_, days, token=settings.serving.token, concurrency=concurrency)
+            results = run_replay(settings, url, from_, days, concurrency=concurrency)
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(exc) from exc
     table = Table(title=f"Replay through {url}")

@@ -45,8 +45,22 @@ def repo_config(settings: Settings) -> RepoConfig:
     raw: dict[str, Any] = yaml.safe_load(text)
     raw["project"] = settings.feast.project
     if settings.feast.online_store == "redis":
-        raw["online_store"] = {"type": "redis", "connection_string": settings.feast.redis_connection_string}
+        raw["online_store"] = {"type": "redis", "connection_string": redis_connection(settings)}
     return RepoConfig(repo_path=repo, **raw)
+
+
+def redis_connection(settings: Settings) -> str:
+    """The Redis connection string with a socket timeout on every call (``feast.store_timeout_s``),
+    unless the string sets its own: a hung Redis then fails a call instead of holding it forever."""
+    from recflow.security import reveal
+
+    text = reveal(settings.feast.redis_connection_string) or ""
+    options = {part.split("=", 1)[0].strip().lower() for part in text.split(",") if "=" in part}
+    timeout = settings.feast.store_timeout_s
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        if name not in options:
+            text += f",{name}={timeout}"
+    return text
 
 
 def get_store(settings: Settings) -> FeatureStore:

@@ -170,7 +170,11 @@ def replay(
     """Replay ``days`` days of real events from ``start`` through the service at ``base_url``.
 
     ``batch``: each basket's lines go to ``/feedback/batch`` in one call (as a checkout would post
-    them); otherwise one ``/feedback`` call per line."""
+    them); otherwise one ``/feedback`` call per line. ``token`` defaults to the home's write token
+    (``recflow.security.serving_token``)."""
+    from recflow.security import serving_token
+
+    token = token or serving_token(settings)
     events = load_replay_events(settings, start, days)
     day_of = events["event_timestamp"].dt.floor("D")
     results = []

@@ -17,7 +17,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -78,8 +78,13 @@ class FeastSettings(BaseModel):
     online_store: Literal["sqlite", "redis"] = Field(
         default="sqlite", description="Embedded SQLite (one machine) or Redis (shared, scales out)."
     )
-    redis_connection_string: str = Field(
-        default="127.0.0.1:6379", description="Redis 'host:port[,password=...,ssl=true]' when online_store=redis."
+    redis_connection_string: SecretStr = Field(
+        default=SecretStr("127.0.0.1:6379"),
+        description="Redis 'host:port[,password=...,ssl=true]' when online_store=redis (a secret: masked in "
+        "`recflow config` and logs).",
+    )
+    store_timeout_s: float = Field(
+        default=2.0, gt=0, description="Socket timeout of every Redis online-store call (connect and read)."
     )
     user_ttl_days: int = Field(default=400, ge=1, description="User activity/history older than this is not served.")
     item_ttl_days: int = Field(default=400, ge=1, description="Item popularity older than this is not served.")
@@ -142,8 +147,19 @@ class ServingSettings(BaseModel):
     )
     host: str = Field(default="127.0.0.1", description="Interface `recflow serve` binds to.")
     port: int = Field(default=3000, ge=0, le=65535, description="Port of `recflow serve`.")
-    token: str | None = Field(
-        default=None, description="Bearer token required by mutating endpoints (/feedback, /reload); unset = open."
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token of the mutating endpoints (/feedback, /feedback/batch, /reload), always required; "
+        "unset: `recflow serve` creates one in <home>/secrets/serving_token (mode 0600) and reuses it.",
+    )
+    read_token: SecretStr | None = Field(
+        default=None,
+        description="When set, /recommend, /similar and /search need it (or the write token) as a bearer token.",
+    )
+    auth_disabled: bool = Field(
+        default=False,
+        description="Accept every endpoint without a token (local experiments only): refused unless the host is "
+        "loopback.",
     )
     default_k: int = Field(default=10, ge=1, le=100, description="k when a request gives none.")
     model_path: Path | None = Field(
@@ -336,6 +352,11 @@ class Paths:
     def cache(self) -> Path:
         return self.home / "cache"
 
+    @property
+    def secrets(self) -> Path:
+        """Generated secrets (serving token, pseudonym key): mode 0700, files 0600."""
+        return self.home / "secrets"
+
 
 class DemoSettings(BaseModel):
     """``recflow demo``: the closed loop on the embedded data (features, train, serve, replay, monitor, retrain)."""
@@ -347,7 +368,10 @@ class DemoSettings(BaseModel):
     trials: int = Field(default=2, ge=1, description="Ray Tune trials of the demo's first model.")
     max_minutes: float = Field(default=4.0, gt=0, description="Search budget of the demo's first model (minutes).")
     concurrency: int = Field(default=8, ge=1, le=64, description="Users replayed concurrently.")
-    token: str = Field(default="recflow-demo", description="Bearer token the demo's service requires for /feedback.")
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token of the demo's service (default: the home's generated serving token).",
+    )
 
 
 class Settings(BaseSettings):

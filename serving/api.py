@@ -89,10 +89,16 @@ class FeedbackBatchRequest(_Strict):
     events: list[FeedbackRequest] = Field(min_length=1, max_length=MAX_FEEDBACK_BATCH)
 
 
-class ReloadRequest(_Strict):
-    """``POST /reload``: load the current champion (or ``model_path``) and swap it in when ready."""
+ModelTag = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_.-]+)?$")]
 
-    model_path: str | None = Field(default=None, max_length=4096, description="Serve this model folder instead.")
+
+class ReloadRequest(_Strict):
+    """``POST /reload``: load the current champion (or a registry tag) and swap it in when ready.
+
+    Only registry tags (``name:version``, as ``recflow models`` lists them) are accepted, never a
+    file-system path: a ``model_path`` field is a 400."""
+
+    model_tag: ModelTag | None = Field(default=None, description="Serve this registered model (e.g. 'recflow_two_tower:abc123') instead of the champion.")
 
 
 class Reason(BaseModel):

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +32,15 @@ BENTOFILE = Path(__file__).resolve().parent / "bentofile.yaml"
 
 def service_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a service process: the caller's, plus the settings as ``RECFLOW_*`` variables."""
+    from recflow.security import reveal
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECFLOW_")}
     env["RECFLOW_HOME"] = str(settings.home)
     for section in ("feast", "serving", "features"):
-        values = json.loads(getattr(settings, section).model_dump_json())
+        part = getattr(settings, section)
+        secret = {n for n, f in type(part).model_fields.items() if "SecretStr" in str(f.annotation)}
+        values = json.loads(part.model_dump_json(exclude=secret))
+        values.update({n: reveal(getattr(part, n)) for n in secret})  # the child needs the real values
         for name, value in values.items():
             if value is None:
                 continue
@@ -59,10 +64,29 @@ def _command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
 
 
-def serve(settings: Settings, port: int | None = None, host: str | None = None) -> int:
+def prepare_auth(settings: Settings, host: str) -> str:
+    """Check the auth settings for ``host`` and make sure a write token exists; returns a line for the
+    operator saying where the token is (never the token). Raises ``ValueError`` for auth_disabled on a
+    host other than loopback."""
+    from recflow.security import check_auth_setting, reveal, secret_file, token_path
+
+    check_auth_setting(settings, host)
+    if settings.serving.auth_disabled:
+        return f"WARNING: serving.auth_disabled=true: every endpoint is open (allowed on loopback {host} only)"
+    if reveal(settings.serving.token):
+        return "write token: serving.token (from your settings)"
+    _, path, created = secret_file(settings, token_path(settings).name)
+    return (f"write token {'created' if created else 'reused'}: {path} (mode 0600); clients send "
+            "'Authorization: Bearer <its contents>' to /feedback, /feedback/batch and /reload")
+
+
+def serve(settings: Settings, port: int | None = None, host: str | None = None,
+          say: Callable[[str], None] = print) -> int:
     """Run the service in the foreground until interrupted (``recflow serve``); returns its exit code."""
     host = host or settings.serving.host
     port = settings.serving.port if port is None else port
+    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"host": host})})
+    say(prepare_auth(settings, host))
     settings.paths.bentoml_home.mkdir(parents=True, exist_ok=True)
     return subprocess.call(_command(host, port), env=service_env(settings), cwd=ROOT)
 
@@ -124,6 +148,7 @@ def start_local(
     from recflow.local_services import free_port, wait_for_port
 
     port = port or free_port()
+    prepare_auth(settings, "127.0.0.1")
     settings.paths.bentoml_home.mkdir(parents=True, exist_ok=True)
     log_path = log_path or settings.home / f"serve-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)

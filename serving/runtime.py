@@ -33,6 +33,7 @@ import numpy as np
 
 from recflow.event_log import EventLog
 from recflow.modeling.features import get_feature
+from recflow.security import redact
 from recflow.settings import Settings
 from serving import ranking, tower
 from serving.api import (
@@ -84,6 +85,10 @@ class ServiceError(Exception):
         super().__init__(message)
         self.message = message
         self.field = field
+
+
+class BadRequest(ServiceError):
+    status = 400
 
 
 class NotReady(ServiceError):
@@ -186,6 +191,8 @@ class Runtime:
     _push_warn: _RateLimitedLog = field(default_factory=_RateLimitedLog)
     _store_down_until: float = 0.0
     _request_ids: RequestIds = field(default_factory=RequestIds)
+    write_token: str | None = None
+    read_token: str | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     @property
@@ -210,8 +217,7 @@ class Runtime:
             threadpool_limits(s.torch_threads)
         except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn/faiss setups
             pass
-        if not s.token:
-            log.warning("serving.token is not set: /feedback and /reload accept unauthenticated calls")
+        self._resolve_auth()
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="recflow-compute")
         self._features = ThreadPoolExecutor(4, thread_name_prefix="recflow-features")
         self._feedback = ThreadPoolExecutor(1, thread_name_prefix="recflow-feedback")
@@ -229,6 +235,40 @@ class Runtime:
         self._tasks = [loop.create_task(self._load_loop(), name="recflow-load"),
                        loop.create_task(self._retry_loop(), name="recflow-push-retry"),
                        loop.create_task(self._champion_loop(), name="recflow-champion-watch")]
+
+    def _resolve_auth(self) -> None:
+        """Tokens for this worker: the write token always (``serving.token``, else the home's generated
+        one), the read token when set; neither with ``serving.auth_disabled`` (loopback only)."""
+        from recflow.security import check_auth_setting, reveal, serving_token, token_path
+
+        s = self.settings.serving
+        check_auth_setting(self.settings)
+        if s.auth_disabled:
+            self.write_token = self.read_token = None
+            log.warning("serving.auth_disabled=true: every endpoint accepts unauthenticated calls (loopback only)")
+            return
+        self.write_token = serving_token(self.settings, create=True)
+        self.read_token = reveal(s.read_token)
+        where = "serving.token" if reveal(s.token) else f"the token file {token_path(self.settings)}"
+        log.info("auth: /feedback, /feedback/batch and /reload need the bearer token of %s; reads %s", where,
+                 "need serving.read_token" if self.read_token else "are open (set serving.read_token to protect them)")
+
+    def authorised(self, header: str, *, write: bool) -> bool:
+        """Whether an ``Authorization`` header value may call a write (or, ``write=False``, a read) endpoint."""
+        import hmac
+
+        if self.settings.serving.auth_disabled:
+            return True
+        wanted = [self.write_token] if write else ([self.read_token, self.write_token] if self.read_token else [])
+        if not write and not wanted:
+            return True  # reads are open without a read token
+        scheme, _, value = header.partition(" ")
+        given = value.strip().encode()
+        ok = False
+        for token in wanted:  # every candidate compared, in constant time
+            if token:
+                ok |= hmac.compare_digest(given, token.encode())
+        return scheme.lower() == "bearer" and ok
 
     async def stop(self) -> None:
         """Stop loops and threads; write the request log out."""
@@ -665,10 +705,25 @@ class Runtime:
         return set()
 
     # --- /reload, /status ---------------------------------------------------------------------
-    async def reload(self, model_path: str | None = None) -> ReloadResponse:
-        """Load the champion (or ``model_path``), build its index, then swap it in atomically."""
+    def _tag_folder(self, tag: str) -> Path:
+        """The registry folder of ``tag`` (404 naming the tag, never the folder, when unknown)."""
+        from recflow import registry
+
+        if ".." in tag:
+            raise BadRequest(f"model_tag {tag!r} is not a registry tag (name:version, see `recflow models`)",
+                             field="model_tag")
+        try:
+            return registry.model_path(self.settings, tag)
+        except Exception as exc:  # noqa: BLE001 - bentoml raises NotFound or a bad-tag error
+            metrics()["reloads"].labels("not_found").inc()
+            raise NotFound(f"model_tag {tag!r} is not in the model registry (see `recflow models`)",
+                           field="model_tag") from exc
+
+    async def reload(self, model_tag: str | None = None) -> ReloadResponse:
+        """Load the champion (or the registry's ``model_tag``), build its index, then swap it in atomically."""
         assert self._reload_lock is not None
         self.require_state()  # before the first load there is nothing to swap: the load loop is on it
+        model_path = await self._run(self._loader, self._tag_folder, model_tag) if model_tag else None
         async with self._reload_lock:
             previous = self.state.version if self.state else None
             started = time.perf_counter()
@@ -677,12 +732,11 @@ class Runtime:
                     await self._run(self._loader, self.store.refresh_registry)
                     service = await self._run(self._loader, self._serving_service, self.store)
                     self._reader = await self._run(self._loader, OnlineUserReader, self.store, service)
-                state = await self._run(self._loader, load_state, self.settings, self.store,
-                                        Path(model_path) if model_path else None)
+                state = await self._run(self._loader, load_state, self.settings, self.store, model_path)
                 await self._run(self._loader, self.warm_up, state)
             except ModelNotFound as exc:
                 metrics()["reloads"].labels("not_found").inc()
-                raise NotFound(f"{exc}; still serving {previous}", field="model_path" if model_path else None) from exc
+                raise NotFound(f"{exc}; still serving {previous}", field="model_tag" if model_tag else None) from exc
             self.state = state
             self._query_cache = None  # queries of the old model, or of rows read with the old registry
             await self._run(self._loader, freeze_heap)
@@ -700,9 +754,10 @@ class Runtime:
             pending = None
         return Status(
             ready=self.ready, model_version=state.version if state else None,
-            model_source=f"{state.source.source}:{state.source.folder}" if state else None,
+            model_source=f"{state.source.source}:{state.version}" if state else None,
             items=state.n_items if state else 0,
             index=(state.ann.name if state.ann else state.scorer.name) if state else self.settings.serving.index,
-            loaded_at=state.loaded_at if state else None, load_error=self.load_error, pending_feedback=pending,
+            loaded_at=state.loaded_at if state else None,
+            load_error=redact(self.load_error, self.settings) if self.load_error else None, pending_feedback=pending,
             worker_pid=os.getpid(),
         )

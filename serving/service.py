@@ -8,26 +8,31 @@ Endpoints (JSON over POST; contracts in :mod:`serving.api`):
 - ``/similar {item_id, k?}``, ``/search {query, k?, user_id?}``;
 - ``/feedback {user_id, item_id, event_type, quantity?, price?, timestamp?, event_id?, basket_id?}``
 - ``/feedback/batch {events: [feedback, ...]}`` (up to 200, e.g. a basket at checkout; all or none)
-  (bearer token when ``serving.token`` is set): durable in the event log, then pushed online;
-- ``/reload {model_path?}`` (token): load the champion and swap it in without downtime;
+  (bearer write token, always): durable in the event log, then pushed online;
+- ``/reload {model_tag?}`` (write token): load the champion (or a registry tag, never a path) and
+  swap it in without downtime;
 - ``/status``; ``GET /livez`` (process up), ``GET /readyz`` (model and store loaded),
   ``GET /metrics`` (Prometheus).
 
+Auth: the write token is ``serving.token`` or the home's generated ``secrets/serving_token``;
+``serving.read_token``, when set, protects ``/recommend``, ``/similar`` and ``/search`` (the write
+token works there too); ``serving.auth_disabled`` opens everything, on a loopback host only.
+
 Errors: 400 validation (naming the field), 401 token, 404 unknown item/category/model,
-413/415 body size/type, 503 not ready. Settings come from ``recflow.settings.load_settings()``
+413/415 body size/type, 503 not ready; error texts never carry a server path. Settings come from ``recflow.settings.load_settings()``
 (``RECFLOW_*`` environment, ``recflow.toml``). Nothing is loaded at import time: the model loads
 in the background after start-up, and ``/readyz`` answers 503 until it is in.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
 
 import bentoml
 from starlette.responses import JSONResponse, Response
 
+from recflow.security import redact
 from serving.api import (
     FeedbackBatchRequest,
     FeedbackBatchResponse,
@@ -52,7 +57,7 @@ HOT_PATHS = ("/recommend",)
 
 def _error(exc: ServiceError, ctx: bentoml.Context) -> JSONResponse:
     """The JSON error answer (BentoML applies ``ctx.response``'s status to whatever is returned)."""
-    body: dict[str, Any] = {"error": exc.message}
+    body: dict[str, Any] = {"error": redact(exc.message)}  # never a server path
     if exc.field:
         body["fields"] = [exc.field]
     ctx.response.status_code = exc.status
@@ -114,20 +119,19 @@ class Recommender:
     def __is_ready__(self) -> bool:
         return self.runtime.ready
 
-    def _authorise(self, ctx: bentoml.Context) -> None:
-        token = self.runtime.settings.serving.token
-        if not token:
-            return
-        given = ctx.request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <serving.token>)",
+    def _authorise(self, ctx: bentoml.Context, *, write: bool = True) -> None:
+        """401 unless the bearer token may call this endpoint (write: the write token; read: the read
+        token or the write token, when a read token is set)."""
+        if not self.runtime.authorised(ctx.request.headers.get("authorization", ""), write=write):
+            which = "serving.token (or <home>/secrets/serving_token)" if write else "serving.read_token"
+            raise Unauthorized(f"missing or wrong bearer token: send 'Authorization: Bearer <{which}>'",
                                field="Authorization")
 
     @bentoml.api(route="/recommend", input_spec=RecommendRequest)
     async def recommend(self, ctx: bentoml.Context, **request: Any) -> RecommendResponse:
         """Top-k items for a user (popularity with ``fallback: true`` for unknown users)."""
         try:
+            self._authorise(ctx, write=False)
             body = await self.runtime.recommend(RecommendRequest.model_construct(**request))
         except ServiceError as exc:
             return _error(exc, ctx)  # type: ignore[return-value]
@@ -138,6 +142,7 @@ class Recommender:
     async def similar(self, ctx: bentoml.Context, **request: Any) -> SimilarResponse:
         """Items most similar to ``item_id`` (404 when the item is unknown)."""
         try:
+            self._authorise(ctx, write=False)
             return await self.runtime.similar(SimilarRequest.model_construct(**request))
         except ServiceError as exc:
             return _error(exc, ctx)  # type: ignore[return-value]
@@ -146,6 +151,7 @@ class Recommender:
     async def search(self, ctx: bentoml.Context, **request: Any) -> SearchResponse:
         """Semantic search over item texts, personalised when ``user_id`` is given."""
         try:
+            self._authorise(ctx, write=False)
             return await self.runtime.search(SearchRequest.model_construct(**request))
         except ServiceError as exc:
             return _error(exc, ctx)  # type: ignore[return-value]
@@ -172,10 +178,10 @@ class Recommender:
 
     @bentoml.api(route="/reload", input_spec=ReloadRequest)
     async def reload(self, ctx: bentoml.Context, **request: Any) -> ReloadResponse:
-        """Load the current champion (or ``model_path``), then swap it in without downtime."""
+        """Load the current champion (or the registry's ``model_tag``), then swap it in without downtime."""
         try:
             self._authorise(ctx)
-            return await self.runtime.reload(request.get("model_path"))
+            return await self.runtime.reload(request.get("model_tag"))
         except ServiceError as exc:
             return _error(exc, ctx)  # type: ignore[return-value]
 

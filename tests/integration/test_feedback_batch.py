@@ -7,17 +7,22 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "batch-t0ken"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+READ_TOKEN = "read-t0ken"
 
 
 def test_feedback_batch(tiny_champion) -> None:  # noqa: ANN001
+    """Also the secure defaults: no token configured, so the service uses the one generated in the
+    home (0600 in a 0700 folder) for writes; the read token guards /recommend, /similar and /search."""
+    import stat
+
     from recflow import feature_store as fs
     from recflow.event_log import EventLog
+    from recflow.security import serving_token, token_path
     from serving.run import start_local
 
     settings, _tag = tiny_champion
-    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"token": TOKEN})})
+    assert settings.serving.token is None and not token_path(settings).exists()
+    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"read_token": READ_TOKEN})})
     store = fs.get_store(settings)
     fs.apply(settings, store)
     fs.materialize(settings, *fs.default_window(settings), store=store)
@@ -25,6 +30,20 @@ def test_feedback_batch(tiny_champion) -> None:  # noqa: ANN001
                "basket_id": "checkout-1", "event_id": f"checkout-1:{item}", "timestamp": "2024-05-30T10:00:00Z"}
               for item in ("x", "w")]
     with start_local(settings) as svc, httpx.Client(base_url=svc.url, timeout=30) as c:
+        path = token_path(settings)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        token = serving_token(settings)
+        assert token and len(token) >= 40 and token not in svc.log_text(), "the token itself is never logged"
+        AUTH = {"Authorization": f"Bearer {token}"}  # noqa: N806
+        read = {"Authorization": f"Bearer {READ_TOKEN}"}
+        # Reads: the read token (or the write token); writes: only the write token.
+        for route, body in (("/recommend", {"user_id": "c"}), ("/similar", {"item_id": "x"}), ("/search", {"query": "oil"})):
+            assert c.post(route, json=body).status_code == 401, route
+            assert c.post(route, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401, route
+            assert c.post(route, json=body, headers=read).status_code == 200, route
+            assert c.post(route, json=body, headers=AUTH).status_code == 200, route
+        assert c.post("/feedback/batch", json={"events": basket}, headers=read).status_code == 401
+        assert c.post("/reload", json={}, headers=read).status_code == 401
         assert c.post("/feedback/batch", json={"events": basket}).status_code == 401
         bad = c.post("/feedback/batch", json={"events": [*basket, {**basket[0], "item_id": "nope", "event_id": "e-x"}]},
                      headers=AUTH)

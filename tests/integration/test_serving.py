@@ -90,7 +90,9 @@ BAD_INPUTS = [
     ("/feedback", {"user_id": "a", "item_id": "x", "event_type": "purchase", "quantity": -1}, 400, "quantity"),
     ("/feedback", {"user_id": "a", "item_id": "x", "event_type": "purchase", "price": "free"}, 400, "price"),
     ("/feedback", {"user_id": "a", "item_id": "nope", "event_type": "view"}, 404, "item_id"),
-    ("/reload", {"model_path": "/no/such/model"}, 404, "model_path"),
+    ("/reload", {"model_path": "/no/such/model"}, 400, "model_path"),  # registry tags only, never paths
+    ("/reload", {"model_tag": "../../etc/passwd"}, 400, "model_tag"),
+    ("/reload", {"model_tag": "no_such_model:v1"}, 404, "model_tag"),
 ]
 
 
@@ -151,6 +153,8 @@ def test_service_end_to_end(tiny_features, shop_model) -> None:  # noqa: ANN001
             r = _post(c, path, bad, AUTH)
             assert r.status_code == status_code, (path, bad, r.status_code, r.text)
             assert field in r.json()["fields"], (path, bad, r.json())
+            assert str(settings.home) not in r.text and "/tmp" not in r.text, ("a server path in", path, r.text)
+        assert str(settings.home) not in _post(c, "/status", {}).text
         r = c.post("/recommend", content=b'{"user_id": "a",', headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["fields"] == ["body"]
         r = c.post("/recommend", content=b"user_id=a", headers={"content-type": "application/x-www-form-urlencoded"})
