@@ -28,7 +28,9 @@ def reference_task(settings: Settings, tag: str) -> pd.DataFrame:
     from recflow.features.training_set import load_events
     from recflow.modeling import read_metadata
 
-    cache = settings.paths.reports / "reference" / f"{tag.replace(':', '-')}.parquet"
+    # pseudonymised user ids; profile attributes only with privacy.log_profile (as the service logs them)
+    kind = "profile" if settings.privacy.log_profile else "activity"
+    cache = settings.paths.reports / "reference" / f"{tag.replace(':', '-')}-{kind}-pseudonymised.parquet"
     if cache.exists():
         return pd.read_parquet(cache)
     folder = registry.model_path(settings, tag)

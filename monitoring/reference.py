@@ -4,7 +4,8 @@ For the users who bought something in ``[as_of, as_of + eval_days)``, the servin
 features as of ``as_of`` come from Feast's point-in-time join (the same feature names and values
 the online store held then), go through the serving code path (``recflow.modeling.user_queries``
 and the item index), and come out request-log shaped (``recflow.schemas.REQUEST_LOG_SCHEMA``)
-with the features logged the way the service logs them (``serving.features.logged_features``).
+with the features logged the way the service logs them (``serving.features.logged_features``) and
+the user ids pseudonymised as the service pseudonymises them (``recflow.privacy.pseudonym``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ def build_reference(
     """Request-log rows: one ``/recommend`` answer per user, as served at ``as_of``."""
     from recflow.features.training_set import get_historical
     from recflow.modeling import build_index, user_queries
+    from recflow.privacy import pseudonym, pseudonym_key
     from serving.features import logged_features
+
+    key = pseudonym_key(settings)
+    profile = settings.privacy.log_profile
 
     as_of = pd.Timestamp(as_of).tz_convert("UTC") if pd.Timestamp(as_of).tzinfo else pd.Timestamp(as_of, tz="UTC")
     entity = pd.DataFrame({"user_id": pd.array(users, dtype="string"), "event_timestamp": as_of})
@@ -63,10 +68,11 @@ def build_reference(
         top = np.take_along_axis(top, order, 1)
         for f, q, t, sc in zip(chunk, queries, top, np.take_along_axis(scores, top, 1), strict=True):
             rows.append({
-                "request_id": uuid.uuid4().hex, "ts": as_of, "endpoint": "recommend", "user_id": str(f["user_id"]),
+                "request_id": uuid.uuid4().hex, "ts": as_of, "endpoint": "recommend",
+                "user_id": pseudonym(str(f["user_id"]), key),
                 "item_id": None, "k": k, "model_version": model_version, "fallback": q.n_history == 0,
                 "degraded": False, "feature_age_s": None, "latency_ms": None,
-                "features": logged_features(f, q.n_history),
+                "features": logged_features(f, q.n_history, profile=profile),
                 "item_ids": [index.item_ids[i] for i in t], "scores": sc.astype(np.float32).tolist(),
             })
     return pd.DataFrame(rows)

@@ -24,6 +24,7 @@ from monitoring.policy import (
     decide,
 )
 from monitoring.reports import ReportFiles, drift_report, quality_report
+from recflow.privacy import apply_retention, pseudonym_key, pseudonymise_frame
 from recflow.settings import Settings
 
 
@@ -92,8 +93,10 @@ def run_monitor(
     - ``current``: request-log rows to monitor; default: read ``settings.paths.request_log`` for
       ``[start - horizon, end)`` (drift uses ``[start, end)``; quality uses the lagged window
       ``[start - horizon, end - horizon)`` so that every list had the full horizon to be bought).
-    - ``feedback`` / ``reference_feedback``: purchase events (canonical events schema); default:
-      read ``monitoring.feedback_sources`` (event log and/or canonical events).
+    - ``feedback`` / ``reference_feedback``: purchase events (canonical events schema, raw user ids);
+      default: read ``monitoring.feedback_sources`` (event log and/or canonical events). Their user
+      ids are pseudonymised here (``recflow.privacy``), to match the request-log frames, whose
+      ``user_id`` holds the service's pseudonyms.
     - ``train_purchases``: purchases defining item popularity (novelty, popularity bias); default:
       the ``monitoring.popularity_days`` before ``start``. ``item_popularity`` (item_id -> buyers)
       defaults to distinct buyers in ``train_purchases``.
@@ -102,11 +105,13 @@ def run_monitor(
 
     Writes ``<reports>/<run_id>/{feature_drift,prediction_drift,recommendation_quality}.{html,json}``
     and ``summary.json`` (run_id = window end, e.g. ``2017-10-08T000000Z``; re-running a window
-    overwrites it), then rebuilds ``<reports>/index.html``. Returns a :class:`MonitorResult`.
+    overwrites it), then rebuilds ``<reports>/index.html``. First it deletes report runs and request
+    logs past ``privacy.report_days`` / ``request_log_days``. Returns a :class:`MonitorResult`.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     ms = settings.monitoring
+    retention = apply_retention(settings)  # request logs and report runs past privacy.*_days
     start_ts, end_ts = mdata.to_utc(start), mdata.to_utc(end)
     if end_ts <= start_ts:
         raise ValueError(f"monitor window is empty: start {start_ts} must be before end {end_ts}")
@@ -144,6 +149,11 @@ def run_monitor(
         train_purchases = mdata.load_events(paths, start_ts - pd.Timedelta(days=ms.popularity_days), start_ts)
     if item_popularity is None:
         item_popularity = mdata.item_popularity_from(train_purchases)
+    # The request log holds keyed pseudonyms of the user ids: the event side of every join gets the same.
+    key = pseudonym_key(settings)
+    feedback = pseudonymise_frame(feedback, key)
+    reference_feedback = pseudonymise_frame(reference_feedback, key)
+    train_purchases = pseudonymise_frame(train_purchases, key)
     if items is None and settings.paths.items.is_file():
         import pyarrow.parquet as pq
 
@@ -267,6 +277,7 @@ def run_monitor(
         "reports": {name: {"html": f.html.name, "json": f.json.name} for name, f in reports.items()},
         "notes": notes,
         "warnings": warnings,
+        "retention_removed": retention,
         "evidently_version": _evidently_version(),
     }
     timings["total"] = time.perf_counter() - t0

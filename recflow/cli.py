@@ -500,6 +500,33 @@ def demo(
 
 
 @app.command()
+def forget(
+    user_id: Annotated[str, typer.Argument(help="The user id to erase, as the shop knows it.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Erase a user: event log, request logs, canonical and feature tables, online store; later ingests leave them out."""
+    from recflow.privacy import forget as run_forget
+    from recflow.privacy import report_dict
+    from recflow.security import InsecureSecret
+
+    settings = _settings()
+    try:
+        report = run_forget(settings, user_id)
+    except (InsecureSecret, OSError, ValueError) as exc:
+        raise _fail(exc, "Nothing after the failing step was erased; fix it and run `recflow forget` again.") from exc
+    if as_json:
+        sys.stdout.write(json.dumps(report_dict(report), indent=2) + "\n")
+    else:
+        console.print(f"Erased user {user_id!r} (pseudonym {report.user_pseudonym}) from {settings.home}:")
+        for line in report.lines():
+            console.print(f"  - {line}", markup=False, highlight=False)
+        console.print("Later ingests leave this user out (register: <home>/secrets/forgotten_users). Run "
+                      "`recflow features` to rebuild and re-materialise without them.")
+    if len(report.not_erased) > 1:  # more than the standing note about trained models
+        raise typer.Exit(1)
+
+
+@app.command()
 def config() -> None:
     """Print the effective settings (defaults, TOML file and RECFLOW_* environment applied) as JSON."""
     settings = _settings()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from recflow.schemas import EVENTS_SCHEMA, conform
@@ -155,6 +156,32 @@ class EventLog:
             return EVENTS_SCHEMA.empty_table().to_pandas()
         df = pa.concat_tables(tables).to_pandas()
         return df.drop_duplicates("event_id", keep="first").reset_index(drop=True)
+
+    def forget(self, user_id: str) -> tuple[int, int, int]:
+        """Erase every event of ``user_id``: journal rows (then VACUUM, so the bytes leave the file)
+        and segment rows (each affected segment rewritten atomically). Returns ``(journal rows,
+        segment rows, segments rewritten)``."""
+        journal = 0
+        if (self.folder / JOURNAL).exists():
+            with self._connect() as con:
+                con.execute("BEGIN IMMEDIATE")
+                journal = con.execute("DELETE FROM events WHERE user_id = ?", (str(user_id),)).rowcount
+                con.execute("COMMIT")
+                con.execute("VACUUM")
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        rows = files = 0
+        for path in self.segments():
+            table = pq.read_table(path)
+            keep = pa.compute.not_equal(table["user_id"].cast(pa.string()), str(user_id))
+            kept = table.filter(pa.compute.fill_null(keep, True))
+            if kept.num_rows == table.num_rows:
+                continue
+            rows += table.num_rows - kept.num_rows
+            files += 1
+            tmp = path.with_name(path.name + ".tmp")
+            pq.write_table(kept, tmp)
+            tmp.rename(path)
+        return journal, rows, files
 
     def stats(self) -> dict[str, int]:
         """Counts of logged, pushed, pending and flushed events."""

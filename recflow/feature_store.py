@@ -63,6 +63,45 @@ def redis_connection(settings: Settings) -> str:
     return text
 
 
+def forget_user(settings: Settings, user_id: str, store: FeatureStore | None = None) -> int:
+    """Delete ``user_id``'s rows from the online store (every user-keyed feature view, pushes included);
+    returns how many rows (SQLite) or keys (Redis) went. Every call has a timeout
+    (``feast.store_timeout_s``); SQLite is vacuumed so the bytes leave the file."""
+    import sqlite3
+
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.infra.online_stores.helpers import compute_table_id
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    store = store or get_store(settings)
+    config = store.config
+    key = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=str(user_id))])
+    if settings.feast.online_store == "redis":
+        from feast.infra.online_stores.helpers import _redis_key
+
+        client = store._get_provider().online_store._get_client(config.online_store)  # noqa: SLF001 - no public API
+        redis_key = _redis_key(config.project, key, entity_key_serialization_version=config.entity_key_serialization_version)
+        return int(client.delete(redis_key))
+    blob = serialize_entity_key(key, entity_key_serialization_version=config.entity_key_serialization_version)
+    path = settings.paths.feast_online
+    if not path.exists():
+        return 0
+    views = [v for v in store.list_feature_views() if "user_id" in v.join_keys]
+    removed = 0
+    con = sqlite3.connect(path, timeout=settings.feast.store_timeout_s, isolation_level=None)
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for view in views:
+            table = compute_table_id(config.project, view)
+            if table in tables:
+                removed += con.execute(f'DELETE FROM "{table}" WHERE entity_key = ?', (blob,)).rowcount
+        con.execute("VACUUM")
+    finally:
+        con.close()
+    return removed
+
+
 def get_store(settings: Settings) -> FeatureStore:
     """A FeatureStore on recflow's configuration. Creates the store's folder if needed."""
     from feast import FeatureStore

@@ -271,6 +271,22 @@ class MonitoringSettings(BaseModel):
     seed: int = 0
 
 
+class PrivacySettings(BaseModel):
+    """What recflow keeps about users, and for how long (``recflow/privacy.py``)."""
+
+    log_profile: bool = Field(
+        default=False,
+        description="Also write profile attributes (age, income, marital status, kids ...) to the request log "
+        "(and monitor their drift). Off: the log holds activity features only.",
+    )
+    request_log_days: int | None = Field(
+        default=90, ge=1, description="Request-log day folders older than this are deleted by the monitor (unset: keep)."
+    )
+    report_days: int | None = Field(
+        default=365, ge=1, description="Monitoring report runs older than this are deleted by the monitor (unset: keep)."
+    )
+
+
 @dataclass(frozen=True)
 class Paths:
     """Every file location recflow uses, derived from ``Settings.home``. Nothing is created here."""
@@ -391,6 +407,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     serving: ServingSettings = ServingSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
+    privacy: PrivacySettings = PrivacySettings()
     demo: DemoSettings = DemoSettings()
 
     @field_validator("home")

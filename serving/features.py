@@ -94,12 +94,14 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def logged_features(features: Mapping[str, Any] | None, n_history: int) -> str:
-    """JSON of the numeric and categorical serving features used (no ids, no free text)."""
+def logged_features(features: Mapping[str, Any] | None, n_history: int, *, profile: bool = False) -> str:
+    """JSON of the numeric serving features used (no ids, no free text); profile attributes (age,
+    income, marital status, kids ...) only with ``profile`` (``privacy.log_profile``)."""
     if not features:
         return json.dumps({"history_len": n_history})
     out: dict[str, Any] = {n: _clean(features.get(f"user_activity__{n}")) for n in LOGGED_ACTIVITY}
-    out.update({n: features.get(f"user_profile__{n}") for n in USER_PROFILE_FEATURES})
+    if profile:
+        out.update({n: features.get(f"user_profile__{n}") for n in USER_PROFILE_FEATURES})
     hist = features.get("user_history__history_item_ids") or []
     out["history_len"] = len(hist)
     out["history_known"] = n_history

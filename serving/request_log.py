@@ -8,8 +8,10 @@ and rotates it (closes it and renames it to ``.parquet``) once it is ``rotate_s`
 ``*.parquet`` under the folder, so they only ever see complete files; a crash loses at most the
 file in progress (reported at the next start).
 
-Privacy: rows hold ids, numbers and feature values only; ``/search`` rows log the query's length,
-never its text.
+Privacy: rows hold the keyed pseudonym of the user id (``recflow.privacy.pseudonym``), never the
+raw id, plus item ids, numbers and activity features (profile attributes only with
+``privacy.log_profile``); ``/search`` rows log the query's length, never its text. Files past
+``privacy.request_log_days`` are deleted by the monitor (``recflow.privacy.apply_retention``).
 """
 
 from __future__ import annotations

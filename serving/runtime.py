@@ -193,6 +193,7 @@ class Runtime:
     _request_ids: RequestIds = field(default_factory=RequestIds)
     write_token: str | None = None
     read_token: str | None = None
+    _pseudonym_key: bytes | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     @property
@@ -218,6 +219,9 @@ class Runtime:
         except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn/faiss setups
             pass
         self._resolve_auth()
+        from recflow.privacy import pseudonym_key
+
+        self._pseudonym_key = pseudonym_key(self.settings)  # the request log never holds a raw user id
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="recflow-compute")
         self._features = ThreadPoolExecutor(4, thread_name_prefix="recflow-features")
         self._feedback = ThreadPoolExecutor(1, thread_name_prefix="recflow-feedback")
@@ -252,6 +256,13 @@ class Runtime:
         where = "serving.token" if reveal(s.token) else f"the token file {token_path(self.settings)}"
         log.info("auth: /feedback, /feedback/batch and /reload need the bearer token of %s; reads %s", where,
                  "need serving.read_token" if self.read_token else "are open (set serving.read_token to protect them)")
+
+    def pseudonym(self, user_id: str) -> str:
+        """The keyed pseudonym the request log stores instead of ``user_id`` (``recflow.privacy``)."""
+        from recflow.privacy import pseudonym
+
+        assert self._pseudonym_key is not None, "Runtime.start() loads the pseudonym key"
+        return pseudonym(user_id, self._pseudonym_key)
 
     def authorised(self, header: str, *, write: bool) -> bool:
         """Whether an ``Authorization`` header value may call a write (or, ``write=False``, a read) endpoint."""
@@ -437,7 +448,8 @@ class Runtime:
         answer = await self._batcher.submit(_Job(req, request_id, now))
         if self.request_log is not None:
             self.request_log.log({
-                "request_id": request_id, "ts": now, "endpoint": "recommend", "user_id": req.user_id, "item_id": None,
+                "request_id": request_id, "ts": now, "endpoint": "recommend", "user_id": self.pseudonym(req.user_id),
+                "item_id": None,
                 "k": answer.k, "model_version": answer.model_version, "fallback": answer.fallback,
                 "degraded": answer.degraded, "feature_age_s": answer.feature_age_s,
                 "latency_ms": (time.perf_counter() - started) * 1e3, "features": answer.features_json,
@@ -534,7 +546,7 @@ class Runtime:
                 "request_id": j.request_id, "user_id": j.req.user_id, "items": items, "model_version": state.version,
                 "feature_age_s": age, "fallback": fallback, "degraded": degraded,
             })
-            out[i] = _Answer(body, logged_features(f, n_history), ks[i],
+            out[i] = _Answer(body, logged_features(f, n_history, profile=self.settings.privacy.log_profile), ks[i],
                              [it["item_id"] for it in items], [it["score"] for it in items], state.version,
                              fallback, degraded, age)
         t4 = time.perf_counter()
@@ -582,7 +594,8 @@ class Runtime:
         if self.request_log is None:
             return
         self.request_log.log({
-            "request_id": request_id, "ts": ts, "endpoint": endpoint, "user_id": user_id, "item_id": item_id,
+            "request_id": request_id, "ts": ts, "endpoint": endpoint,
+            "user_id": self.pseudonym(user_id) if user_id is not None else None, "item_id": item_id,
             "k": k, "model_version": version, "fallback": fallback, "degraded": degraded, "feature_age_s": age,
             "latency_ms": (time.perf_counter() - started) * 1e3, "features": features,
             "item_ids": [i.item_id for i in items], "scores": [i.score for i in items],

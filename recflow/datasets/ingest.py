@@ -23,6 +23,7 @@ from recflow.datasets.validation import (
     validate_events,
     write_quarantine,
 )
+from recflow.privacy import drop_forgotten
 from recflow.progress import report
 from recflow.schemas import ITEMS_SCHEMA, USER_PROFILE_COLUMNS, USERS_SCHEMA, conform
 from recflow.settings import Settings
@@ -106,6 +107,8 @@ def ingest(settings: Settings) -> IngestReport:
         if cfg.users_path is not None:
             raw_users = generic.read_table(cfg.users_path, what="users", columns=cfg.columns)
             profiles, rejected_users, reports["users"] = generic.validate_users(raw_users)
+            profiles, _ = drop_forgotten(settings, profiles)
+            rejected_users, _ = drop_forgotten(settings, rejected_users)
             _quarantine(reports["users"], rejected_users, settings, run_id)
         prefix = "ev"
 
@@ -117,7 +120,12 @@ def ingest(settings: Settings) -> IngestReport:
         event_id_prefix=prefix,
         default_event_type=cfg.default_event_type,
     )
-    reports["events"] = summarise("events", len(raw_events), len(accepted), rejected)
+    accepted, erased = drop_forgotten(settings, accepted)  # users erased by `recflow forget` stay out
+    rejected, erased_bad = drop_forgotten(settings, rejected)
+    erased += erased_bad
+    reports["events"] = summarise("events", len(raw_events) - erased, len(accepted), rejected)
+    if erased:
+        reports["events"].notes.append(f"{erased:,} events of users erased by `recflow forget` left out")
     _quarantine(reports["events"], rejected, settings, run_id)
     if accepted.empty:
         raise IngestError("events: no valid rows were left after validation; see the quarantine file.")

@@ -13,6 +13,7 @@ import pytest
 
 from monitoring.run import run_monitor
 from monitoring.synthetic import synthetic_items, synthetic_log, synthetic_purchases
+from recflow.privacy import pseudonym_key, pseudonymise_frame
 from recflow.schemas import EVENTS_SCHEMA, REQUEST_LOG_SCHEMA, conform
 from recflow.settings import Settings, load_settings
 
@@ -32,6 +33,9 @@ def _world(home, *, shift: float, n: int = 1200, hit_rate: float = 0.5) -> tuple
         synthetic_purchases(previous, hit_rate=hit_rate, items=items, seed=2),
         synthetic_purchases(current, hit_rate=hit_rate, items=items, seed=3),
     ], ignore_index=True)
+    # Served rows hold keyed pseudonyms of the user ids, as the service and the reference builder write them.
+    key = pseudonym_key(settings)
+    reference, previous, current = (pseudonymise_frame(f, key) for f in (reference, previous, current))
     paths = settings.paths
     paths.request_log.mkdir(parents=True)
     paths.event_log.mkdir(parents=True)

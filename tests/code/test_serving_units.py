@@ -191,8 +191,10 @@ def test_logged_features_hold_numbers_and_bands_only() -> None:
     feats = {"user_activity__purchases_7d": 3, "user_activity__spend_7d": float("nan"), "user_profile__age": "25-34",
              "user_history__history_item_ids": ["x", "y"], "user_id": "secret-id"}
     out = json.loads(logged_features(feats, 2))
-    assert out["purchases_7d"] == 3 and out["spend_7d"] is None and out["age"] == "25-34"
+    assert out["purchases_7d"] == 3 and out["spend_7d"] is None
+    assert not {"age", "income", "marital_status", "kids_count"} & set(out), "profile attributes stay out by default"
     assert out["history_len"] == 2 and "user_id" not in out and "history_item_ids" not in out
+    assert json.loads(logged_features(feats, 2, profile=True))["age"] == "25-34"  # privacy.log_profile=true
 
 
 def _tiny_state(n_items: int = 60):  # noqa: ANN202

@@ -214,10 +214,17 @@ def test_service_end_to_end(tiny_features, shop_model) -> None:  # noqa: ANN001
     log = pq.read_table(files).to_pandas()
     assert pq.read_schema(files[0]).equals(REQUEST_LOG_SCHEMA, check_metadata=False)
     assert log["request_id"].is_unique
-    rec = log[(log.endpoint == "recommend") & (log.user_id == "a") & ~log.fallback]
+    from recflow.privacy import pseudonym, pseudonym_key
+
+    # Keyed pseudonyms, never the raw user ids; no profile attributes (privacy.log_profile is off).
+    users = log["user_id"].dropna()
+    assert len(users) and users.str.fullmatch(r"u_[0-9a-f]{32}").all(), users.unique()[:5]
+    assert not users.isin(["a", "newbie", "nobody"]).any()
+    rec = log[(log.endpoint == "recommend") & (log.user_id == pseudonym("a", pseudonym_key(settings))) & ~log.fallback]
     assert len(rec) >= 5 and rec["latency_ms"].gt(0).all()
     features = json.loads(rec["features"].iloc[0])
     assert features["purchases_90d"] is not None and features["history_len"] == 4 and "history_item_ids" not in features
+    assert not {"age", "income", "marital_status", "kids_count", "household_size"} & set(features), features
     assert set(log.endpoint) >= {"recommend", "similar", "search"}
     assert all(b"rye bread" not in p.read_bytes() for p in files), "search text must not be logged"
     searched = json.loads(log.loc[log.endpoint == "search", "features"].iloc[0])
