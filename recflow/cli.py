@@ -327,7 +327,7 @@ def serve(
         raise _fail(FileNotFoundError(f"no champion model under {settings.paths.models}"),
                     "Train one first: recflow train (or recflow demo)")
     try:
-        code = run_serve(settings, port=port, host=host, say=lambda m: console.print(m, markup=False, highlight=False))
+        code = run_serve(settings, port=port, host=host, say=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
     except ValueError as exc:  # auth_disabled on a host other than loopback
         raise _fail(exc) from exc
     raise typer.Exit(code)

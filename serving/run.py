@@ -12,6 +12,7 @@ The child gets ``RECFLOW_*`` variables from the given settings (home, Feast, ser
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -88,7 +89,87 @@ def serve(settings: Settings, port: int | None = None, host: str | None = None,
     settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"host": host})})
     say(prepare_auth(settings, host))
     settings.paths.bentoml_home.mkdir(parents=True, exist_ok=True)
-    return subprocess.call(_command(host, port), env=service_env(settings), cwd=ROOT)
+    return run_forwarding_signals(_command(host, port), env=service_env(settings), cwd=ROOT)
+
+
+def run_forwarding_signals(cmd: list[str], *, env: dict[str, str], cwd: Path, grace_s: float = 20.0) -> int:
+    """Run ``cmd`` until it exits; SIGTERM, SIGINT and SIGHUP sent to this process are forwarded to it
+    (the BentoML arbiter, which stops its workers), and no process it started outlives this call:
+    the workers run in sessions of their own, so their ids are recorded while it runs, and any left
+    after it exits get ``grace_s`` seconds, then SIGKILL. Returns the exit code (128 + the signal
+    number when a signal ended it)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+    seen: dict[int, str] = {}
+
+    def forward(signum: int, _frame: object) -> None:
+        seen.update(descendants(proc.pid))
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    try:
+        while proc.poll() is None:
+            seen.update(descendants(proc.pid))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop(proc)  # only acts when this call is being unwound by an exception
+        _reap(seen, grace_s)
+    code = proc.returncode
+    return 128 - code if code < 0 else code
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (None when gone or a zombie): tells a reused pid apart."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid``, with its start time (Linux ``/proc``; {} elsewhere)."""
+    root = Path("/proc")
+    if not root.is_dir():
+        return {}
+    children: dict[int, list[int]] = {}
+    for entry in root.iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out: dict[int, str] = {}
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        started = _start_time(child)
+        if started is not None:
+            out[child] = started
+        todo.extend(children.get(child, []))
+    return out
+
+
+def _reap(pids: dict[int, str], grace_s: float) -> None:
+    """Wait up to ``grace_s`` for the recorded processes to exit, then SIGKILL what is left."""
+    import signal
+
+    def alive() -> list[int]:
+        return [p for p, started in pids.items() if _start_time(p) == started]
+
+    deadline = time.monotonic() + grace_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @dataclass
@@ -173,8 +254,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
     if proc.poll() is not None:
         return
+    children = descendants(proc.pid)  # workers run in sessions of their own: not in the group
     try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the arbiter and its worker processes
+        os.killpg(proc.pid, signal.SIGTERM)  # the arbiter, which stops its workers
     except ProcessLookupError:
         return
     try:
@@ -182,6 +264,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+    _reap(children, 10.0)
 
 
 def import_model_folder(settings: Settings, folder: Path, name: str | None = None,
