@@ -1,6 +1,8 @@
 """ASGI middleware in front of the API: clear 4xx answers for bad requests.
 
-- Request bodies must be JSON (``415`` otherwise) and at most ``MAX_BODY`` bytes (``413``).
+- Request bodies must be JSON (``415`` otherwise) and at most ``MAX_BODY`` bytes (``413``), counted
+  as they arrive, so a chunked body without ``Content-Length`` is held to the same limit.
+- Duplicate ``Content-Type`` or ``Content-Length`` headers are a ``400`` naming the header.
 - BentoML answers a pydantic validation failure with ``400 {"error": "1 validation error for
   ...IODescriptor", "detail": [...]}``; this rewrites ``error`` to name the fields, e.g.
   ``"k: Input should be less than or equal to 100"``, and adds ``fields``.
@@ -58,21 +60,48 @@ class RequestGuard:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in API_PATHS:
             await self.app(scope, receive, send)
             return
-        raw_type, length = b"application/json", None
+        types: list[bytes] = []
+        lengths: list[str] = []
         for name, v in scope.get("headers", ()):
             k = name.lower()
             if k == b"content-type":
-                raw_type = v
+                types.append(v)
             elif k == b"content-length":
-                length = v.decode("latin-1")
-        ctype = raw_type.decode("latin-1").split(";")[0].strip().lower()
+                lengths.append(v.decode("latin-1"))
+        for header, values in (("content-type", types), ("content-length", lengths)):
+            if len(values) > 1:  # duplicate or conflicting: which one the app would read is undefined
+                await _reply(send, 400, {"error": f"{len(values)} {header} headers: send exactly one",
+                                         "fields": [header]})
+                return
+        ctype = (types[0] if types else b"application/json").decode("latin-1").split(";")[0].strip().lower()
         if ctype not in ("application/json", ""):
             await _reply(send, 415, {"error": f"content-type {ctype!r} is not supported: send application/json",
                                      "fields": ["content-type"]})
             return
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        if lengths and (not lengths[0].strip().isdigit() or int(lengths[0]) > MAX_BODY):
             await _reply(send, 413, {"error": f"request body larger than {MAX_BODY} bytes", "fields": ["body"]})
             return
+        # Read the body here, whatever its framing (Content-Length or chunked), so the limit holds for
+        # chunked bodies too; the app then gets it in one message.
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            if len(body) > MAX_BODY:
+                await _reply(send, 413, {"error": f"request body larger than {MAX_BODY} bytes", "fields": ["body"]})
+                return
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # e.g. http.disconnect
         started: dict[str, Any] = {}
         chunks: list[bytes] = []
 
@@ -101,4 +130,4 @@ class RequestGuard:
             await send(start)
             await send({"type": "http.response.body", "body": new})
 
-        await self.app(scope, receive, capture)
+        await self.app(scope, replay, capture)

@@ -189,6 +189,8 @@ class Runtime:
     request_log: RequestLogWriter | None = None
     _store_warn: _RateLimitedLog = field(default_factory=_RateLimitedLog)
     _push_warn: _RateLimitedLog = field(default_factory=_RateLimitedLog)
+    _row_warn: _RateLimitedLog = field(default_factory=_RateLimitedLog)
+    _categories: tuple[ServingState, frozenset[str]] | None = None
     _store_down_until: float = 0.0
     _request_ids: RequestIds = field(default_factory=RequestIds)
     write_token: str | None = None
@@ -479,6 +481,58 @@ class Runtime:
         metrics()["batch"].observe(size)
 
     def _recommend_batch(self, jobs: list[_Job]) -> list[_Answer | BaseException]:
+        """Rank a batch; when that fails, rank each request on its own, so a bad online row (or any
+        per-user failure) costs only its own request, which then gets popularity (``degraded``)."""
+        try:
+            return self._rank_batch(jobs)
+        except ServiceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolate the request that caused it
+            if len(jobs) == 1:
+                return [self._failed_answer(jobs[0], exc)]
+        out: list[_Answer | BaseException] = []
+        for job in jobs:
+            try:
+                out.extend(self._rank_batch([job]))
+            except ServiceError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this request only
+                out.append(self._failed_answer(job, exc))
+        return out
+
+    def _failed_answer(self, job: _Job, exc: BaseException) -> _Answer | BaseException:
+        """Popularity for a request whose own ranking failed (flagged ``fallback`` and ``degraded``)."""
+        state = self.require_state()
+        metrics()["store_errors"].labels("row").inc()
+        self._row_warn.warn("ranking failed for one request, answered with popularity (degraded): %s: %s",
+                            type(exc).__name__, redact(str(exc)[:200], self.settings))
+        k = min(job.req.k or self.settings.serving.default_k, state.n_items)
+        rows = None
+        if job.req.category is not None:
+            rows = self._category_rows(state, job.req.category)
+            if rows is None:
+                return NotFound(f"category {job.req.category!r} matches no item's category or department",
+                                field="category")
+        items = self._item_dicts(state, ranking.popular(state, k, rows, None))
+        body = dumps({"request_id": job.request_id, "user_id": job.req.user_id, "items": items,
+                      "model_version": state.version, "feature_age_s": None, "fallback": True, "degraded": True})
+        return _Answer(body, logged_features(None, 0), k, [it["item_id"] for it in items],
+                       [it["score"] for it in items], state.version, True, True, None)
+
+    def _category_rows(self, state: ServingState, category: str) -> np.ndarray | None:
+        """``state.catalogue.category_rows`` behind a set of the catalogue's categories and departments
+        (built once per model), so an unknown category costs a set lookup, not a catalogue scan."""
+        known = self._categories
+        if known is None or known[0] is not state:
+            cat = state.catalogue
+            names = np.concatenate([np.char.lower(np.asarray(cat.categories, dtype=str)),
+                                    np.char.lower(np.asarray(cat.departments, dtype=str))])
+            known = self._categories = (state, frozenset(names.tolist()))
+        if category.strip().casefold() not in known[1]:
+            return None
+        return state.catalogue.category_rows(category)
+
+    def _rank_batch(self, jobs: list[_Job]) -> list[_Answer | BaseException]:
         state = self.require_state()
         t0 = time.perf_counter()
         users = list(dict.fromkeys(j.req.user_id for j in jobs))
@@ -493,7 +547,7 @@ class Runtime:
             ks.append(k)
             r = None
             if j.req.category is not None:
-                r = state.catalogue.category_rows(j.req.category)
+                r = self._category_rows(state, j.req.category)
                 if r is None:
                     rows.append(None)
                     out.append(NotFound(f"category {j.req.category!r} matches no item's category or department",

@@ -159,6 +159,14 @@ def test_service_end_to_end(tiny_features, shop_model) -> None:  # noqa: ANN001
         assert r.status_code == 400 and r.json()["fields"] == ["body"]
         r = c.post("/recommend", content=b"user_id=a", headers={"content-type": "application/x-www-form-urlencoded"})
         assert r.status_code == 415
+        # A chunked body (no Content-Length) over the limit, and duplicate or conflicting headers: 4xx.
+        chunked = c.post("/feedback", content=iter([b'{"user_id": "', b"x" * 70_000, b'"}']), headers=AUTH)
+        assert chunked.status_code == 413, chunked.text
+        for dup in ([("content-type", "application/json"), ("content-type", "text/plain")],
+                    [("content-type", "application/json"), ("content-type", "application/json")]):
+            r = c.post("/recommend", content=b'{"user_id": "a"}', headers=dup)
+            assert r.status_code == 400 and r.json()["fields"] == ["content-type"], r.text
+        assert _post(c, "/recommend", {"user_id": "a", "category": "Dairy"}).status_code == 200
 
         # /feedback needs the token, is durable, and the next /recommend reflects it.
         event = {"user_id": "newbie", "item_id": "w", "event_type": "purchase", "quantity": 2, "price": 0.5}
