@@ -790,7 +790,11 @@ class Runtime:
         """Load the champion (or the registry's ``model_tag``), build its index, then swap it in atomically."""
         assert self._reload_lock is not None
         self.require_state()  # before the first load there is nothing to swap: the load loop is on it
-        model_path = await self._run(self._loader, self._tag_folder, model_tag) if model_tag else None
+        settings = self.settings
+        if model_tag:
+            await self._run(self._loader, self._tag_folder, model_tag)  # a clean 404 for an unknown tag
+            serving = settings.serving.model_copy(update={"model_tag": model_tag, "model_path": None})
+            settings = settings.model_copy(update={"serving": serving})
         async with self._reload_lock:
             previous = self.state.version if self.state else None
             started = time.perf_counter()
@@ -799,7 +803,7 @@ class Runtime:
                     await self._run(self._loader, self.store.refresh_registry)
                     service = await self._run(self._loader, self._serving_service, self.store)
                     self._reader = await self._run(self._loader, OnlineUserReader, self.store, service)
-                state = await self._run(self._loader, load_state, self.settings, self.store, model_path)
+                state = await self._run(self._loader, load_state, settings, self.store)
                 await self._run(self._loader, self.warm_up, state)
             except ModelNotFound as exc:
                 metrics()["reloads"].labels("not_found").inc()

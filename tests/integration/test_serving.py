@@ -214,6 +214,10 @@ def test_service_end_to_end(tiny_features, shop_model) -> None:  # noqa: ANN001
             worker.join()
         assert codes and set(codes) == {200}, f"{len(codes)} requests during the reload: {set(codes)}"
         assert _post(c, "/recommend", {"user_id": "a"}).json()["model_version"] == second
+        # A registry tag (never a path) picks the model to serve.
+        r = _post(c, "/reload", {"model_tag": first}, AUTH)
+        assert r.status_code == 200 and r.json()["model_version"] == first, r.text
+        assert _post(c, "/recommend", {"user_id": "a"}).json()["model_version"] == first
         _fuzz(svc.url, settings.home / "fuzz")
 
     # The request log: complete parquet files only, ids and features, never the search text.
