@@ -5,7 +5,9 @@ Writers (the serving ``/feedback`` endpoint, replay) append canonical events to 
 returns, the events survive a crash. Each row records whether it has been pushed to the Feast
 online store, so a failed push is retried from the log (:meth:`EventLog.pending_push`).
 :meth:`EventLog.flush` moves journal rows into immutable parquet segments
-(``events-<time>.parquet``, canonical schema) that the feature build and monitoring read.
+(``events-<time>.parquet``, canonical schema) that the feature build and monitoring read; a
+segment is fsynced and renamed into place (``recflow.durable``) before its rows are marked flushed,
+so a crash leaves either the rows in the journal or a complete segment, never neither.
 
 Several processes may use the log at once: SQLite serialises writers.
 """
@@ -24,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
+from recflow.durable import replace_durably
 from recflow.schemas import EVENTS_SCHEMA, conform
 
 JOURNAL = "journal.db"
@@ -136,8 +139,11 @@ class EventLog:
             name = f"events-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{int(df.seq.iloc[-1])}.parquet"
             path = self.folder / name
             tmp = path.with_name(name + ".tmp")
-            pq.write_table(conform(df[_COLUMNS], EVENTS_SCHEMA, name="event log"), tmp)
-            tmp.rename(path)
+            try:
+                pq.write_table(conform(df[_COLUMNS], EVENTS_SCHEMA, name="event log"), tmp)
+                replace_durably(tmp, path)  # on disk before the rows are marked flushed
+            finally:
+                tmp.unlink(missing_ok=True)
             con.execute("UPDATE events SET flushed = 1 WHERE seq <= ?", (int(df.seq.iloc[-1]),))
             con.execute("COMMIT")
         return path
@@ -180,7 +186,7 @@ class EventLog:
             files += 1
             tmp = path.with_name(path.name + ".tmp")
             pq.write_table(kept, tmp)
-            tmp.rename(path)
+            replace_durably(tmp, path)
         return journal, rows, files
 
     def stats(self) -> dict[str, int]:

@@ -5,8 +5,8 @@
   JSON config (:func:`recflow.modeling.save_model`), and metadata (metrics, search config, data
   window, FeatureService, git commit).
 - The champion pointer is ``settings.paths.models / "champion.json"``: ``{"tag", "path", "set_at",
-  "reason", "history": [previous champions, oldest first]}``, replaced atomically
-  (write + ``os.replace``). :func:`set_champion` pushes the current champion onto ``history``;
+  "reason", "history": [previous champions, oldest first]}``, replaced atomically and durably
+  (write, fsync, ``os.replace``, fsync of the folder: ``recflow.durable``). :func:`set_champion` pushes the current champion onto ``history``;
   :func:`rollback` restores the most recent one.
 - :func:`load_champion` is what serving calls: ``(model, pointer)``.
 
@@ -126,11 +126,10 @@ def get_champion(settings: Settings) -> dict[str, Any] | None:
 
 
 def _write_pointer(settings: Settings, pointer: dict[str, Any]) -> None:
-    p = champion_path(settings)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(pointer, indent=1))
-    os.replace(tmp, p)
+    """Replace the pointer atomically and durably (fsync, rename, fsync of the folder)."""
+    from recflow.durable import write_text_durably
+
+    write_text_durably(champion_path(settings), json.dumps(pointer, indent=1))
 
 
 def set_champion(settings: Settings, tag: str, reason: str = "") -> dict[str, Any]:

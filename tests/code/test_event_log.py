@@ -79,3 +79,23 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         p.join(60)
         assert p.exitcode == 0
     assert EventLog(tmp_path).stats()["logged"] == 150
+
+
+def test_flush_marks_rows_flushed_only_after_the_segment_is_fsynced(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from recflow import durable
+
+    log = EventLog(tmp_path / "log")
+    log.append(_events(["f1", "f2"]))
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(durable.os, "fsync", failing)
+    with pytest.raises(OSError):
+        log.flush()
+    assert log.stats()["flushed"] == 0 and log.segments() == [], "nothing is marked flushed that is not on disk"
+    assert not list((tmp_path / "log").glob("*.tmp"))
+    monkeypatch.undo()
+    path = log.flush()
+    assert path is not None and log.stats()["flushed"] == 2
+    assert sorted(log.read().event_id) == ["f1", "f2"]

@@ -72,3 +72,35 @@ def test_interrupted_promotion_leaves_the_old_champion(make_settings, monkeypatc
     model, pointer = registry.load_champion(settings)
     assert pointer["tag"] == t1 and json.loads(registry.champion_path(settings).read_text())["tag"] == t1
     assert registry.set_champion(settings, t2, reason="retry")["tag"] == t2  # a later promotion still works
+
+
+def test_champion_pointer_is_fsynced_before_the_rename(make_settings, monkeypatch) -> None:  # noqa: ANN001
+    """The pointer's bytes are on disk before its name changes; a failed fsync leaves the old pointer."""
+    import os
+
+    from recflow import durable
+
+    settings = make_settings()
+    registry._write_pointer(settings, {"tag": "old:1", "history": []})
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(durable.os, "fsync", recording)
+    registry._write_pointer(settings, {"tag": "new:2", "history": []})
+    path = registry.champion_path(settings)
+    assert synced[0].endswith(".tmp") and synced[0] != str(path), synced  # the data, before the rename
+    assert synced[-1] == str(path.parent), synced  # then the folder, so the rename is durable
+    assert registry.get_champion(settings)["tag"] == "new:2"
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(durable.os, "fsync", failing)
+    with pytest.raises(OSError):
+        registry._write_pointer(settings, {"tag": "lost:3", "history": []})
+    assert registry.get_champion(settings)["tag"] == "new:2", "a pointer that is not on disk is never swapped in"
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
