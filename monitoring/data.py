@@ -2,7 +2,9 @@
 
 Everything here is vectorised (Arrow / pandas / duckdb); nothing runs at import time.
 
-- :func:`load_request_log` / :func:`load_events` read the parquet logs for a time window.
+- :func:`load_request_log` / :func:`load_events` read the parquet logs for a time window. A
+  request-log file that cannot be read is set aside (renamed ``<name>.corrupt``, logged) and the
+  monitor carries on with the others.
 - :func:`flatten_features` turns the request log's ``features`` JSON into one column per feature.
 - :func:`prediction_descriptors` summarises each served list (scores, category mix, popularity).
 - :func:`relevance_frame` joins each user's first list with their later purchases (long format, the
@@ -12,6 +14,7 @@ Everything here is vectorised (Arrow / pandas / duckdb); nothing runs at import 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -29,6 +32,8 @@ ID_COLUMNS: frozenset[str] = frozenset(
     {"request_id", "user_id", "item_id", "event_id", "basket_id", "household_key", "product_id", "model_version"}
 )
 MISSING = "(missing)"
+CORRUPT_SUFFIX = ".corrupt"
+log = logging.getLogger("recflow.monitoring")
 REQUIRED_LOG_COLUMNS: tuple[str, ...] = ("user_id", "ts", "features", "item_ids", "scores")
 
 
@@ -66,16 +71,48 @@ def _read_window(files: Sequence[Path], ts_column: str, start: pd.Timestamp, end
         con.close()
 
 
+def set_aside(path: Path, error: BaseException) -> Path:
+    """Rename an unreadable log file to ``<name>.corrupt`` (out of every later read) and log it."""
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    path.replace(target)
+    log.error("request-log file %s is unreadable (%s: %s); set aside as %s: inspect or delete it",
+              path, type(error).__name__, str(error)[:200], target.name)
+    return target
+
+
+def _readable(files: Sequence[Path]) -> list[Path]:
+    """``files`` whose whole content parquet can read; the others are set aside."""
+    import pyarrow.parquet as pq
+
+    good = []
+    for f in files:
+        try:
+            pq.read_table(f)
+        except (OSError, pa.ArrowException) as exc:
+            set_aside(f, exc)
+        else:
+            good.append(f)
+    return good
+
+
 def load_request_log(path: Path, start: datetime | str, end: datetime | str,
                      endpoints: Iterable[str] | None = ("recommend",)) -> pd.DataFrame:
     """Request-log rows with ``start <= ts < end`` from every parquet file under ``path``.
 
     Returns an empty frame with the request-log columns when there are no files or no rows.
     """
+    import duckdb
+
     files = _parquet_files(Path(path))
     if not files:
         return REQUEST_LOG_SCHEMA.empty_table().to_pandas()
-    table = _read_window(files, "ts", to_utc(start), to_utc(end))
+    try:
+        table = _read_window(files, "ts", to_utc(start), to_utc(end))
+    except duckdb.Error:  # a damaged file: find it, set it aside, read the rest
+        files = _readable(files)
+        if not files:
+            return REQUEST_LOG_SCHEMA.empty_table().to_pandas()
+        table = _read_window(files, "ts", to_utc(start), to_utc(end))
     df = table.to_pandas()
     if endpoints is not None and "endpoint" in df.columns:
         df = df[df["endpoint"].isin(list(endpoints))]

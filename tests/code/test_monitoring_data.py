@@ -142,6 +142,25 @@ def test_load_request_log_reads_all_files_in_window(tmp_path) -> None:
     assert md.load_request_log(tmp_path / "missing", T0, T0 + pd.Timedelta(days=1)).empty
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_corrupt_request_log_file_is_set_aside_and_the_rest_is_read(tmp_path, caplog, damage: str) -> None:  # noqa: ANN001
+    folder = tmp_path / "request_log"
+    folder.mkdir()
+    good = _log([{"user_id": "u1", "ts": T0}])
+    pq.write_table(conform(good, REQUEST_LOG_SCHEMA, name="log"), folder / "a.parquet")
+    pq.write_table(conform(_log([{"user_id": "u2", "ts": T0}]), REQUEST_LOG_SCHEMA, name="log"), folder / "b.parquet")
+    raw = (folder / "b.parquet").read_bytes()
+    bad = {"truncated": raw[: len(raw) // 2], "garbage": b"PAR1" + b"\x00" * 64 + b"PAR1", "empty": b""}[damage]
+    (folder / "b.parquet").write_bytes(bad)
+    with caplog.at_level("ERROR", logger="recflow.monitoring"):
+        out = md.load_request_log(folder, T0, T0 + pd.Timedelta(days=1))
+    assert list(out["user_id"]) == ["u1"]
+    assert not (folder / "b.parquet").exists() and (folder / "b.parquet.corrupt").read_bytes() == bad
+    assert "b.parquet" in caplog.text and "set aside" in caplog.text
+    again = md.load_request_log(folder, T0, T0 + pd.Timedelta(days=1))  # the next run does not trip on it
+    assert list(again["user_id"]) == ["u1"]
+
+
 def test_load_events_unions_sources_and_filters_type_and_window(tmp_path) -> None:
     ev = _events([("u1", "a", T0), ("u1", "b", T0 + pd.Timedelta(days=1)), ("u2", "c", T0 + pd.Timedelta(days=9))])
     ev.loc[1, "event_type"] = "view"
