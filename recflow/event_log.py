@@ -9,14 +9,19 @@ online store, so a failed push is retried from the log (:meth:`EventLog.pending_
 segment is fsynced and renamed into place (``recflow.durable``) before its rows are marked flushed,
 so a crash leaves either the rows in the journal or a complete segment, never neither.
 
-Several processes may use the log at once: SQLite serialises writers.
+Several processes may use the log at once: SQLite serialises writers, and every call waits at
+most ``timeout_s`` for the journal (then ``sqlite3.OperationalError``, nothing written).
+
+Idempotency: ``event_id`` is the key. Re-appending an event with the same id and the same content
+is a no-op; the same id with other content raises :class:`EventConflict` and nothing of that
+append is written.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +57,26 @@ CREATE INDEX IF NOT EXISTS events_unflushed ON events (flushed, seq);
 """
 
 
+_PAYLOAD = ("user_id", "item_id", "event_type", "event_ts_us", "basket_id", "quantity", "price")
+
+
+class EventConflict(ValueError):
+    """An ``event_id`` already logged (or repeated in one append) with a different payload."""
+
+    def __init__(self, event_id: str, fields: list[str]) -> None:
+        super().__init__(f"event_id {event_id!r} was already recorded with a different {', '.join(fields)}")
+        self.event_id = event_id
+        self.fields = fields
+
+
+_FIELD = {"event_ts_us": "timestamp"}
+
+
+def _differs(a: tuple[object, ...], b: tuple[object, ...], with_time: bool = True) -> list[str]:
+    return [_FIELD.get(name, name) for name, x, y in zip(_PAYLOAD, a, b, strict=True)
+            if x != y and (with_time or name != "event_ts_us")]
+
+
 def _us(ts: pd.Series) -> pd.Series:
     return pd.to_datetime(ts, utc=True).astype("datetime64[us, UTC]").astype("int64")
 
@@ -59,13 +84,14 @@ def _us(ts: pd.Series) -> pd.Series:
 class EventLog:
     """Durable append-only log of accepted feedback events (see the module docstring)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, timeout_s: float = 30.0) -> None:
         self.folder = Path(folder)
+        self.timeout_s = timeout_s
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         self.folder.mkdir(parents=True, exist_ok=True)
-        con = sqlite3.connect(self.folder / JOURNAL, timeout=30, isolation_level=None)
+        con = sqlite3.connect(self.folder / JOURNAL, timeout=self.timeout_s, isolation_level=None)
         try:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=FULL")
@@ -74,10 +100,14 @@ class EventLog:
         finally:
             con.close()
 
-    def append(self, events: pd.DataFrame) -> int:
-        """Durably append canonical events; returns how many were new (known event ids are ignored).
+    def append(self, events: pd.DataFrame, server_timed: Collection[str] = ()) -> int:
+        """Durably append canonical events; returns how many were new (an event id already logged
+        with the same payload is ignored).
 
-        Raises ``ValueError`` naming the column when the frame does not fit the canonical schema.
+        Raises :class:`EventConflict` when an event id is known with another payload (nothing of
+        this append is written), ``ValueError`` naming the column when the frame does not fit the
+        canonical schema. ``server_timed``: event ids whose timestamp the writer assigned (the
+        client sent none), so a retry's later time is not a conflict.
         """
         if events.empty:
             return 0
@@ -95,16 +125,44 @@ class EventLog:
                 "received_ts_us": int(time.time() * 1e6),
             }
         )
+        tuples = list(rows.itertuples(index=False, name=None))
         with self._connect() as con:
-            before = con.total_changes
             con.execute("BEGIN IMMEDIATE")
-            con.executemany(
-                "INSERT OR IGNORE INTO events (event_id, user_id, item_id, event_type, event_ts_us, basket_id, "
-                "quantity, price, received_ts_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows.itertuples(index=False, name=None),
-            )
+            try:
+                self._check_conflicts(con, tuples, set(server_timed))
+                before = con.total_changes
+                con.executemany(
+                    "INSERT OR IGNORE INTO events (event_id, user_id, item_id, event_type, event_ts_us, basket_id, "
+                    "quantity, price, received_ts_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    tuples,
+                )
+                new = con.total_changes - before
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
             con.execute("COMMIT")
-            return con.total_changes - before
+            return new
+
+    @staticmethod
+    def _check_conflicts(con: sqlite3.Connection, tuples: list[tuple[object, ...]], server_timed: set[str]) -> None:
+        """Raise :class:`EventConflict` for the first event id whose payload differs from an earlier
+        row of this append or from the logged row (``tuples``: event_id, payload..., received)."""
+        first: dict[object, tuple[object, ...]] = {}
+        for t in tuples:
+            payload = t[1:8]
+            seen = first.setdefault(t[0], payload)
+            if seen is not payload and (fields := _differs(seen, payload, t[0] not in server_timed)):
+                raise EventConflict(str(t[0]), fields)
+        ids = list(first)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            logged = con.execute(
+                f"SELECT event_id, {', '.join(_PAYLOAD)} FROM events WHERE event_id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+            for row in logged:
+                if fields := _differs(tuple(row[1:]), first[row[0]], row[0] not in server_timed):
+                    raise EventConflict(str(row[0]), fields)
 
     def _frame(self, con: sqlite3.Connection, where: str, limit: int | None = None) -> pd.DataFrame:
         query = f"SELECT * FROM events WHERE {where} ORDER BY seq" + (f" LIMIT {int(limit)}" if limit else "")
@@ -188,6 +246,13 @@ class EventLog:
             pq.write_table(kept, tmp)
             replace_durably(tmp, path)
         return journal, rows, files
+
+    def pending_count(self) -> int:
+        """How many events wait to be pushed (an index range, not a scan of the whole journal)."""
+        if not (self.folder / JOURNAL).exists():
+            return 0
+        with self._connect() as con:
+            return int(con.execute("SELECT count(*) FROM events WHERE pushed = 0").fetchone()[0])
 
     def stats(self) -> dict[str, int]:
         """Counts of logged, pushed, pending and flushed events."""

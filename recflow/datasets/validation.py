@@ -117,6 +117,18 @@ def hex64(values: np.ndarray) -> np.ndarray:
     return np.array(values.astype(">u8").tobytes().hex()).reshape(1).view("<U16")
 
 
+CONTENT_KEY = ("user_id", "item_id", "event_timestamp", "event_type", "basket_id")
+
+
+def content_event_ids(events: pd.DataFrame, prefix: str) -> pd.Series:
+    """Deterministic event ids (``<prefix>-<16 hex digits>``) from the :data:`CONTENT_KEY` columns
+    (UTC timestamps): the same event always gets the same id, so a re-sent event is recognised.
+    Ingest and the service's ``/feedback`` both derive ids this way."""
+    key = events[list(CONTENT_KEY)]
+    hashed = pd.util.hash_pandas_object(key.astype("string"), index=False).to_numpy(dtype=np.uint64)
+    return (prefix + "-") + pd.Series(hex64(hashed), index=key.index)
+
+
 def parse_timestamps(raw: pd.Series) -> pd.Series:
     """Parse timestamps to UTC. Naive values are taken as UTC; numbers are epoch seconds (or ms).
 
@@ -190,9 +202,7 @@ def validate_events(
     else:
         missing_id = pd.Series(True, index=idx)
     if missing_id.any():  # deterministic id from the row's content: identical rows get the same id
-        key = out.loc[missing_id, ["user_id", "item_id", "event_timestamp", "event_type", "basket_id"]]
-        hashed = pd.util.hash_pandas_object(key.astype("string"), index=False).to_numpy(dtype=np.uint64)
-        out.loc[missing_id, "event_id"] = (event_id_prefix + "-") + pd.Series(hex64(hashed), index=key.index)
+        out.loc[missing_id, "event_id"] = content_event_ids(out.loc[missing_id], event_id_prefix)
 
     checks: dict[str, pd.Series] = {
         "missing_user_id": _blank(raw["user_id"]),

@@ -99,3 +99,24 @@ def test_flush_marks_rows_flushed_only_after_the_segment_is_fsynced(tmp_path: Pa
     path = log.flush()
     assert path is not None and log.stats()["flushed"] == 2
     assert sorted(log.read().event_id) == ["f1", "f2"]
+
+
+def test_same_event_id_with_another_payload_is_a_conflict_and_nothing_is_written(tmp_path: Path) -> None:
+    from recflow.event_log import EventConflict
+
+    log = EventLog(tmp_path / "log")
+    assert log.append(_events(["k1"])) == 1
+    assert log.append(_events(["k1"])) == 0, "same key, same payload: an idempotent success"
+    other = _events(["k2", "k1"])
+    other.loc[1, "quantity"] = 3.0
+    with pytest.raises(EventConflict, match="'k1'.*quantity") as err:
+        log.append(other)
+    assert err.value.event_id == "k1" and err.value.fields == ["quantity"]
+    assert sorted(log.read().event_id) == ["k1"], "the whole append is refused (k2 not written)"
+    twice = pd.concat([_events(["k3"]), _events(["k3"], user="b")], ignore_index=True)
+    with pytest.raises(EventConflict, match="user_id"):
+        log.append(twice)
+    assert log.append(pd.concat([_events(["k4"]), _events(["k4"])], ignore_index=True)) == 1
+    assert log.stats()["logged"] == 2 and log.pending_count() == 2
+    log.mark_pushed(["k1"])
+    assert log.pending_count() == 1
