@@ -107,7 +107,19 @@ def get_store(settings: Settings) -> FeatureStore:
     from feast import FeatureStore
 
     settings.paths.feast.mkdir(parents=True, exist_ok=True)
-    return FeatureStore(config=repo_config(settings))
+    store = FeatureStore(config=repo_config(settings))
+    if settings.feast.online_store != "redis":
+        bound_sqlite(store, settings.feast.store_timeout_s)
+    return store
+
+
+def bound_sqlite(store: FeatureStore, timeout_s: float) -> None:
+    """Give the SQLite online store's connection a busy timeout of ``timeout_s`` (Feast opens it with
+    sqlite3's default and no setting of its own), so a locked store fails a call instead of holding it."""
+    online = store._get_provider().online_store  # noqa: SLF001 - Feast exposes no public accessor
+    get_conn = getattr(online, "_get_conn", None)
+    if get_conn is not None:
+        get_conn(store.config).execute(f"PRAGMA busy_timeout = {max(1, int(timeout_s * 1000))}")
 
 
 def load_definitions(settings: Settings) -> list[Any]:
