@@ -212,6 +212,11 @@ class ServingSettings(BaseModel):
         default=5.0, gt=0, description="While no model can be loaded, retry this often (the service stays unready)."
     )
     push_retry_s: float = Field(default=5.0, gt=0, description="Retry feedback not yet pushed online this often.")
+    startup_wait_s: float = Field(
+        default=300.0, ge=0,
+        description="A worker accepts no connection until its first model load ends (loaded, or failed: e.g. no "
+        "champion yet) or this many seconds pass, so a restarted worker takes no traffic before it is ready.",
+    )
     search_personalisation: float = Field(
         default=0.1, ge=0, le=10, description="Weight of the user's standardised score when /search gets a user_id."
     )
@@ -221,6 +226,35 @@ class ServingSettings(BaseModel):
     )
     request_log_max_rows: int = Field(default=100_000, ge=1, description="... or once it holds this many rows.")
     request_log_max_bytes: int = Field(default=64 * 2**20, ge=1024, description="... or about this many bytes.")
+
+
+class FeedbackSettings(BaseModel):
+    """The feedback path of the service (``/feedback``, ``/feedback/batch``; ``serving/runtime.py``)."""
+
+    max_age_days: float | None = Field(
+        default=7300.0, gt=0,
+        description="Feedback timestamped more than this many days ago is refused (422 naming the timestamp); "
+        "large by default so replays of historical data work; in production set it to about the longest "
+        "feature window (e.g. 90). Unset: no lower bound.",
+    )
+    max_future_s: float = Field(
+        default=3600.0, ge=0, description="Feedback timestamped more than this many seconds ahead is refused (422)."
+    )
+    push_wait_s: float = Field(
+        default=0.5, ge=0,
+        description="How long /feedback waits for the online push before it answers pushed=false; the event is "
+        "durable in the event log either way and the push carries on (or is retried) in the background.",
+    )
+    push_timeout_s: float = Field(
+        default=5.0, gt=0,
+        description="A push to the online store slower than this counts as failed: its events stay pending and are "
+        "retried (every serving.push_retry_s) once the stalled call returns.",
+    )
+    journal_timeout_s: float = Field(
+        default=5.0, gt=0,
+        description="Longest wait for the event-log journal (SQLite busy timeout); past it /feedback is a 503 "
+        "(retry with the same event_id).",
+    )
 
 
 class MonitoringSettings(BaseModel):
@@ -406,6 +440,7 @@ class Settings(BaseSettings):
     feast: FeastSettings = FeastSettings()
     training: TrainingSettings = TrainingSettings()
     serving: ServingSettings = ServingSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
     privacy: PrivacySettings = PrivacySettings()
     demo: DemoSettings = DemoSettings()

@@ -29,9 +29,19 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    """Naive timestamps are UTC (the service checks feedback timestamps against its window: 422)."""
+    from datetime import UTC
+
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
 K = Annotated[int, Field(ge=1, le=MAX_K, description="How many items (1..100; capped at the catalogue size).")]
 Timestamp = Annotated[datetime | None, AfterValidator(_aware)]
+EventTimestamp = Annotated[datetime | None, AfterValidator(_utc)]
 
 
 class _Strict(BaseModel):
@@ -75,8 +85,15 @@ class FeedbackRequest(_Strict):
     event_type: Literal["view", "cart", "purchase"]
     quantity: float | None = Field(default=None, ge=0, le=1e6, allow_inf_nan=False)
     price: float | None = Field(default=None, ge=0, le=1e9, allow_inf_nan=False)
-    timestamp: Timestamp = Field(default=None, description="When it happened; default now.")
-    event_id: Id | None = Field(default=None, description="Idempotency key: a repeated event_id is accepted once.")
+    timestamp: EventTimestamp = Field(
+        default=None, description="When it happened; default now. Outside feedback.max_age_days / max_future_s: 422."
+    )
+    event_id: Id | None = Field(
+        default=None,
+        description="Idempotency key: the same event_id with the same payload is recorded once, with another payload "
+        "it is a 409. Unset: derived from user_id, item_id, timestamp, event_type, basket_id (the timestamp is then "
+        "required, 422 without it).",
+    )
     basket_id: Id | None = None
 
 

@@ -15,7 +15,6 @@ when that is later (the Redis store ignores rows that are not newer).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -29,16 +28,23 @@ if TYPE_CHECKING:
 
     from serving.api import FeedbackRequest
 
+FEEDBACK_ID_PREFIX = "fb"
 ACTIVITY_PUSH = "user_activity_push"
 HISTORY_PUSH = "user_history_push"
 _INT = {n for n, t in USER_ACTIVITY_FEATURES.items() if str(t) == "int64"}
 
 
 def event_frame(req: FeedbackRequest, now: datetime | None = None) -> pd.DataFrame:
-    """The canonical event (``recflow.schemas.EVENTS_SCHEMA`` columns) for a feedback request."""
+    """The canonical event (``recflow.schemas.EVENTS_SCHEMA`` columns) for a feedback request.
+
+    Without an ``event_id`` the id is derived from the content (``recflow.datasets.validation.
+    content_event_ids``, as ingest does: ``fb-<hash>``), which needs the request's own timestamp;
+    ``ValueError`` when it has neither (the service answers 422 before it gets here)."""
     ts = req.timestamp or now or datetime.now(UTC)
+    if req.event_id is None and req.timestamp is None:
+        raise ValueError("a feedback event needs an event_id or a timestamp to derive one from")
     row = {
-        "event_id": req.event_id or f"fb-{uuid.uuid4().hex}",
+        "event_id": req.event_id,
         "user_id": req.user_id,
         "item_id": req.item_id,
         "event_type": req.event_type,
@@ -49,6 +55,10 @@ def event_frame(req: FeedbackRequest, now: datetime | None = None) -> pd.DataFra
     }
     df = pd.DataFrame([row], columns=EVENTS_SCHEMA.names)
     df["event_timestamp"] = pd.to_datetime(df["event_timestamp"], utc=True)
+    if req.event_id is None:  # derived from the content, exactly as ingest derives it
+        from recflow.datasets.validation import content_event_ids
+
+        df["event_id"] = content_event_ids(df, FEEDBACK_ID_PREFIX)
     return df
 
 

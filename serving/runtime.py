@@ -6,8 +6,11 @@
 
 Threads: one compute thread (ranking, one batch at a time: torch and numpy release the GIL),
 a small pool for online-store reads (bounded by ``serving.feature_timeout_s``, so a hung store
-degrades answers instead of stalling them), one feedback thread (event-log appends and pushes,
-serialised so a user's online row is never updated by two writers), one loader thread.
+degrades answers instead of stalling them), one journal thread (durable event-log appends: what
+``/feedback`` waits for), one push thread (online pushes of pending events, serialised so a user's
+online row is never updated by two writers of this worker; each push bounded by
+``feedback.push_timeout_s``), one loader thread. An append never queues behind a push: a hung
+online store leaves ``/feedback`` acknowledging durably, with ``pushed: false``.
 
 Errors are :class:`ServiceError` subclasses carrying an HTTP status and the offending field.
 """
@@ -103,6 +106,14 @@ class Unauthorized(ServiceError):
     status = 401
 
 
+class Conflict(ServiceError):
+    status = 409
+
+
+class Unprocessable(ServiceError):
+    status = 422
+
+
 @dataclass
 class _Job:
     req: RecommendRequest
@@ -181,7 +192,13 @@ class Runtime:
     _query_cache: tower.UserQueryCache | None = None
     _compute: Executor | None = None
     _features: Executor | None = None
-    _feedback: Executor | None = None
+    _journal: Executor | None = None
+    _push: Executor | None = None
+    _push_kick: asyncio.Event | None = None
+    _next_push: asyncio.Future[set[str] | None] | None = None
+    _stalled_push: asyncio.Future[set[str]] | None = None
+    pending_feedback: int | None = None
+    _first_load: asyncio.Event | None = None
     _loader: Executor | None = None
     _batcher: MicroBatcher[_Job, _Answer] | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -205,11 +222,11 @@ class Runtime:
 
     @property
     def event_log(self) -> EventLog:
-        return EventLog(self.settings.paths.event_log)
+        return EventLog(self.settings.paths.event_log, timeout_s=self.settings.feedback.journal_timeout_s)
 
     async def start(self) -> None:
         """Start threads, the request log, the batcher and the background loops; loading happens
-        in the background (the service is live at once and ready when the model is loaded)."""
+        in the background (:meth:`wait_first_load` waits for its first attempt)."""
         import torch
 
         s = self.settings.serving
@@ -226,7 +243,8 @@ class Runtime:
         self._pseudonym_key = pseudonym_key(self.settings)  # the request log never holds a raw user id
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="recflow-compute")
         self._features = ThreadPoolExecutor(4, thread_name_prefix="recflow-features")
-        self._feedback = ThreadPoolExecutor(1, thread_name_prefix="recflow-feedback")
+        self._journal = ThreadPoolExecutor(1, thread_name_prefix="recflow-journal")
+        self._push = ThreadPoolExecutor(1, thread_name_prefix="recflow-push")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="recflow-loader")
         self._reload_lock = asyncio.Lock()
         self.request_log = RequestLogWriter(
@@ -238,8 +256,11 @@ class Runtime:
                                      wait_s=s.batch_wait_ms / 1000, on_batch=self._on_batch)
         self._batcher.start()
         loop = asyncio.get_running_loop()
+        self._push_kick = asyncio.Event()
+        self._first_load = asyncio.Event()
+        self._next_push = loop.create_future()
         self._tasks = [loop.create_task(self._load_loop(), name="recflow-load"),
-                       loop.create_task(self._retry_loop(), name="recflow-push-retry"),
+                       loop.create_task(self._push_loop(), name="recflow-push"),
                        loop.create_task(self._champion_loop(), name="recflow-champion-watch")]
 
     def _resolve_auth(self) -> None:
@@ -292,7 +313,7 @@ class Runtime:
                 await task
         if self._batcher is not None:
             await self._batcher.stop()
-        for ex in (self._compute, self._features, self._feedback, self._loader):
+        for ex in (self._compute, self._features, self._journal, self._push, self._loader):
             if ex is not None:
                 ex.shutdown(wait=False, cancel_futures=True)
         if self.request_log is not None:
@@ -319,7 +340,23 @@ class Runtime:
                 f"Feast feature service {name!r} not found in {self.settings.paths.feast_registry}: run `recflow features`"
             ) from exc
 
+    async def wait_first_load(self, timeout_s: float) -> bool:
+        """Wait until the first load attempt ended (the model is in, or it failed) or ``timeout_s``
+        passed; returns :attr:`ready`. The service's start-up hook awaits this: uvicorn accepts
+        connections only after start-up, so a (re)started worker takes no traffic while it loads."""
+        if self._first_load is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first_load.wait(), timeout_s)
+        return self.ready
+
     async def _load_loop(self) -> None:
+        try:
+            await self._load_until_ready()
+        finally:
+            if self._first_load is not None:
+                self._first_load.set()
+
+    async def _load_until_ready(self) -> None:
         last_error = None
         while self.state is None:
             try:
@@ -344,16 +381,104 @@ class Runtime:
             if self.load_error != last_error:
                 log.warning("not ready: %s (retrying every %.0f s)", self.load_error, self.settings.serving.load_retry_s)
                 last_error = self.load_error
+            if self._first_load is not None:
+                self._first_load.set()  # the first attempt failed: go live (unready) and keep trying
             await asyncio.sleep(self.settings.serving.load_retry_s)
 
-    async def _retry_loop(self) -> None:
+    async def _push_loop(self) -> None:
+        """Push pending feedback online when kicked (after an append) or every ``serving.push_retry_s``.
+
+        Each cycle resolves the future that requests appended before it wait on (with the ids still
+        pending, None when no push ran). A push slower than ``feedback.push_timeout_s`` is left to
+        finish on its thread (its events stay pending); no new push starts behind it. The pending
+        count that ``/status`` reports is refreshed here, never on a request."""
+        assert self._push_kick is not None and self._next_push is not None
+        loop = asyncio.get_running_loop()
         while True:
-            if self.ready:
-                try:
-                    await self._run(self._feedback, self._push_pending)
-                except Exception:  # noqa: BLE001 - the loop must survive; reported by the push path
-                    log.exception("feedback retry failed")
-            await asyncio.sleep(self.settings.serving.push_retry_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._push_kick.wait(), self.settings.serving.push_retry_s)
+            self._push_kick.clear()
+            done, self._next_push = self._next_push, loop.create_future()
+            result: set[str] | None = None
+            try:
+                result = await self._push_cycle()
+            except Exception:  # noqa: BLE001 - the loop must survive; reported by the push path
+                log.exception("feedback push failed")
+            if not done.done():
+                done.set_result(result)
+
+    async def _push_cycle(self) -> set[str] | None:
+        """One push (None: not ready, or the previous push is still stalled), then the pending count."""
+        if not self.ready:
+            return None
+        if self._stalled_push is not None and not self._stalled_push.done():
+            return None
+        self._stalled_push = None
+        fut = asyncio.get_running_loop().run_in_executor(self._push, self._push_pending)
+        timeout = self.settings.feedback.push_timeout_s
+        result: set[str] | None
+        try:
+            result = await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            self._stalled_push, result = fut, None
+            metrics()["store_errors"].labels("push_timeout").inc()
+            self._push_warn.warn("feedback push still running after %.1f s (feedback.push_timeout_s): its events "
+                                 "stay pending; appends go on, pushes resume when the store answers", timeout)
+            fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+        if self._stalled_push is None:
+            with contextlib.suppress(Exception):  # /status keeps the last known count
+                self.pending_feedback = await self._run(self._push, self.event_log.pending_count)
+        return result
+
+    async def _await_push(self, wait_s: float) -> set[str] | None:
+        """Kick the push loop and wait up to ``wait_s`` for a push that started after this call's
+        append; returns the ids still pending (None: no answer in time)."""
+        if self._push_kick is None or self._next_push is None:
+            return None
+        fut = self._next_push
+        self._push_kick.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
+        except TimeoutError:
+            return None
+
+    async def _append(self, df: Any, reqs: list[FeedbackRequest]) -> int:
+        """Durably append feedback events on the journal thread: 409 on a reused event_id with another
+        payload, 503 when the journal stays locked past ``feedback.journal_timeout_s``."""
+        import sqlite3
+
+        from recflow.event_log import EventConflict
+
+        try:
+            server_timed = [e for e, r in zip(df["event_id"].astype(str), reqs, strict=True) if r.timestamp is None]
+            return await self._run(self._journal, self.event_log.append, df, server_timed)
+        except EventConflict as exc:
+            metrics()["feedback"].labels("conflict").inc()
+            raise Conflict(f"{exc}; nothing was recorded. Send a new event_id for a new event, or the original "
+                           "payload to retry", field="event_id") from exc
+        except sqlite3.OperationalError as exc:
+            raise NotReady(f"the event log is busy ({exc}); nothing was recorded: retry with the same event_id",
+                           field=None) from exc
+
+    def check_feedback(self, req: FeedbackRequest, now: datetime, where: str = "") -> None:
+        """422 naming the field when an event has neither an event_id nor a timestamp (no idempotency
+        key can be derived), or its timestamp is outside the ``feedback`` window."""
+        fb = self.settings.feedback
+        if req.event_id is None and req.timestamp is None:
+            raise Unprocessable(f"{where}event_id is missing: send an event_id (idempotency key) or the event's "
+                                "timestamp (the id is then derived from the content), so a retry is not recorded twice",
+                                field=f"{where}event_id")
+        if req.timestamp is None:
+            return
+        ts = req.timestamp if req.timestamp.tzinfo else req.timestamp.replace(tzinfo=UTC)
+        ahead = (ts - now).total_seconds()
+        if ahead > fb.max_future_s:
+            raise Unprocessable(f"{where}timestamp {ts.isoformat()} is {ahead:.0f} s in the future; at most "
+                                f"{fb.max_future_s:.0f} s ahead is accepted (feedback.max_future_s)",
+                                field=f"{where}timestamp")
+        if fb.max_age_days is not None and (now - ts).total_seconds() > fb.max_age_days * 86_400:
+            raise Unprocessable(f"{where}timestamp {ts.isoformat()} is older than {fb.max_age_days:g} days "
+                                "(feedback.max_age_days)", field=f"{where}timestamp")
 
     def champion_changed(self) -> ModelSource | None:
         """The champion pointer's model when it differs from the champion being served, else None.
@@ -698,27 +823,26 @@ class Runtime:
 
     # --- /feedback ----------------------------------------------------------------------------
     async def feedback(self, req: FeedbackRequest) -> FeedbackResponse:
-        """Append the event durably, then push it (and anything pending) online."""
+        """Append the event durably (idempotent by event_id), then wait up to ``feedback.push_wait_s``
+        for the online push (the push runs on its own thread; the answer never waits longer)."""
         from serving.feedback import event_frame
 
         state = self.require_state()
         if req.item_id not in state.index.position:
             raise NotFound(f"item_id {req.item_id!r} is not in the catalogue", field="item_id")
-        df = event_frame(req)
+        now = datetime.now(UTC)
+        self.check_feedback(req, now)
+        df = event_frame(req, now)
         event_id = str(df["event_id"].iloc[0])
-        new = await self._run(self._feedback, self.event_log.append, df)  # durable from here on
-        pending: set[str] | None
-        try:
-            pending = await asyncio.wait_for(self._run(self._feedback, self._push_pending),
-                                             self.settings.serving.feature_timeout_s * 2)
-        except TimeoutError:
-            pending = None  # still pushing in the background
+        new = await self._append(df, [req])  # durable from here on
+        pending = await self._await_push(self.settings.feedback.push_wait_s)  # None: still pushing
         pushed = pending is not None and event_id not in pending
         metrics()["feedback"].labels("pushed" if pushed else "pending").inc()
         return FeedbackResponse(event_id=event_id, accepted=True, duplicate=new == 0, pushed=pushed)
 
     async def feedback_batch(self, reqs: list[FeedbackRequest]) -> FeedbackBatchResponse:
-        """Append several events durably in one transaction (all or none), then push them online."""
+        """Append several events durably in one transaction (all or none), then push them online.
+        A conflicting event_id (409) or an event outside the window (422) records nothing."""
         import pandas as pd
 
         from serving.feedback import event_frame
@@ -729,15 +853,12 @@ class Runtime:
                 raise NotFound(f"events[{i}].item_id {req.item_id!r} is not in the catalogue; nothing was recorded",
                                field=f"events.{i}.item_id")
         now = datetime.now(UTC)
+        for i, req in enumerate(reqs):
+            self.check_feedback(req, now, where=f"events.{i}.")
         df = pd.concat([event_frame(r, now) for r in reqs], ignore_index=True)
         ids = df["event_id"].astype(str).tolist()
-        new = await self._run(self._feedback, self.event_log.append, df)  # durable from here on
-        pending: set[str] | None
-        try:
-            pending = await asyncio.wait_for(self._run(self._feedback, self._push_pending),
-                                             self.settings.serving.feature_timeout_s * 2)
-        except TimeoutError:
-            pending = None
+        new = await self._append(df, reqs)  # durable from here on
+        pending = await self._await_push(self.settings.feedback.push_wait_s)
         pushed = pending is not None and not pending.intersection(ids)
         metrics()["feedback"].labels("pushed" if pushed else "pending").inc(len(ids))
         return FeedbackBatchResponse(event_ids=ids, accepted=len(ids), duplicates=len(ids) - new, pushed=pushed)
@@ -819,10 +940,7 @@ class Runtime:
     async def status(self) -> Status:
         """What is loaded, and how many feedback events wait to be pushed."""
         state = self.state
-        try:
-            pending = (await self._run(self._feedback, self.event_log.stats))["pending_push"]
-        except Exception:  # noqa: BLE001 - status must answer
-            pending = None
+        pending = self.pending_feedback  # kept by the push loop: no journal query on a request
         return Status(
             ready=self.ready, model_version=state.version if state else None,
             model_source=f"{state.source.source}:{state.version}" if state else None,

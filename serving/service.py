@@ -19,9 +19,12 @@ Auth: the write token is ``serving.token`` or the home's generated ``secrets/ser
 token works there too); ``serving.auth_disabled`` opens everything, on a loopback host only.
 
 Errors: 400 validation (naming the field), 401 token, 404 unknown item/category/model,
-413/415 body size/type, 503 not ready; error texts never carry a server path. Settings come from ``recflow.settings.load_settings()``
+409 an event_id reused with another payload (naming it), 413/415 body size/type, 422 a feedback
+timestamp outside the ``feedback`` window or neither event_id nor timestamp (naming the field),
+503 not ready; error texts never carry a server path. Settings come from ``recflow.settings.load_settings()``
 (``RECFLOW_*`` environment, ``recflow.toml``). Nothing is loaded at import time: the model loads
-in the background after start-up, and ``/readyz`` answers 503 until it is in.
+at start-up, and a worker accepts connections only once its first load attempt ended; when that
+failed (no champion yet) it is live and ``/readyz`` answers 503 until a later attempt succeeds.
 """
 
 from __future__ import annotations
@@ -109,8 +112,12 @@ class Recommender:
 
     @bentoml.on_startup
     async def _start(self) -> None:
+        """Start the runtime and wait for its first model load (``serving.startup_wait_s``): uvicorn
+        opens the worker's listening socket only after start-up, so the worker takes no traffic
+        before it is ready (a worker with no model to load goes live unready: 503 and /status say why)."""
         _log_setup()
         await self.runtime.start()
+        await self.runtime.wait_first_load(self.runtime.settings.serving.startup_wait_s)
 
     @bentoml.on_shutdown
     async def _stop(self) -> None:

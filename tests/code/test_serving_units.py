@@ -116,8 +116,7 @@ def test_validation_errors_name_the_fields() -> None:
     body = explain({"error": "2 validation errors", "detail": err.value.errors(include_url=False)})
     assert body["fields"] == ["k", "colour"] and body["error"].startswith("k: Input should be less than or equal to 100")
     with pytest.raises(ValidationError, match="more than one hour in the future"):
-        FeedbackRequest.model_validate({"user_id": "a", "item_id": "x", "event_type": "view",
-                                        "timestamp": "2999-01-01T00:00:00Z"})
+        RecommendRequest.model_validate({"user_id": "a", "timestamp": "2999-01-01T00:00:00Z"})
     naive = FeedbackRequest.model_validate({"user_id": "a", "item_id": "x", "event_type": "view",
                                             "timestamp": "2017-06-01T12:00:00"})
     assert naive.timestamp is not None and naive.timestamp.utcoffset().total_seconds() == 0
