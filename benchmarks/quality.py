@@ -1,6 +1,6 @@
 """Quality benchmark: the two-stage recommender against tuned baselines over four test weeks.
 
-    RECFLOW_HOME=... python benchmarks/quality.py [--cutoff 2017-09-17] [--train-weeks 8] [--test-weeks 4]
+    RECFLOW_HOME=... python benchmarks/quality.py [--cutoff 2017-09-17] [--train-weeks 16] [--test-weeks 4]
 
 Needs a recflow home with canonical tables (``recflow ingest``); the MiniLM vectors of the items'
 unique texts are computed once and cached (``--no-text`` skips them). Protocol
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--home", default=None, help="recflow home (default: RECFLOW_HOME / settings)")
     p.add_argument("--cutoff", default=None, help="validation week start (UTC midnight); default: the latest the data allows")
-    p.add_argument("--train-weeks", type=int, default=8)
+    p.add_argument("--train-weeks", type=int, default=None, help="weekly training anchors (default: training.ranker_train_weeks)")
     p.add_argument("--test-weeks", type=int, default=4)
     p.add_argument("--days", type=int, default=7)
     p.add_argument("--no-text", action="store_true", help="no MiniLM vectors (no text features, no zero-shot baseline)")
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
         emb, info = text_embeddings(items, settings.paths.cache, max_length=settings.training.text_max_length, progress=say)
         say(f"MiniLM vectors of {info['unique_texts']:,} unique texts ({'cached' if info['cache_hit'] else 'encoded'})")
     inputs = Inputs.build(events, items, emb)
-    protocol = (Protocol.make(args.cutoff, args.train_weeks, args.test_weeks, args.days) if args.cutoff
-                else Protocol.default(events, args.train_weeks, args.test_weeks, args.days))
+    train_weeks = args.train_weeks or settings.training.ranker_train_weeks
+    protocol = (Protocol.make(args.cutoff, train_weeks, args.test_weeks, args.days) if args.cutoff
+                else Protocol.default(events, train_weeks, args.test_weeks, args.days))
     say(f"protocol: {json.dumps(protocol.describe())}")
     cat = inputs.catalogue
     val_ev = week_evalset("validation", events, cat, protocol.validation, args.days)

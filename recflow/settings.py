@@ -133,7 +133,7 @@ class TrainingSettings(BaseModel):
         default=True, description="Train the two-stage model (candidates + LightGBM ranker) that /recommend serves."
     )
     ranker_train_weeks: int = Field(
-        default=8, ge=1, le=52, description="Weekly anchors of the ranker's training examples before the cutoff."
+        default=16, ge=1, le=52, description="Weekly anchors of the ranker's training examples before the cutoff."
     )
     seed: int = 42
     model_name: str = "recflow_two_tower"

@@ -60,7 +60,7 @@ class Week:
 
     anchor: int
     ctx: Context
-    side: ItemSide
+    side: ItemSide | None  # None once only the examples are kept (training weeks)
     users: np.ndarray  # evaluated users (codes of the log): a target in the week and a purchase before
     cands: Candidates
     x: np.ndarray
@@ -87,30 +87,34 @@ def build_week(
     return Week(anchor, ctx, side, users, cands, x, y, keys, cfg.features)
 
 
-def _subsample(week: Week, share: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows of groups with a positive: every positive, ``share`` of the negatives; and group sizes."""
-    u = week.cands.user
-    pos_users = np.unique(u[week.y > 0])
+def _subsample(week: Week, share: float, rng: np.random.Generator, rows: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (of ``rows``, default all) of groups with a positive: every positive, ``share`` of the
+    negatives; and the group sizes."""
+    rows = np.arange(len(week.y)) if rows is None else rows
+    u, y = week.cands.user[rows], week.y[rows]
+    pos_users = np.unique(u[y > 0])
     in_group = np.isin(u, pos_users)
-    keep = in_group & ((week.y > 0) | (rng.random(len(u)) < share))
-    idx = np.flatnonzero(keep)
-    _, sizes = np.unique(u[idx], return_counts=True)
+    keep = in_group & ((y > 0) | (rng.random(len(u)) < share))
+    idx = rows[keep]
+    _, sizes = np.unique(week.cands.user[idx], return_counts=True)
     return week.x[idx], week.y[idx], sizes
 
 
-def fit_ranker(train: list[Week], val: Week, cfg: RankerConfig, progress: Progress | None = None) -> Ranker:
-    """LightGBM on the training weeks (negatives subsampled), early-stopped on the validation week."""
+def _never_bought(week: Week, features: tuple[str, ...]) -> np.ndarray:
+    return np.flatnonzero(week.x[:, features.index("ui_bought")] == 0)
+
+
+def _train(name: str, parts: list, val: tuple, cfg: RankerConfig, say: Progress) -> tuple[object, dict]:
+    """One LightGBM booster on ``parts`` (x, y, group sizes), early-stopped on ``val``."""
     import lightgbm as lgb
 
-    say = progress or (lambda _m: None)
-    rng = np.random.default_rng(cfg.seed)
-    parts = [_subsample(w, cfg.negative_share, rng) for w in train]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     g = np.concatenate([p[2] for p in parts])
-    vx, vy, vg = _subsample(val, 1.0, rng)
+    vx, vy, vg = val
     names = list(cfg.features)
-    rank = cfg.objective == "lambdarank"
+    rank = cfg.ranking
     dtrain = lgb.Dataset(x, y, group=g if rank else None, feature_name=names, free_raw_data=True)
     t = time.perf_counter()
     if len(vy) and vy.sum() > 0:
@@ -120,21 +124,40 @@ def fit_ranker(train: list[Week], val: Week, cfg: RankerConfig, progress: Progre
             callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)],
         )
     else:  # no validation purchase to stop on: a fixed, small number of rounds
-        say("ranker: the validation week has no usable purchase; training a fixed 50 rounds without early stopping")
+        say(f"{name}: the validation week has no usable purchase; training a fixed 50 rounds without early stopping")
         booster = lgb.train(cfg.lgb_params(), dtrain, num_boost_round=min(cfg.max_rounds, 50))
     secs = time.perf_counter() - t
-    say(f"ranker: {len(y):,} training rows ({int(y.sum()):,} positive) in {len(g):,} groups, "
-        f"{booster.best_iteration or booster.current_iteration()} rounds in {secs:.0f}s")
+    rounds = int(booster.best_iteration or booster.current_iteration())
+    say(f"{name}: {len(y):,} training rows ({int(y.sum()):,} positive) in {len(g):,} groups, {rounds} rounds in {secs:.0f}s")
     gain = booster.feature_importance("gain")
     top = sorted(zip(names, gain, strict=True), key=lambda p: -p[1])[:8]
     metrics = {
-        "best_iteration": int(booster.best_iteration or booster.current_iteration()),
+        "best_iteration": rounds,
         "train_rows": int(len(y)),
         "train_groups": int(len(g)),
         "fit_seconds": round(secs, 1),
         "top_features_by_gain": {n: round(float(v), 1) for n, v in top},
     }
-    return Ranker(cfg, booster, metrics)
+    return booster, metrics
+
+
+def fit_ranker(train: list[Week], val: Week, cfg: RankerConfig, progress: Progress | None = None) -> Ranker:
+    """LightGBM on the training weeks (negatives subsampled), early-stopped on the validation week;
+    with ``cfg.unseen_ranker``, a second booster on the never-bought candidates and new purchases."""
+    say = progress or (lambda _m: None)
+    rng = np.random.default_rng(cfg.seed)
+    parts = [_subsample(w, cfg.negative_share, rng) for w in train]
+    booster, metrics = _train("ranker", parts, _subsample(val, 1.0, rng), cfg, say)
+    unseen = None
+    if cfg.unseen_ranker and "ui_bought" in cfg.features:
+        parts = [_subsample(w, cfg.negative_share, rng, _never_bought(w, cfg.features)) for w in train]
+        if sum(int(p[1].sum()) for p in parts) > 0:
+            unseen, m = _train("ranker (never-bought items)", parts,
+                               _subsample(val, 1.0, rng, _never_bought(val, cfg.features)), cfg, say)
+            metrics["unseen"] = m
+        else:
+            say("ranker: no purchase new to a user in the training weeks; no second booster for never-bought items")
+    return Ranker(cfg, booster, metrics, unseen)
 
 
 def candidate_recall(week: Week, sold_before: np.ndarray | None = None) -> dict[str, dict[str, float]]:

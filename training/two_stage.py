@@ -82,6 +82,7 @@ def fit(inputs: Inputs, protocol: Protocol, cfg: RankerConfig, progress: Progres
     weeks = []
     for a in protocol.train:
         w = build_week(inputs.log, seconds(a), protocol.days, inputs.items, cfg)
+        w.side = None  # only the examples are needed from here: free the item side's matrices
         weeks.append(w)
         say(f"examples as of {a.date()}: {len(w.users):,} users, {len(w.y):,} candidates, {int(w.y.sum()):,} bought")
     val = build_week(inputs.log, seconds(protocol.validation), protocol.days, inputs.items, cfg)
@@ -125,7 +126,7 @@ def week_scorer(
         raise ValueError(f"{ev.name}: {int((users < 0).sum())} evaluated users have no purchase in the log")
     w = week or build_week(inputs.log, seconds(ev.anchor), 7, inputs.items, cfg, users=users)
     if ranker is not None and week is not None:
-        sc = Scored(w.cands, ranker.predict(w.x), w.anchor)
+        sc = Scored(w.cands, ranker.score(w.x, w.cands.user), w.anchor)
     else:
         sc = score_users(ranker, w.ctx, w.side, users, candidates=cfg.candidates)
     fill = (1e-6 * np.log1p(w.side.stats["item_pop_30d"])).astype(np.float32)

@@ -9,8 +9,9 @@ For a batch of users as of ``ctx.as_of`` (see :mod:`recflow.ranker.features`):
   of the last week against the month;
 - ``text``: the top unseen sold items by cosine between their MiniLM text vector and the user's
   text profile (decay-weighted mean of the history's text vectors): substitutes;
-- ``cold``: the same text score over items never sold before ``as_of``, plus a prior from the
-  popularity of the item's text group (cold start);
+- ``cold``: items never sold before ``as_of``, first by how much the user buys their text group
+  (items with the same text: a new variant of what they buy), then by the text score plus a prior
+  from the popularity of the text group (cold start);
 - ``neighbours``: the top unseen items of the user's nearest users (cosine of decayed purchase
   vectors, TIFU-KNN style): the user's live history against a snapshot of the other users' vectors.
 
@@ -32,6 +33,7 @@ from recflow.ranker.log import DAY_S, PurchaseLog
 
 SOURCES: tuple[str, ...] = ("history", "cooccur", "popular", "trending", "text", "cold", "neighbours")
 CANDIDATE_FEATURES: tuple[str, ...] = ("cand_cf", "cand_cf_rel", "cand_text", "cand_text_rel", "cand_ucf", "cand_ucf_rel",
+                                       "cand_tgroup", "cand_tgroup_items",
                                        *(f"src_{s}" for s in SOURCES))
 _HISTORY_WEIGHT_COLUMN = 2  # the 90-day decayed count weighs the user's items (co-purchase and text profile)
 
@@ -48,6 +50,7 @@ class CandidateConfig:
     n_neighbour_items: int = 50
     user_neighbours: int = 50
     cold_prior_weight: float = 0.3
+    cold_group_weight: float = 1.0  # weight of log1p(the user's decayed purchases of the item's text group)
     neighbors: int = 100
     min_trending_lines: int = 5
 
@@ -222,13 +225,19 @@ def _generate_batch(ctx: Context, side: ItemSide, users: np.ndarray, cfg: Candid
         norm = np.linalg.norm(prof, axis=1, keepdims=True)
         prof = prof / np.maximum(norm, 1e-12)
         tsc = prof @ side.text_emb.T  # [b, T]
-        it = np.asarray(side.item_text, dtype=np.int64)
+        it = text_row = np.asarray(side.item_text, dtype=np.int64)
         text = np.where(it[None, :] >= 0, tsc[:, np.maximum(it, 0)], -1.0).astype(np.float32)
         flags[_top_mask(text, ~seen & sold, cfg.n_text)] |= 16
-        cold_score = text + cfg.cold_prior_weight * side.cold_prior[None, :]
+        # the user's decayed purchases and distinct items of each candidate's text group
+        by_group = np.asarray((h @ side._item_to_text).todense(), dtype=np.float32)  # [b, T]
+        items_group = np.asarray(((h > 0).astype(np.float32) @ side._item_to_text).todense(), dtype=np.float32)
+        group = np.where(it[None, :] >= 0, by_group[:, np.maximum(it, 0)], 0.0).astype(np.float32)
+        cold_score = text + cfg.cold_prior_weight * side.cold_prior[None, :] + cfg.cold_group_weight * np.log1p(group)
         flags[_top_mask(cold_score, ~sold & (it[None, :] >= 0), cfg.n_cold)] |= 32
     else:
         text = np.zeros((b, n), np.float32)
+        group = np.zeros((b, n), np.float32)
+        text_row = None
     if side.user_vectors is not None and cfg.neighbours_enabled():
         ucf = _neighbour_scores(side, h, ctx.log.user_ids[users], cfg.user_neighbours)
         flags[_top_mask(ucf, ~seen & (ucf > 0), cfg.n_neighbour_items)] |= 64
@@ -245,6 +254,9 @@ def _generate_batch(ctx: Context, side: ItemSide, users: np.ndarray, cfg: Candid
         "cand_text_rel": text[rows, cols] - text_max[rows],
         "cand_ucf": ucf[rows, cols],
         "cand_ucf_rel": ucf[rows, cols] / np.maximum(ucf.max(axis=1), 1e-12)[rows],
+        "cand_tgroup": group[rows, cols],
+        "cand_tgroup_items": (items_group[rows, np.maximum(text_row[cols], 0)] * (text_row[cols] >= 0)
+                              if text_row is not None else np.zeros(len(rows))),
     }
     for bit, name in enumerate(SOURCES):
         feats[f"src_{name}"] = ((f >> bit) & 1).astype(np.float32)

@@ -23,10 +23,15 @@ import pandas as pd
 from recflow.ranker.log import DAY_S, PurchaseLog
 
 HALF_LIVES_DAYS: tuple[float, ...] = (7.0, 30.0, 90.0, 365.0)
+TRIP_DECAYS: tuple[float, ...] = (0.9, 0.7)  # per-trip decay of the trip-decayed counts (TIFU's within-user decay)
+RECENT_TRIPS: tuple[int, ...] = (3, 10)
 ITEM_FEATURES: tuple[str, ...] = (
     "item_pop_7d", "item_pop_30d", "item_pop_90d", "item_pop_all", "item_buyers_all", "item_buyers_30d",
     "item_trend", "item_rebuy_rate", "item_gap_median_d", "item_age_d", "item_text_pop_30d", "item_cat_pop_30d",
 )
+
+
+_DAY_KEY = 2**33  # user * _DAY_KEY + day: a sortable (user, day) key
 
 
 def _segments(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -49,6 +54,9 @@ class UserItemStats:
     gap_mean_d: np.ndarray  # days between purchase days; NaN with fewer than two
     gap_std_d: np.ndarray
     decayed: np.ndarray  # [P, len(half_lives)]
+    trip_decayed: np.ndarray  # [P, len(TRIP_DECAYS)]: sum over the trips with the item of decay ** (trips since)
+    recent_trips: np.ndarray  # [P, len(RECENT_TRIPS)]: how many of the user's last k trips hold the item
+    trips_since_last: np.ndarray  # [P]: the user's trips after the last one with the item
 
     def lookup(self, key: np.ndarray) -> np.ndarray:
         """Row of each ``key`` (-1 where the user never bought the item)."""
@@ -85,7 +93,16 @@ def user_item_stats(log: PurchaseLog, as_of: int, half_lives: tuple[float, ...] 
         std = np.where(n_gap > 1, np.sqrt(np.maximum(s2 / np.maximum(n_gap, 1) - mean**2, 0.0)), np.nan)
     age = (as_of - ts) / DAY_S
     dec = np.stack([np.bincount(run, weights=np.exp2(-age / h), minlength=n) for h in half_lives], axis=1) if n else np.zeros((0, len(half_lives)))
-    return UserItemStats(key[starts] if n else key, cnt, occasions, first, last, mean, std, dec)
+    # trip recency: a trip is one user's purchases on one UTC day; ``from_end`` counts the user's trips after it
+    user = key // max(log.n_items, 1)
+    trips = np.unique(user * _DAY_KEY + day)
+    user_end = np.searchsorted(trips // _DAY_KEY, user, side="right")
+    from_end = (user_end - 1 - np.searchsorted(trips, user * _DAY_KEY + day)).astype(np.float64)
+    occ_w = new_occ.astype(np.float64)
+    tdec = np.stack([np.bincount(run, weights=occ_w * r ** from_end, minlength=n) for r in TRIP_DECAYS], axis=1) if n else np.zeros((0, len(TRIP_DECAYS)))
+    recent = np.stack([np.bincount(run, weights=occ_w * (from_end < k), minlength=n) for k in RECENT_TRIPS], axis=1) if n else np.zeros((0, len(RECENT_TRIPS)))
+    since = np.minimum.reduceat(from_end, starts) if n else np.zeros(0)
+    return UserItemStats(key[starts] if n else key, cnt, occasions, first, last, mean, std, dec, tdec, recent, since)
 
 
 @dataclass
@@ -181,15 +198,17 @@ class UserStats:
     last: np.ndarray
     n_items: np.ndarray
     baskets_30d: np.ndarray
+    repeat_share: np.ndarray  # share of the user's (item, trip) purchases that re-bought an item (NaN: none)
+    new_share_28d: np.ndarray  # share of the items bought in the last 28 days that were first bought then
 
 
 def user_stats(log: PurchaseLog, as_of: int, uis: UserItemStats) -> UserStats:
     log = log.before(as_of)
     u = log.n_users
     n_lines = np.bincount(log.user, minlength=u).astype(np.float64)
-    ub = np.unique(log.user * (2**33) + log.ts // DAY_S)  # a shopping trip: one user's purchases on one UTC day
-    b_user = ub // (2**33)
-    b_day = ub % (2**33)
+    ub = np.unique(log.user * _DAY_KEY + log.ts // DAY_S)  # a shopping trip: one user's purchases on one UTC day
+    b_user = ub // _DAY_KEY
+    b_day = ub % _DAY_KEY
     n_baskets = np.bincount(b_user, minlength=u).astype(np.float64)
     baskets_30 = np.bincount(b_user[(as_of // DAY_S - b_day) < 30], minlength=u).astype(np.float64)
     first = np.full(u, np.nan)
@@ -198,8 +217,16 @@ def user_stats(log: PurchaseLog, as_of: int, uis: UserItemStats) -> UserStats:
     has = np.diff(off) > 0
     first[has] = log.ts[off[:-1][has]]
     last[has] = log.ts[off[1:][has] - 1]
-    n_items = np.bincount(uis.key // log.n_items, minlength=u).astype(np.float64) if len(uis.key) else np.zeros(u)
-    return UserStats(n_lines, n_baskets, first, last, n_items, baskets_30)
+    pair_user = uis.key // log.n_items
+    n_items = np.bincount(pair_user, minlength=u).astype(np.float64)
+    occ = np.bincount(pair_user, weights=uis.occasions, minlength=u)
+    rep = np.bincount(pair_user, weights=uis.occasions - 1, minlength=u)
+    recent = np.bincount(pair_user, weights=(as_of - uis.last) < 28 * DAY_S, minlength=u)
+    new_recent = np.bincount(pair_user, weights=(as_of - uis.first) < 28 * DAY_S, minlength=u)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        repeat_share = np.where(occ > 0, rep / occ, np.nan)
+        new_share = np.where(recent > 0, new_recent / recent, np.nan)
+    return UserStats(n_lines, n_baskets, first, last, n_items, baskets_30, repeat_share, new_share)
 
 
 def user_category_counts(log: PurchaseLog, as_of: int, category: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -238,7 +265,10 @@ PAIR_FEATURES: tuple[str, ...] = (
     "ui_cnt", "ui_occasions", *(f"ui_dec_{int(h)}d" for h in HALF_LIVES_DAYS),
     "ui_days_since_last", "ui_days_since_first", "ui_gap_mean_d", "ui_gap_std_d", "ui_overdue", "ui_due_in_d",
     "ui_overdue_item_gap", "ui_basket_share", "ui_bought",
+    *(f"ui_trip_dec_{int(r * 100)}" for r in TRIP_DECAYS), *(f"ui_last{k}_share" for k in RECENT_TRIPS),
+    "ui_trips_since_last", "ui_trip_overdue",
     "u_n_lines", "u_n_baskets", "u_n_items", "u_days_since_last", "u_span_d", "u_basket_gap_d", "u_baskets_30d",
+    "u_repeat_share", "u_new_share_28d",
     "ucat_share",
     *ITEM_FEATURES,
 )
@@ -281,6 +311,17 @@ def pair_features(ctx: Context, user: np.ndarray, item: np.ndarray) -> dict[str,
         out["ui_basket_share"] = np.where(nb > 0, out["ui_occasions"] / np.maximum(nb, 1), 0.0)
     out["ui_bought"] = has.astype(np.float64)
     us = ctx.users
+    empty = not len(ctx.uis.key)
+    for j, r_ in enumerate(TRIP_DECAYS):
+        out[f"ui_trip_dec_{int(r_ * 100)}"] = ui(np.zeros(0) if empty else ctx.uis.trip_decayed[:, j])
+    for j, k in enumerate(RECENT_TRIPS):
+        recent = ui(np.zeros(0) if empty else ctx.uis.recent_trips[:, j])
+        out[f"ui_last{k}_share"] = recent / np.maximum(np.minimum(us.n_baskets[user], k), 1)
+    since_trips = ui(np.zeros(0) if empty else ctx.uis.trips_since_last, np.nan)
+    out["ui_trips_since_last"] = since_trips
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # trips since the last purchase against the user's trips per purchase of the item
+        out["ui_trip_overdue"] = since_trips * out["ui_occasions"] / us.n_baskets[user]
     out["u_n_lines"] = us.n_lines[user]
     out["u_n_baskets"] = us.n_baskets[user]
     out["u_n_items"] = us.n_items[user]
@@ -290,6 +331,8 @@ def pair_features(ctx: Context, user: np.ndarray, item: np.ndarray) -> dict[str,
     with np.errstate(invalid="ignore", divide="ignore"):
         out["u_basket_gap_d"] = np.where(us.n_baskets[user] > 1, span / np.maximum(us.n_baskets[user] - 1, 1), np.nan)
     out["u_baskets_30d"] = us.baskets_30d[user]
+    out["u_repeat_share"] = us.repeat_share[user]
+    out["u_new_share_28d"] = us.new_share_28d[user]
     if ctx.ucat is not None and ctx.category is not None:
         keys, cnt = ctx.ucat
         n_c = int(np.max(ctx.category)) + 2

@@ -30,7 +30,9 @@ from recflow.ranker.candidates import CANDIDATE_FEATURES, CandidateConfig, Candi
 from recflow.ranker.features import PAIR_FEATURES, Context, ItemStats, pair_features
 
 FEATURES: tuple[str, ...] = (*PAIR_FEATURES, *CANDIDATE_FEATURES)
-TEXT_FEATURES: frozenset[str] = frozenset({"cand_text", "cand_text_rel", "src_text", "src_cold", "item_text_pop_30d"})
+_PARALLEL_PREDICT_ROWS = 20_000
+TEXT_FEATURES: frozenset[str] = frozenset({"cand_text", "cand_text_rel", "src_text", "src_cold", "item_text_pop_30d",
+                                           "cand_tgroup", "cand_tgroup_items"})
 
 
 @dataclass
@@ -49,6 +51,7 @@ class RankerConfig:
     max_bin: int = 63
     max_rounds: int = 500
     early_stopping_rounds: int = 50
+    unseen_ranker: bool = True  # a second booster orders the never-bought candidates (new-to-user quality)
     negative_share: float = 0.15
     seed: int = 0
     threads: int = 0
@@ -64,6 +67,11 @@ class RankerConfig:
         kw["candidates"] = CandidateConfig(**kw.get("candidates", {}))
         kw["features"] = tuple(kw.get("features", FEATURES))
         return cls(**kw)
+
+    @property
+    def ranking(self) -> bool:
+        """A learning-to-rank objective (examples grouped per user) rather than pointwise."""
+        return self.objective in ("lambdarank", "rank_xendcg")
 
     def lgb_params(self) -> dict[str, Any]:
         p: dict[str, Any] = {
@@ -85,6 +93,8 @@ class RankerConfig:
             p["num_threads"] = self.threads
         if self.objective == "lambdarank":
             p.update({"metric": "ndcg", "eval_at": [10], "lambdarank_truncation_level": 20})
+        elif self.ranking:
+            p.update({"metric": "ndcg", "eval_at": [10]})
         else:
             p.update({"metric": "auc"})
         return p
@@ -102,16 +112,50 @@ def feature_matrix(ctx: Context, cands: Candidates, names: tuple[str, ...]) -> n
 
 @dataclass
 class Ranker:
-    """A trained booster with its config (and the metrics it was saved with)."""
+    """A trained booster with its config (and the metrics it was saved with).
+
+    ``unseen`` (optional) is a second booster trained on the items the user never bought, against
+    the purchases new to the user: :meth:`score` lets it order those items among themselves while
+    the main booster keeps deciding which list positions go to re-buys and which to new items.
+    """
 
     config: RankerConfig
     booster: Any  # lightgbm.Booster
     metrics: dict[str, Any] = field(default_factory=dict)
+    unseen: Any = None  # lightgbm.Booster over the same features, or None
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _predict(booster: Any, x: np.ndarray, threads: int) -> np.ndarray:
         if len(x) == 0:
             return np.zeros(0, np.float64)
-        return np.asarray(self.booster.predict(x, num_threads=self.config.threads or 0), dtype=np.float64)
+        # a request's few hundred rows: one thread (OpenMP's start-up costs more than it saves, and
+        # under load the cores are busy with other requests); batch scoring: every core
+        t = threads or (1 if len(x) < _PARALLEL_PREDICT_ROWS else 0)
+        return np.asarray(booster.predict(x, num_threads=t), dtype=np.float64)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """The main booster's scores of the rows of ``x`` (columns ``config.features``)."""
+        return self._predict(self.booster, x, self.config.threads)
+
+    def score(self, x: np.ndarray, users: np.ndarray) -> np.ndarray:
+        """Final scores of candidate rows ``x`` of ``users`` (one user code per row).
+
+        Without ``unseen`` these are :meth:`predict`. With it, each user's never-bought candidates
+        keep the set of scores the main booster gave them (so the same list positions), but are
+        re-assigned to those positions in the unseen booster's order.
+        """
+        main = self.predict(x)
+        if self.unseen is None or len(x) == 0:
+            return main
+        m = np.flatnonzero(x[:, self.config.features.index("ui_bought")] == 0)
+        if len(m) == 0:
+            return main
+        u = np.asarray(users)[m]
+        by_unseen = np.lexsort((-self._predict(self.unseen, x[m], self.config.threads), u))
+        by_main = np.lexsort((-main[m], u))
+        out = main.copy()
+        out[m[by_unseen]] = main[m[by_main]]
+        return out
 
 
 @dataclass
@@ -143,7 +187,7 @@ def score_users(
     cands = generate(ctx, side, users, cfg)
     if ranker is not None:
         x = feature_matrix(ctx, cands, ranker.config.features)
-        return Scored(cands, ranker.predict(x), ctx.as_of)
+        return Scored(cands, ranker.score(x, cands.user), ctx.as_of)
     name = order_by or "ui_dec_90d"
     pf = pair_features(ctx, cands.user, cands.item)
     cols = {**pf, **cands.features}
@@ -170,6 +214,10 @@ def save_two_stage(model: TwoStage, folder: Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.ranker.booster.save_model(str(folder / "ranker.txt"))
+    if model.ranker.unseen is not None:
+        model.ranker.unseen.save_model(str(folder / "ranker_unseen.txt"))
+    elif (folder / "ranker_unseen.txt").exists():
+        (folder / "ranker_unseen.txt").unlink()
     side = model.side
     side.stats.to_frame().to_parquet(folder / "item_stats.parquet", index=False)
     pd.DataFrame({"item_id": model.item_index.astype(str)}).to_parquet(folder / "item_ids.parquet", index=False)
@@ -186,7 +234,7 @@ def save_two_stage(model: TwoStage, folder: Path) -> Path:
         sp.save_npz(folder / "user_vectors.npz", side.user_vectors.tocsr(), compressed=True)
         pd.DataFrame({"user_id": np.asarray(side.user_ids).astype(str)}).to_parquet(folder / "user_ids.parquet", index=False)
     meta = {"config": model.ranker.config.to_dict(), "metrics": model.ranker.metrics, "item_stats_as_of": side.stats.as_of,
-            "format": "recflow.ranker: ranker.txt (LightGBM) + ranker.json + item_stats.parquet + item_ids.parquet "
+            "format": "recflow.ranker: ranker.txt (LightGBM; ranker_unseen.txt for never-bought items) + ranker.json + item_stats.parquet + item_ids.parquet "
                       "+ arrays.npz + similarity.npz"}
     (folder / "ranker.json").write_text(json.dumps(meta, indent=1, default=float))
     return folder
@@ -201,8 +249,9 @@ def load_two_stage(folder: Path) -> TwoStage:
         if not (folder / name).exists():
             raise FileNotFoundError(f"{folder / name} is missing: not a recflow ranker folder (save_two_stage writes it)")
     meta = json.loads((folder / "ranker.json").read_text())
+    unseen = folder / "ranker_unseen.txt"
     ranker = Ranker(RankerConfig.from_dict(meta["config"]), lgb.Booster(model_file=str(folder / "ranker.txt")),
-                    meta.get("metrics", {}))
+                    meta.get("metrics", {}), lgb.Booster(model_file=str(unseen)) if unseen.exists() else None)
     stats = ItemStats.from_frame(pd.read_parquet(folder / "item_stats.parquet"), meta["item_stats_as_of"])
     with np.load(folder / "arrays.npz") as z:
         arrays = {k: z[k] for k in z.files}

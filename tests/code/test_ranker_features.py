@@ -47,6 +47,24 @@ def test_pair_features_by_hand() -> None:
     assert f["u_n_baskets"][0] == 3 and f["u_n_lines"][0] == 5
 
 
+def test_trip_recency_by_hand() -> None:
+    """Trips are user-days: a's trips are days 0, 4 and 10; x is in all three, y only in the middle one."""
+    log = tiny_log()
+    as_of = T0 + 14 * DAY_S
+    ctx = user_context(log, item_stats(log, as_of), as_of)
+    a = int(np.flatnonzero(log.user_ids == "a")[0])
+    f = pair_features(ctx, np.array([a, a, a]), np.array([0, 1, 2]))  # x, y, z
+    assert f["ui_trip_dec_90"][0] == pytest.approx(1 + 0.9 + 0.81)
+    assert f["ui_trip_dec_70"][1] == pytest.approx(0.7)  # y: one trip before the last
+    assert f["ui_trips_since_last"].tolist()[:2] == [0.0, 1.0] and np.isnan(f["ui_trips_since_last"][2])
+    assert f["ui_last3_share"].tolist() == pytest.approx([1.0, 1 / 3, 0.0])
+    assert f["ui_last10_share"][0] == pytest.approx(1.0)  # 3 trips in all: the share is of those
+    assert f["ui_trip_overdue"][1] == pytest.approx(1 * 1 / 3)  # one trip since, one purchase in three trips
+    # a bought x on 3 trips (2 re-buys) and y on 1: 2 of 4 (item, trip) purchases were re-buys; all 14 days
+    # are within 28, and x and y were both first bought then
+    assert f["u_repeat_share"][0] == pytest.approx(0.5) and f["u_new_share_28d"][0] == pytest.approx(1.0)
+
+
 def test_features_ignore_lines_at_or_after_as_of() -> None:
     log = tiny_log()
     as_of = T0 + 4 * DAY_S  # day-4 lines are not yet known

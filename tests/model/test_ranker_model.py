@@ -50,6 +50,31 @@ def test_ranker_beats_a_shuffled_ranker(shop: dict) -> None:
     assert model > rand + 0.05, (model, rand)
 
 
+def test_never_bought_items_keep_their_positions_in_the_unseen_boosters_order(shop: dict) -> None:
+    """Ranker.score: re-buys keep the main booster's scores; the never-bought candidates of each user
+    get the same set of scores (the same list positions), handed out in the second booster's order."""
+    inputs, cfg, fitted = shop["inputs"], shop["cfg"], shop["fit"]
+    r = fitted.ranker
+    assert r.unseen is not None and "unseen" in r.metrics
+    ev = week_evalset("test", shop["events"], inputs.catalogue, shop["protocol"].tests[0])
+    _, week = week_scorer(inputs, r, ev, cfg)
+    main, final = r.predict(week.x), r.score(week.x, week.cands.user)
+    unseen = week.x[:, cfg.features.index("ui_bought")] == 0
+    np.testing.assert_array_equal(final[~unseen], main[~unseen])
+    second = r._predict(r.unseen, week.x, 1)
+    checked = 0
+    for u in np.unique(week.cands.user):
+        m = (week.cands.user == u) & unseen
+        if m.sum() < 2:
+            continue
+        np.testing.assert_array_equal(np.sort(final[m]), np.sort(main[m]))
+        # a strictly better position always goes to an item the second booster scores at least as high
+        better = final[m][:, None] > final[m][None, :]
+        assert np.all((second[m][:, None] >= second[m][None, :] - 1e-12)[better])
+        checked += 1
+    assert checked > 10
+
+
 def test_round_trip_gives_identical_scores(shop: dict, tmp_path: Path) -> None:
     inputs, fitted = shop["inputs"], shop["fit"]
     end = seconds(shop["protocol"].tests[-1])
@@ -62,6 +87,7 @@ def test_round_trip_gives_identical_scores(shop: dict, tmp_path: Path) -> None:
     assert np.array_equal(a.cands.item, b.cands.item)
     np.testing.assert_array_equal(a.score, b.score)
     assert (tmp_path / "ranker" / "ranker.txt").read_text().startswith("tree")  # LightGBM text, not a pickle
+    assert loaded.ranker.unseen is not None and (tmp_path / "ranker" / "ranker_unseen.txt").read_text().startswith("tree")
 
 
 def test_served_answer_equals_the_offline_scorer(shop: dict) -> None:
