@@ -29,7 +29,10 @@ def test_feedback_batch(tiny_champion) -> None:  # noqa: ANN001
     basket = [{"user_id": "c", "item_id": item, "event_type": "purchase", "quantity": 1, "price": 2.0,
                "basket_id": "checkout-1", "event_id": f"checkout-1:{item}", "timestamp": "2024-05-30T10:00:00Z"}
               for item in ("x", "w")]
-    with start_local(settings) as svc, httpx.Client(base_url=svc.url, timeout=30) as c:
+    with start_local(settings, ready=False) as svc, httpx.Client(base_url=svc.url, timeout=120) as c:
+        # The worker accepts connections only once its model is loaded: the first answer is already ready.
+        first = c.get("/readyz")
+        assert first.status_code == 200, ("a worker took traffic before it was ready", first.status_code, first.text)
         path = token_path(settings)
         assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
         token = serving_token(settings)
@@ -59,5 +62,22 @@ def test_feedback_batch(tiny_champion) -> None:  # noqa: ANN001
         again = c.post("/feedback/batch", json={"events": basket}, headers=AUTH).json()
         assert again["duplicates"] == 2  # idempotent by event_id
         assert EventLog(settings.paths.event_log).stats()["logged"] == 2
+        # The same key with another payload: 409 naming it, and nothing of the batch is recorded.
+        changed = [{**basket[0], "event_id": "checkout-1:new"}, {**basket[1], "quantity": 5}]
+        r = c.post("/feedback/batch", json={"events": changed}, headers=AUTH)
+        assert r.status_code == 409 and "checkout-1:w" in r.text and "quantity" in r.text, r.text
+        assert r.json()["fields"] == ["event_id"]
+        # A timestamp outside the window: 422 naming the event's field; nothing recorded.
+        old = [{**basket[0], "event_id": "checkout-2:x"}, {**basket[1], "event_id": "checkout-2:w",
+                                                          "timestamp": "1970-01-02T00:00:00Z"}]
+        r = c.post("/feedback/batch", json={"events": old}, headers=AUTH)
+        assert r.status_code == 422 and r.json()["fields"] == ["events.1.timestamp"], r.text
+        # No key: derived from the content, so a re-sent basket is not recorded twice.
+        keyless = [{k: v for k, v in e.items() if k != "event_id"} | {"basket_id": "checkout-3"} for e in basket]
+        first_try = c.post("/feedback/batch", json={"events": keyless}, headers=AUTH).json()
+        retry = c.post("/feedback/batch", json={"events": keyless}, headers=AUTH).json()
+        assert first_try["duplicates"] == 0 and retry["duplicates"] == 2 and retry["event_ids"] == first_try["event_ids"]
+        assert all(e.startswith("fb-") for e in retry["event_ids"])
+        assert EventLog(settings.paths.event_log).stats()["logged"] == 4
         online = fs.online_features(settings, [{"user_id": "c"}], store=fs.get_store(settings))
         assert {"x", "w"} <= set(online["user_history__history_item_ids"].iloc[0])  # pushed online at once
