@@ -229,9 +229,26 @@ def forget(settings: Settings, user_id: str) -> ForgetReport:
         report.not_erased.append(f"online store ({type(exc).__name__}: {str(exc)[:200]}): run `recflow forget` "
                                  "again when the store answers")
     log.info("forget: online store done in %.2f s", time.perf_counter() - started)
-    report.not_erased.append("models trained before now may hold aggregates of the user's history (the "
-                             "two-stage ranker's neighbour snapshot): retrain (`recflow train`) to drop them")
+    report.removed["ranker neighbour snapshots"] = _forget_in_rankers(settings, user_id, report)
+    report.not_erased.append("a running service keeps the neighbour snapshot it loaded until its next model load "
+                             "(`recflow rollback`/`/reload`, or a restart); models still hold aggregates over all "
+                             "users (item statistics, co-purchase counts, trained weights) until a retrain")
     return report
+
+
+def _forget_in_rankers(settings: Settings, user_id: str, report: ForgetReport) -> int:
+    """The user's row out of every registered model's two-stage neighbour snapshot."""
+    from recflow.ranker.model import forget_user
+    from recflow.registry import RANKER_DIR
+
+    total = 0
+    for root in (settings.paths.bentoml_home / "models", settings.paths.models):
+        for folder in sorted(root.rglob(RANKER_DIR)) if root.is_dir() else []:
+            if folder.is_dir() and (folder / "ranker.json").is_file():
+                n = forget_user(folder, user_id)
+                total += n
+                report.files_rewritten += 2 * bool(n)
+    return total
 
 
 def report_dict(report: ForgetReport) -> dict[str, Any]:

@@ -18,6 +18,7 @@ Saved layout (:func:`save_two_stage`, a folder; no pickle)::
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,30 @@ def save_two_stage(model: TwoStage, folder: Path) -> Path:
                       "+ arrays.npz + similarity.npz"}
     (folder / "ranker.json").write_text(json.dumps(meta, indent=1, default=float))
     return folder
+
+
+def forget_user(folder: Path, user_id: str) -> int:
+    """Drop ``user_id``'s row from the neighbour snapshot of the ranker saved under ``folder``
+    (``user_vectors.npz`` + ``user_ids.parquet``, each replaced atomically); returns rows removed.
+    The rest of a saved ranker holds only aggregates over users (item statistics, co-purchase)."""
+    folder = Path(folder)
+    ids_path, vec_path = folder / "user_ids.parquet", folder / "user_vectors.npz"
+    if not (ids_path.is_file() and vec_path.is_file()):
+        return 0
+    ids = pd.read_parquet(ids_path)["user_id"].astype(str).to_numpy()
+    keep = ids != str(user_id)
+    if keep.all():
+        return 0
+    vectors = sp.load_npz(vec_path).tocsr()[np.flatnonzero(keep)]
+    tmp_vec, tmp_ids = folder / "user_vectors.forget.npz", folder / "user_ids.forget.parquet"
+    sp.save_npz(tmp_vec, vectors, compressed=True)
+    pd.DataFrame({"user_id": ids[keep]}).to_parquet(tmp_ids, index=False)
+    for tmp in (tmp_vec, tmp_ids):
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp_vec, vec_path)
+    os.replace(tmp_ids, ids_path)
+    return int((~keep).sum())
 
 
 def load_two_stage(folder: Path) -> TwoStage:

@@ -12,9 +12,11 @@ import json
 import stat
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from recflow import feature_store as fs
@@ -90,6 +92,12 @@ def _fill_home(settings, pseudo_of) -> None:  # noqa: ANN001
     day = settings.paths.request_log / "2024-05-22"
     day.mkdir(parents=True)
     pq.write_table(conform(pd.DataFrame(rows), REQUEST_LOG_SCHEMA, name="log"), day / "requests-1.parquet")
+    # a registered model's two-stage neighbour snapshot: one decayed purchase vector per user
+    ranker = settings.paths.bentoml_home / "models" / "recflow_two_tower" / "v1" / "ranker"
+    ranker.mkdir(parents=True)
+    (ranker / "ranker.json").write_text("{}")
+    pd.DataFrame({"user_id": [GONE, "a", "b"]}).to_parquet(ranker / "user_ids.parquet", index=False)
+    sp.save_npz(ranker / "user_vectors.npz", sp.csr_matrix(np.array([[1.0, 0], [0, 1.0], [0.6, 0.8]])), compressed=False)
     ref = settings.paths.reports / "reference" / "m-activity-pseudonymised.parquet"
     ref.parent.mkdir(parents=True)
     pd.DataFrame(rows).to_parquet(ref)
@@ -134,6 +142,9 @@ def _check_forget(settings, *, via_cli: bool) -> None:  # noqa: ANN001
             assert not users & {GONE, "a"}, path
             if path.name in ("events.parquet", "users.parquet"):
                 assert "b" in users, path
+    ranker = settings.paths.bentoml_home / "models" / "recflow_two_tower" / "v1" / "ranker"
+    assert pd.read_parquet(ranker / "user_ids.parquet")["user_id"].tolist() == ["b"]
+    np.testing.assert_allclose(sp.load_npz(ranker / "user_vectors.npz").toarray(), [[0.6, 0.8]])
     after = _online(settings, [GONE, "a", "b"])
     assert after.loc[:1, "user_history__history_item_ids"].isna().all(), after
     assert after.loc[2, "user_history__history_item_ids"] is not None
