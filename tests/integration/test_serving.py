@@ -183,6 +183,19 @@ def test_service_end_to_end(tiny_features, shop_model) -> None:  # noqa: ANN001
         logged = EventLog(settings.paths.event_log).read()
         assert logged.loc[logged.event_id == "ev-1", "quantity"].item() == 2.0
         assert EventLog(settings.paths.event_log).stats()["pending_push"] == 0
+        # Idempotency keys and the timestamp window: 409 / 422 naming the field, nothing recorded.
+        r = _post(c, "/feedback", {**event, "event_id": "ev-1", "quantity": 3}, AUTH)
+        assert r.status_code == 409 and "'ev-1'" in r.json()["error"] and r.json()["fields"] == ["event_id"], r.text
+        r = _post(c, "/feedback", event, AUTH)  # neither event_id nor timestamp: a retry could not be recognised
+        assert r.status_code == 422 and r.json()["fields"] == ["event_id"], r.text
+        for ts in ("1970-01-01T00:00:00Z", "2999-01-01T00:00:00Z"):
+            r = _post(c, "/feedback", {**event, "event_id": "ev-window", "timestamp": ts}, AUTH)
+            assert r.status_code == 422 and r.json()["fields"] == ["timestamp"] and "feedback.max_" in r.text, r.text
+        stamped = {**event, "timestamp": "2024-05-30T10:00:00Z"}
+        derived = _post(c, "/feedback", stamped, AUTH).json()
+        assert derived["event_id"].startswith("fb-") and _post(c, "/feedback", stamped, AUTH).json()["duplicate"]
+        assert len(EventLog(settings.paths.event_log).read()) == 2
+        _wait(lambda: _post(c, "/status", {}).json()["pending_feedback"] == 0, what="the pending counter to reach 0")
 
         metrics = c.get("/metrics").text
         assert 'recflow_responses_total{endpoint="recommend",kind="model"}' in metrics
@@ -271,6 +284,28 @@ def test_online_store_outage_degrades_and_feedback_is_retried(tiny_features, sho
         ok = _post(c, "/recommend", {"user_id": "a"}).json()
         assert ok["fallback"] is False and ok["degraded"] is False
 
+        # The store hangs (SIGSTOP): /feedback still acknowledges durably at once, the push waits.
+        import signal
+
+        import psutil
+
+        redis_proc = next(p for p in psutil.Process().children() if str(port) in " ".join(p.cmdline()))
+        log = EventLog(settings.paths.event_log)
+        redis_proc.send_signal(signal.SIGSTOP)
+        try:
+            took = []
+            for n in range(6):
+                t0 = time.perf_counter()
+                r = _post(c, "/feedback", {"user_id": "b", "item_id": "x", "event_type": "view", "event_id": f"hang-{n}"},
+                          AUTH)
+                took.append(time.perf_counter() - t0)
+                assert r.status_code == 200 and r.json()["accepted"] is True, r.text
+            assert max(took) < 1.5, f"/feedback waited behind the hung push: {took}"
+            assert {f"hang-{n}" for n in range(6)} <= set(log.read().event_id), "durable before acknowledged"
+        finally:
+            redis_proc.send_signal(signal.SIGCONT)
+        _wait(lambda: log.pending_count() == 0, timeout=30, what="the pushes to drain after SIGCONT")
+
         first_redis.close()  # the online store goes away
         down = _post(c, "/recommend", {"user_id": "a", "k": 3})
         assert down.status_code == 200, down.text
@@ -279,7 +314,6 @@ def test_online_store_outage_degrades_and_feedback_is_retried(tiny_features, sho
         event = {"user_id": "a", "item_id": "w", "event_type": "purchase", "event_id": "while-down"}
         r = _post(c, "/feedback", event, AUTH)
         assert r.status_code == 200 and r.json()["accepted"] is True and r.json()["pushed"] is False
-        log = EventLog(settings.paths.event_log)
         assert log.stats()["pending_push"] == 1
         _wait(lambda: log.pending_push()["push_attempts"].iloc[0] >= 2, what="failed push attempts to be counted")
         assert log.stats()["pending_push"] == 1, "a failed push keeps the event pending"
