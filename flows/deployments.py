@@ -30,7 +30,8 @@ def deployments() -> list[RunnerDeployment]:
     - ``build_features/hourly``: ingest, feedback, feature tables, materialisation, every hour;
     - ``monitor/daily``: drift and quality reports of the last week, every day at 06:00 UTC;
     - ``retrain/on-drift``: triggered by the ``recflow.drift.detected`` event the monitor emits;
-    - ``train/weekly``: a full search and retrain, Sundays at 02:00 UTC (its gate is the test week);
+    - ``train/weekly``: a full search and retrain, Sundays at 02:00 UTC, promoted only through the retrain
+      flow's gate against the champion on the test week;
     - ``deploy/manual``: build a bento from the champion, on demand.
     """
     from prefect.events import DeploymentEventTrigger
@@ -79,7 +80,8 @@ def deployments() -> list[RunnerDeployment]:
             cron="0 2 * * 0",
             entrypoint_type=module,
             tags=["recflow", "training"],
-            description="Full training: Feast training set, Ray Tune search, test-week evaluation, registry.",
+            description="Full training: Feast training set, Ray Tune search, test-week evaluation, registry; promoted only "
+                        "when it beats the champion through the promotion gate.",
             concurrency_limit=1,
         ),
         deploy.to_deployment(

@@ -139,14 +139,79 @@ def two_stage_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame
     return {"model": final_model(inputs, fitted.ranker, end), "metrics": metrics, "seconds": fitted.seconds}
 
 
+@task(name="evaluate-champion", cache_policy=NO_CACHE)
+def champion_task(settings: Settings, data: Any, events: pd.DataFrame, items: pd.DataFrame,
+                  emb: Any) -> dict[str, Any] | None:
+    """The champion on the challenger's test week, scored as the challenger's headline is: its
+    two-stage ranker when it has one (features rebuilt from the current log), else its two-tower model
+    (same catalogue only). None without a champion; ``error`` says why it could not be evaluated."""
+    from recflow import registry
+
+    pointer = registry.get_champion(settings)
+    if pointer is None:
+        return None
+    tag = pointer["tag"]
+    ev = data.test if data.test is not None else data.val
+    try:
+        ranker_dir = registry.model_path(settings, tag) / registry.RANKER_DIR
+        if ranker_dir.is_dir():
+            from recflow.ranker import load_two_stage
+            from training.evaluate import evaluate
+            from training.two_stage import Inputs, week_scorer
+
+            ranker = load_two_stage(ranker_dir).ranker
+            scorer, _ = week_scorer(Inputs.build(events, items, emb), ranker, ev, ranker.config)
+            kind, metrics = "two-stage", evaluate(scorer, ev)
+        else:
+            from training.trainer import evaluate_model
+
+            model = registry.load(settings, tag)
+            if list(model.item_ids) != [str(i) for i in data.catalogue.item_ids]:
+                raise ValueError("its catalogue differs from the items table (items were added or removed), so the "
+                                 "two-tower models cannot be compared item by item")
+            kind, metrics = "two-tower", evaluate_model(model, data, ev)
+    except Exception as exc:  # noqa: BLE001 - reported in the flow's result; the challenger is not promoted
+        get_run_logger().warning("champion %s could not be evaluated on the %s week: %s", tag, ev.name, exc)
+        return {"tag": tag, "error": f"{type(exc).__name__}: {exc}"}
+    _log(f"champion {tag} ({kind}) {ev.name} NDCG@10 {metrics['ndcg@10']:.4f}")
+    return {"tag": tag, "kind": kind, "week": ev.name, "metrics": {k: float(v) for k, v in metrics.items()}}
+
+
+def promotion_decision(settings: Settings, champion: dict[str, Any] | None,
+                       challenger: dict[str, float]) -> dict[str, Any]:
+    """Whether the train flow promotes its model: through ``training.incremental.gate`` (the retrain
+    flow's gate) against the champion's figures on the same week; the first model of an empty
+    registry is promoted without one. Returns ``{promote, reason, gate}`` (``gate``: the gate's
+    figures, None when no gate ran)."""
+    from training.incremental import gate
+
+    t = settings.training
+    if not t.promote:
+        return {"promote": False, "reason": "training.promote=false: registered, not promoted", "gate": None}
+    if champion is None:
+        return {"promote": True, "reason": "first model of an empty registry (no champion yet): promoted without a gate",
+                "gate": None}
+    if "error" in champion:
+        return {"promote": False, "gate": None,
+                "reason": f"not promoted: the champion {champion['tag']} could not be evaluated on the test week "
+                          f"({champion['error']}), so the gate cannot compare the two; the challenger is registered"}
+    decision = gate(champion["metrics"], challenger, metric=t.promotion_metric, margin=t.promotion_margin)
+    verdict = "promoted" if decision.promote else "not promoted"
+    return {"promote": decision.promote, "gate": decision.to_dict(),
+            "reason": f"{verdict}: gate against champion {champion['tag']} ({champion['kind']}) on the "
+                      f"{champion['week']} week: {decision.reason}"}
+
+
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def register_task(settings: Settings, model: Any, metadata: dict[str, Any], promote: bool,
+def register_task(settings: Settings, model: Any, metadata: dict[str, Any], promote: bool, reason: str,
                   two_stage: Any = None) -> dict[str, Any]:
+    """Register the model; make it the champion only when ``promote`` (the gate's decision)."""
     from recflow import registry
 
     tag = registry.register(settings, model, metadata, two_stage=two_stage)
-    pointer = registry.set_champion(settings, tag, reason="train flow") if promote else registry.get_champion(settings)
-    _log(f"registered {tag}; champion: {pointer['tag'] if pointer else None}")
+    pointer = (registry.set_champion(settings, tag, reason=f"train flow: {reason}") if promote
+               else registry.get_champion(settings))
+    _log(f"registered {tag}; {reason}; champion: {pointer['tag'] if pointer else None}")
     return {"tag": tag, "champion": pointer["tag"] if pointer else None, "path": str(registry.model_path(settings, tag))}
 
 
@@ -157,13 +222,18 @@ def train(
     cutoff: str | None = None,
     home: str | None = None,
 ) -> dict[str, Any]:
-    """Train, search, evaluate on the test week, register and promote the recommender.
+    """Train, search, evaluate on the test week, register, and promote through the promotion gate.
 
     ``trials`` / ``max_minutes`` default to ``settings.training`` (the search's time budget; the
     flow adds data preparation and evaluation). ``cutoff`` (ISO date, UTC midnight) defaults to
     ``settings.training.cutoff`` or, unset, (last event day + 1) - 2 * eval_days.
-    Returns a summary: ``tag``, ``champion``, ``cutoff``, ``window``, ``validation`` (best trial),
-    ``test`` (all models on the test week), ``goals``, ``best_config``, ``trials``, ``seconds``.
+    The model is promoted only when it passes ``training.incremental.gate`` (the retrain flow's gate:
+    ``training.promotion_metric`` / ``promotion_margin``, the new-to-user guard) against the champion
+    evaluated on the same test week; the first model of an empty registry is promoted without one.
+    Returns a summary: ``tag``, ``champion`` (after), ``champion_before``, ``promoted``,
+    ``promotion`` (``reason``, ``gate``: the gate's figures or None), ``cutoff``, ``window``,
+    ``validation`` (best trial), ``test`` (all models on the test week), ``goals``, ``best_config``,
+    ``trials``, ``seconds``.
     """
     from dataclasses import asdict
 
@@ -235,14 +305,20 @@ def train(
         "ranker": two_stage["model"].ranker.metrics if two_stage is not None else None,
     }
     t0 = time.perf_counter()
-    reg = register_task(settings, outcome.model, metadata, t.promote,
+    champion = champion_task(settings, data, events, items, emb)
+    decision = promotion_decision(settings, champion, evaluation["results"]["recflow"])
+    lap("champion", t0)
+    (log.info if decision["promote"] else log.warning)("promotion: %s", decision["reason"])
+    metadata["promotion"] = {**decision, "champion_before": champion["tag"] if champion else None}
+    t0 = time.perf_counter()
+    reg = register_task(settings, outcome.model, metadata, decision["promote"], decision["reason"],
                         two_stage["model"] if two_stage is not None else None)
     lap("register", t0)
     timings["total"] = round(time.perf_counter() - started, 1)
     table = markdown_table(evaluation["results"], f"{evaluation['week']} week from {evaluation['anchor']}")
     g = evaluation["goals"]
     notes = (
-        f"\n\nModel `{reg['tag']}` (champion: `{reg['champion']}`). Best baseline: {g.get('best_baseline')}; "
+        f"\n\nModel `{reg['tag']}` {decision['reason']} (champion: `{reg['champion']}`). Best baseline: {g.get('best_baseline')}; "
         f"NDCG@10 lift {g.get('ndcg@10_lift', 0) or 0:+.1%} (goal +5%: {'met' if g.get('ndcg@10_goal_met') else 'missed'}); "
         f"new-to-user NDCG@10 ratio vs {g.get('new_reference')} {g.get('ndcg@10_new_ratio') or 0:.2f}x "
         f"(goal 1.4x: {'met' if g.get('ndcg@10_new_goal_met') else 'missed'}). Timings (s): {timings}."
@@ -252,6 +328,9 @@ def train(
     return {
         "tag": reg["tag"],
         "champion": reg["champion"],
+        "champion_before": champion["tag"] if champion else None,
+        "promoted": decision["promote"],
+        "promotion": {"reason": decision["reason"], "gate": decision["gate"]},
         "model_path": reg["path"],
         "cutoff": cut.isoformat(),
         "window": data.window,

@@ -290,7 +290,7 @@ def train(
     max_minutes: Annotated[float | None, typer.Option(help="Time budget of the search in minutes.")] = None,
     cutoff: Annotated[str | None, typer.Option(help="Validation start (ISO date, UTC). Default: 2 weeks before the data ends.")] = None,
 ) -> None:
-    """Run the train flow: training set (Feast), Ray Tune search, test-week evaluation, registry, champion."""
+    """Run the train flow: training set (Feast), Ray Tune search, test-week evaluation, registry, gated promotion."""
     settings = _settings()
     from flows.train import train as train_flow
 
@@ -306,8 +306,9 @@ def train(
     for name, values in summary["test"].items():
         table.add_row(name, *(f"{values.get(m, float('nan')):.4f}" for m in metrics))
     console.print(table)
-    console.print(f"Registered [bold]{summary['tag']}[/bold]; champion: {summary['champion']}; "
-                  f"{summary['seconds'].get('total', 0):.0f} s")
+    verdict = "[green]promoted[/green]" if summary["promoted"] else "[yellow]not promoted[/yellow]"
+    console.print(f"Registered [bold]{summary['tag']}[/bold], {verdict}: {summary['promotion']['reason']}")
+    console.print(f"Champion: {summary['champion']}; {summary['seconds'].get('total', 0):.0f} s")
 
 
 @app.command()

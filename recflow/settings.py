@@ -117,7 +117,11 @@ class TrainingSettings(BaseModel):
         default="auto", description="Ray Tune search algorithm; auto = Optuna TPE when installed, else random."
     )
     text_max_length: int = Field(default=32, ge=8, le=256, description="MiniLM max tokens per item text.")
-    promote: bool = Field(default=True, description="Make the newly trained model the champion.")
+    promote: bool = Field(
+        default=True,
+        description="`train` promotes its model when it passes the promotion gate against the champion (the first "
+                    "model of an empty registry without one); false: register only.",
+    )
     retrain_recent_weeks: int = Field(default=4, ge=1, description="Incremental retrain: weeks of recent examples, all kept.")
     retrain_replay_weeks: int = Field(
         default=12, ge=0, description="Incremental retrain: older weeks before the recent ones, sampled (against forgetting)."
