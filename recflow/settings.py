@@ -254,6 +254,11 @@ class FeedbackSettings(BaseModel):
         description="A push to the online store slower than this counts as failed: its events stay pending and are "
         "retried (every serving.push_retry_s) once the stalled call returns.",
     )
+    push_lock_timeout_s: float = Field(
+        default=2.0, gt=0,
+        description="Longest wait for <home>/locks/online-push.lock, which serialises the workers' read-merge-write "
+        "of a user's online row on one machine; past it the push counts as failed and its events stay pending.",
+    )
     journal_timeout_s: float = Field(
         default=5.0, gt=0,
         description="Longest wait for the event-log journal (SQLite busy timeout); past it /feedback is a 503 "
@@ -393,6 +398,11 @@ class Paths:
     @property
     def event_log(self) -> Path:
         return self.home / "event_log"
+
+    @property
+    def locks(self) -> Path:
+        """Cross-process lock files (``recflow.locks``)."""
+        return self.home / "locks"
 
     @property
     def request_log(self) -> Path:

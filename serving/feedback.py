@@ -9,7 +9,9 @@ rows from the log: history gets the item (most recent first, capped at
 ``features.history_length``); activity counts and spend grow (windows do not slide online); the
 distinct item/category counts grow when the item/category is new to the user's history. An event
 already in the user's online history (same item and second) is not applied again, so retries are
-idempotent. The pushed rows are stamped with the event time, or one second after the stored row
+idempotent. Several workers of one machine serialise their read-merge-write on
+``<home>/locks/online-push.lock`` (``push_events(lock_path=...)``), so none overwrites another's
+update. The pushed rows are stamped with the event time, or one second after the stored row
 when that is later (the Redis store ignores rows that are not newer).
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 FEEDBACK_ID_PREFIX = "fb"
 ACTIVITY_PUSH = "user_activity_push"
 HISTORY_PUSH = "user_history_push"
+ONLINE_PUSH_LOCK = "online-push.lock"  # under Settings.paths.locks
 _INT = {n for n, t in USER_ACTIVITY_FEATURES.items() if str(t) == "int64"}
 
 
@@ -129,14 +133,29 @@ def push_events(
     *,
     history_length: int,
     category_of: Callable[[str], str | None],
+    lock_path: Path | None = None,
+    lock_timeout_s: float = 2.0,
 ) -> int:
     """Apply accepted ``events`` (canonical columns) to their users' online rows and push them.
 
+    With ``lock_path`` the read-merge-write runs under an exclusive ``flock`` on that file
+    (``recflow.locks``), so workers of one machine pushing the same user never overwrite each
+    other's update; the lock is waited for at most ``lock_timeout_s`` (then ``LockTimeout``).
     Returns how many users were updated. Raises whatever the store raises: the caller keeps the
     events pending in the log and retries.
     """
     if events.empty:
         return 0
+    if lock_path is None:
+        return _merge_and_push(store, events, history_length, category_of)
+    from recflow.locks import file_lock
+
+    with file_lock(lock_path, lock_timeout_s):
+        return _merge_and_push(store, events, history_length, category_of)
+
+
+def _merge_and_push(store: FeatureStore, events: pd.DataFrame, history_length: int,
+                    category_of: Callable[[str], str | None]) -> int:
     events = events.sort_values("event_timestamp", kind="stable")
     users = list(dict.fromkeys(events["user_id"].astype(str)))
     current = _read_online(store, users)

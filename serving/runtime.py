@@ -865,7 +865,7 @@ class Runtime:
 
     def _push_pending(self) -> set[str]:
         """Push every pending event online; returns the ids still pending."""
-        from serving.feedback import push_events
+        from serving.feedback import ONLINE_PUSH_LOCK, push_events
 
         state, store = self.state, self.store
         if state is None or store is None:
@@ -882,7 +882,9 @@ class Runtime:
             return None if p is None else cats[p]
 
         try:
-            push_events(store, pending, history_length=self.settings.features.history_length, category_of=category_of)
+            push_events(store, pending, history_length=self.settings.features.history_length, category_of=category_of,
+                        lock_path=self.settings.paths.locks / ONLINE_PUSH_LOCK,
+                        lock_timeout_s=self.settings.feedback.push_lock_timeout_s)
         except Exception as exc:  # noqa: BLE001 - the events stay pending and are retried
             elog.mark_pushed(ids, ok=False)
             metrics()["store_errors"].labels("push").inc()
