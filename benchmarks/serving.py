@@ -7,8 +7,9 @@ Writes benchmarks/results/serving.json. Steps:
    model of the production architecture and size (pretrained MiniLM item text encoder, dim 64,
    one id row per item) over the whole catalogue, saved once (item texts encoded by MiniLM,
    cached) -- the JSON says which.
-3. ``bentoml serve`` on 127.0.0.1 (``serving.run.start_local``) with the goal configuration
-   (``--serving``, by default the FAISS IVF index, nprobe 4, and 2 workers), SQLite online store.
+3. ``bentoml serve`` on 127.0.0.1 (``serving.run.start_local``) with the goal configuration:
+   the default settings (``--serving`` names any that differ; the JSON's ``overrides`` records
+   them), SQLite online store. With a two-stage champion ``/recommend`` runs the two-stage core.
 4. Load: an open-loop generator (aiohttp, fixed arrival rate, latency measured from each request's
    *scheduled* send time so a slow server cannot slow the load down) in a separate process on the
    same 2 cores; known users drawn uniformly. The goal run (200/s, 60 s) on the fresh service, then
@@ -19,9 +20,10 @@ Writes benchmarks/results/serving.json. Steps:
    1 worker), each on its own fresh service, in the same run; then ``--repeat`` more goal runs of
    the goal configuration (run-to-run spread: the JSON's ``goal`` says in how many runs it was met).
 7. In-process breakdown for the same users: online feature read, user tower, top-k (batch of 1 and
-   the service's mean batch), and the recall@10 / time of the exact, bfloat16 and IVF options.
+   the service's mean batch), and the recall@10 / time of the exact, bfloat16 and IVF options;
+   with a two-stage champion also the online history read and the two-stage ranking per request.
 
-    python benchmarks/serving.py [--home DIR] [--serving index=ann,workers=2] [--compare "index=exact;workers=1"]
+    python benchmarks/serving.py [--home DIR] [--serving workers=2] [--compare "workers=2;two_stage=false"]
                                  [--rates 50,100,200] [--duration 60] [--quick]
 """
 
@@ -309,6 +311,8 @@ def breakdown(settings, users: list[str], batch: int, n_requests: int) -> dict[s
                            "index": state.ann.name if state.ann else state.scorer.name,
                            "note": "in process, back to back (warm CPU caches): the service under load pays more per stage"}
     rng = np.random.default_rng(1)
+    if state.two_stage is not None:  # what /recommend runs: online history read, then the two-stage core
+        out["two_stage"] = two_stage_breakdown(state, reader, users, batch, n_requests, rng)
     for b in sorted({1, max(1, batch)}):
         feat_t, feast_t, tower_t, top_t = [], [], [], []
         for _ in range(max(1, n_requests // b)):
@@ -330,6 +334,34 @@ def breakdown(settings, users: list[str], batch: int, n_requests: int) -> dict[s
                                                 _pct(feast_t), "user_tower": _pct(tower_t), "top_k": _pct(top_t)},
                              "batches": len(feat_t)}
     out["index_options"] = index_options(settings, state, store, service, users)
+    return out
+
+
+def two_stage_breakdown(state, reader, users: list[str], batch: int, n_requests: int,  # noqa: ANN001
+                        rng: np.random.Generator) -> dict[str, Any]:
+    """Per-request times of /recommend's two-stage path in this process: the online history read and
+    ``serving.ranking.rank_two_stage`` (candidates, features, both boosters, reasons)."""
+    from recflow.modeling.features import get_feature
+    from serving import ranking
+
+    now = int(time.time())
+    out: dict[str, Any] = {}
+    for b in sorted({1, max(1, batch)}):
+        read_t, rank_t = [], []
+        for _ in range(max(1, min(n_requests, 400) // b)):
+            ids = [users[i] for i in rng.integers(0, len(users), b)]
+            t0 = time.perf_counter()
+            feats = reader(ids)
+            t1 = time.perf_counter()
+            asks = [ranking.HistoryAsk(list(map(str, get_feature(f, "user_history", "history_item_ids") or [])),
+                                       [int(x) for x in get_feature(f, "user_history", "history_ts") or []], now, 10,
+                                       user_id=u) for f, u in zip(feats, ids, strict=True)]
+            ranking.rank_two_stage(state, asks)
+            t2 = time.perf_counter()
+            read_t.append((t1 - t0) / b)
+            rank_t.append((t2 - t1) / b)
+        out[f"batch_{b}"] = {"per_request_ms": {"online_history_read": _pct(read_t), "two_stage_rank": _pct(rank_t)},
+                             "batches": len(read_t)}
     return out
 
 
@@ -378,8 +410,8 @@ def index_options(settings, state, store, service, users: list[str]) -> dict[str
 
 
 # --- main ----------------------------------------------------------------------------------------
-def _override(settings, spec: str):  # noqa: ANN001, ANN202
-    """``settings`` with ``name=value,...`` applied to its serving section (values parsed as JSON when they can be)."""
+def _override_dict(spec: str) -> dict[str, Any]:
+    """``name=value,...`` as a dict (values parsed as JSON when they can be)."""
     update: dict[str, Any] = {}
     for part in filter(None, spec.split(",")):
         name, _, raw = part.partition("=")
@@ -387,7 +419,12 @@ def _override(settings, spec: str):  # noqa: ANN001, ANN202
             update[name.strip()] = json.loads(raw)
         except ValueError:
             update[name.strip()] = raw.strip()
-    return settings.model_copy(update={"serving": settings.serving.model_copy(update=update)})
+    return update
+
+
+def _override(settings, spec: str):  # noqa: ANN001, ANN202
+    """``settings`` with ``name=value,...`` applied to its serving section."""
+    return settings.model_copy(update={"serving": settings.serving.model_copy(update=_override_dict(spec))})
 
 
 def goal_load(svc, settings, users_file: Path, work: Path, rate: float, duration: float, label: str) -> dict[str, Any]:  # noqa: ANN001
@@ -426,9 +463,10 @@ def main() -> None:
     parser.add_argument("--sweep-duration", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=GOAL["duration_s"], help="Seconds of the goal run.")
     parser.add_argument("--rate", type=float, default=GOAL["rps"], help="Rate of the goal run.")
-    parser.add_argument("--serving", default="index=ann,ann_nprobe=4,workers=2",
-                        help="Serving settings of the goal configuration (name=value,...; see docs/operations.md).")
-    parser.add_argument("--compare", default="user_cache_size=0;index=exact;workers=1",
+    parser.add_argument("--serving", default="",
+                        help="Serving settings of the goal configuration that differ from the defaults (name=value,...; "
+                        "see docs/operations.md; recorded as `overrides`; default: none, the defaults).")
+    parser.add_argument("--compare", default="workers=2;two_stage=false,index=ann,ann_nprobe=4,workers=2",
                         help="Variants of the goal configuration, ';'-separated, each run through the same goal load on "
                         "its own fresh service in the same run ('' for none).")
     parser.add_argument("--repeat", type=int, default=2,
@@ -462,7 +500,8 @@ def main() -> None:
     result: dict[str, Any] = {"measured_at": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
                               "load_average_before": os.getloadavg(), "dataset": "completejourney"}
     s = settings.serving
-    result["service"] = {"settings": args.serving, "index": s.index, "ann_nprobe": s.ann_nprobe, "workers": s.workers,
+    result["overrides"] = _override_dict(args.serving)  # settings of the goal run that differ from the defaults
+    result["service"] = {"settings": args.serving, "two_stage": s.two_stage, "index": s.index, "ann_nprobe": s.ann_nprobe, "workers": s.workers,
                          "user_cache_size": s.user_cache_size, "online_store": settings.feast.online_store,
                          "history_length": settings.features.history_length, "torch_threads": s.torch_threads,
                          "max_batch_size": s.max_batch_size, "batch_wait_ms": s.batch_wait_ms, "k": 10}
