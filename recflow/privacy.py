@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from recflow.durable import replace_durably
 from recflow.security import PSEUDONYM_KEY_FILE, secret_file, secrets_dir
 from recflow.settings import Settings
 
@@ -175,9 +176,7 @@ def _rewrite_parquet(path: Path, values: Iterable[str], column: str = "user_id")
         kept = table.filter(pc.invert(pc.fill_null(hit, False)))
         tmp = path.with_name(path.name + ".forget.tmp")
         pq.write_table(kept, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     return n
 
 

@@ -18,7 +18,6 @@ Saved layout (:func:`save_two_stage`, a folder; no pickle)::
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recflow.durable import replace_durably
 from recflow.ranker.candidates import CANDIDATE_FEATURES, CandidateConfig, Candidates, ItemSide, generate
 from recflow.ranker.features import PAIR_FEATURES, Context, ItemStats, pair_features
 
@@ -243,7 +243,7 @@ def save_two_stage(model: TwoStage, folder: Path) -> Path:
 
 def forget_user(folder: Path, user_id: str) -> int:
     """Drop ``user_id``'s row from the neighbour snapshot of the ranker saved under ``folder``
-    (``user_vectors.npz`` + ``user_ids.parquet``, each replaced atomically); returns rows removed.
+    (``user_vectors.npz`` + ``user_ids.parquet``, each replaced atomically and durably); returns rows removed.
     The rest of a saved ranker holds only aggregates over users (item statistics, co-purchase)."""
     folder = Path(folder)
     ids_path, vec_path = folder / "user_ids.parquet", folder / "user_vectors.npz"
@@ -257,11 +257,8 @@ def forget_user(folder: Path, user_id: str) -> int:
     tmp_vec, tmp_ids = folder / "user_vectors.forget.npz", folder / "user_ids.forget.parquet"
     sp.save_npz(tmp_vec, vectors, compressed=True)
     pd.DataFrame({"user_id": ids[keep]}).to_parquet(tmp_ids, index=False)
-    for tmp in (tmp_vec, tmp_ids):
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp_vec, vec_path)
-    os.replace(tmp_ids, ids_path)
+    replace_durably(tmp_vec, vec_path)
+    replace_durably(tmp_ids, ids_path)
     return int((~keep).sum())
 
 
