@@ -106,10 +106,24 @@ class ItemSide:
             ok = np.flatnonzero(it >= 0)
             self._item_to_text = sp.csr_matrix(
                 (np.ones(len(ok), np.float32), (ok, it[ok])), shape=(len(it), self.text_emb.shape[0]))
+        # the sparse sources' lookups: each text row's sold items, the sold items without text, cold items
+        sold = self.stats.sold
+        self._item_text = None if self.item_text is None else np.asarray(self.item_text, dtype=np.int64)
+        if self._item_to_text is not None and self._item_text is not None:
+            ok = np.flatnonzero(sold & (self._item_text >= 0))
+            self._text_sold = sp.csr_matrix((np.ones(len(ok), np.float32), (self._item_text[ok], ok)),
+                                            shape=(self.text_emb.shape[0], len(sold)))
+            self._text_has_sold = np.diff(self._text_sold.indptr) > 0
+            self._notext_sold = np.flatnonzero(sold & (self._item_text < 0)).astype(np.int64)
+            self._cold_items = np.flatnonzero(~sold & (self._item_text >= 0)).astype(np.int64)
         # a cold item inherits a prior from its text group's popularity (in [0, 1])
         tp = np.log1p(self.stats["item_text_pop_30d"])
         self.cold_prior = (tp / max(float(tp.max()), 1e-12)).astype(np.float32)
         self._user_row = None if self.user_ids is None else pd.Index(np.asarray(self.user_ids).astype(str))
+        self._user_pos: dict[str, int] = {} if self.user_ids is None else {
+            str(u): i for i, u in enumerate(np.asarray(self.user_ids).astype(str).tolist())}
+        # [T, d] contiguous float32 once: the per-request text scores are one matrix-vector product
+        self._text_t = None if self.text_emb is None else torch.from_numpy(np.ascontiguousarray(self.text_emb, np.float32))
         # [N, U] once: a per-request ``h @ v.T`` would transpose the whole matrix every call
         self._user_vectors_t = None if self.user_vectors is None else self.user_vectors.T.tocsr()
 
@@ -136,25 +150,67 @@ def user_vectors(log: PurchaseLog, as_of: int, half_life_days: float = 90.0) -> 
     return sp.csr_matrix(sp.diags(1.0 / np.maximum(norm, 1e-12)) @ m, dtype=np.float32)
 
 
-def _neighbour_scores(side: ItemSide, h: sp.csr_matrix, user_ids: np.ndarray, k: int) -> np.ndarray:
-    """``[b, N]``: the similarity-weighted mean of each user's ``k`` nearest other users' vectors."""
+def _entries(m: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (sorted), columns and values of a CSR matrix's stored entries. A sparse product has no
+    duplicate entries; its columns stay in the product's order (no sort: nothing here needs it)."""
+    m = m.tocsr()
+    rows = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
+    return rows, m.indices.astype(np.int64), m.data
+
+
+def _scatter(shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+    """A ``[b, N]`` lookup table holding ``values`` (or True) at (rows, cols), zero elsewhere: one write
+    per entry (the zeroed pages come from the allocator), so lookups are plain indexing."""
+    out = np.zeros(shape, bool if values is None else np.float32)
+    out[rows, cols] = True if values is None else values
+    return out
+
+
+def _row_max_sparse(rows: np.ndarray, values: np.ndarray, n_rows: int, empty: float = 0.0) -> np.ndarray:
+    """Each row's largest value (``empty`` for a row without entries), ``[n_rows]`` float32."""
+    out = np.full(n_rows, -np.inf, np.float32)
+    np.maximum.at(out, rows, values.astype(np.float32))
+    return np.where(np.isfinite(out), out, empty).astype(np.float32)
+
+
+def _top_per_row(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest-valued (row, column) entries of each row; ``rows`` must be sorted (a CSR's order).
+    A partial sort per row: linear in the row's entries, where a full sort of the batch is not."""
+    if k <= 0 or len(rows) == 0:
+        return rows[:0], cols[:0]
+    bounds = np.flatnonzero(np.concatenate(([True], rows[1:] != rows[:-1], [True])))
+    keep: list[np.ndarray] = []
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        if hi - lo <= k:
+            keep.append(np.arange(lo, hi))
+        else:
+            keep.append(lo + np.argpartition(-values[lo:hi], k - 1)[:k])
+    idx = np.sort(np.concatenate(keep))
+    return rows[idx], cols[idx]
+
+
+def _neighbour_scores(side: ItemSide, h: sp.csr_matrix, user_ids: np.ndarray, k: int) -> sp.csr_matrix:
+    """``[b, N]`` sparse: the similarity-weighted mean of each user's ``k`` nearest other users' vectors."""
     assert side.user_vectors is not None and side._user_row is not None
     v = side.user_vectors
     norm = np.sqrt(np.asarray(h.multiply(h).sum(axis=1)).ravel())
-    hn = sp.diags(1.0 / np.maximum(norm, 1e-12)) @ h
+    hn = h.copy()
+    hn.data = (hn.data / np.repeat(np.maximum(norm, 1e-12), np.diff(hn.indptr))).astype(np.float32)
     sims = np.asarray((hn @ side._user_vectors_t).todense(), dtype=np.float32)  # [b, U]
-    me = side._user_row.get_indexer(np.asarray(user_ids).astype(str))
+    me = np.array([side._user_pos.get(str(u), -1) for u in user_ids], np.int64)
     ok = me >= 0
     sims[np.flatnonzero(ok), me[ok]] = -np.inf
     kk = min(k, sims.shape[1])
     if kk == 0:
-        return np.zeros(h.shape, np.float32)
+        return sp.csr_matrix(h.shape, dtype=np.float32)
     val, idx = torch.topk(torch.from_numpy(sims), kk, dim=1)
     val = torch.clamp(val, min=0).numpy()
     w = sp.csr_matrix((val.reshape(-1), (np.repeat(np.arange(h.shape[0]), kk), idx.numpy().reshape(-1))),
                       shape=sims.shape)
     tot = np.maximum(val.sum(axis=1), 1e-12)
-    return (np.asarray((w @ v).todense(), dtype=np.float32) / tot[:, None]).astype(np.float32)
+    out = (w @ v).tocsr()
+    out.data = (out.data / np.repeat(tot, np.diff(out.indptr))).astype(np.float32)
+    return out
 
 
 def _history_matrix(ctx: Context, users: np.ndarray) -> sp.csr_matrix:
@@ -168,25 +224,6 @@ def _history_matrix(ctx: Context, users: np.ndarray) -> sp.csr_matrix:
     w = ctx.uis.decayed[idx, _HISTORY_WEIGHT_COLUMN] if len(idx) else np.zeros(0)
     w = np.maximum(w, 1e-6)  # an item bought long ago stays in the history
     return sp.csr_matrix((w.astype(np.float32), (rows, ctx.uis.key[idx] % n)), shape=(len(users), n))
-
-
-def _top_mask(scores: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
-    """Boolean ``[b, N]``: each row's top ``k`` among ``allowed`` with a score > -inf."""
-    out = np.zeros(scores.shape, bool)
-    if k <= 0 or scores.shape[1] == 0:
-        return out
-    s = torch.from_numpy(np.where(allowed, scores, -np.inf).astype(np.float32))
-    val, top = torch.topk(s, min(k, s.shape[1]), dim=1, sorted=False)
-    rows = np.repeat(np.arange(s.shape[0]), top.shape[1])
-    ok = torch.isfinite(val).reshape(-1).numpy()
-    out[rows[ok], top.reshape(-1).numpy()[ok]] = True
-    return out
-
-
-def _row_max(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """Each row's largest allowed score (0 where none), ``[b, 1]``."""
-    m = np.where(allowed, scores, -np.inf).max(axis=1, keepdims=True)
-    return np.where(np.isfinite(m), m, 0.0)
 
 
 def generate(ctx: Context, side: ItemSide, users: np.ndarray, cfg: CandidateConfig, batch_size: int = 256) -> Candidates:
@@ -204,60 +241,124 @@ def generate(ctx: Context, side: ItemSide, users: np.ndarray, cfg: CandidateConf
 
 
 def _generate_batch(ctx: Context, side: ItemSide, users: np.ndarray, cfg: CandidateConfig) -> Candidates:
+    """One batch's candidates. Each source is a sparse product (co-purchase, neighbours) or a top-k
+    over a short list (text groups, cold items); nothing ranks the whole catalogue per user. The
+    ``[b, N]`` tables are written only where a source has an entry, for lookups."""
     n = ctx.log.n_items
     b = len(users)
     h = _history_matrix(ctx, users)
-    seen = h.toarray() > 0
-    sold = side.stats.sold[None, :]
-    flags = np.zeros((b, n), np.uint8)
-    flags[seen] |= 1
+    hr, hc, _ = _entries(h)
+    seen = _scatter((b, n), hr, hc)
+
+    def unseen(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return ~seen[r, c]
+
+    picks: list[tuple[np.ndarray, np.ndarray, int]] = [(hr, hc, 1)]
     if side.similarity is not None:
-        cf = np.asarray((h @ side.similarity).todense(), dtype=np.float32)
+        cr, cc, cv = _entries(h @ side.similarity)
     else:
-        cf = np.zeros((b, n), np.float32)
-    flags[_top_mask(cf, ~seen & (cf > 0), cfg.n_cooccur)] |= 2
+        cr, cc, cv = (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),)
+    ok = (cv > 0) & unseen(cr, cc)
+    picks.append((*_top_per_row(cr[ok], cc[ok], cv[ok], cfg.n_cooccur), 2))
+    cf_at, cf_max = _scatter((b, n), cr, cc, cv), np.maximum(_row_max_sparse(cr, cv, b), 1e-12)
+    every = np.arange(b, dtype=np.int64)
     pop_items = side.popular[: cfg.n_popular]
-    flags[:, pop_items[side.stats["item_pop_30d"][pop_items] > 0]] |= 4
+    pop_items = pop_items[side.stats["item_pop_30d"][pop_items] > 0]
     tr = side.trend_order[: cfg.n_trending]
-    flags[:, tr[side.stats["item_pop_7d"][tr] >= cfg.min_trending_lines]] |= 8
+    tr = tr[side.stats["item_pop_7d"][tr] >= cfg.min_trending_lines]
+    for fixed, bit in ((pop_items, 4), (tr, 8)):
+        picks.append((np.repeat(every, len(fixed)), np.tile(fixed.astype(np.int64), b), bit))
+    text_row = None
+    tsc = group = items_group = None
+    text_max = np.zeros(b, np.float32)
     if side._item_to_text is not None and side.text_emb is not None and side.item_text is not None:
-        prof = np.asarray((h @ side._item_to_text) @ side.text_emb, dtype=np.float32)
-        norm = np.linalg.norm(prof, axis=1, keepdims=True)
-        prof = prof / np.maximum(norm, 1e-12)
-        tsc = prof @ side.text_emb.T  # [b, T]
-        it = text_row = np.asarray(side.item_text, dtype=np.int64)
-        text = np.where(it[None, :] >= 0, tsc[:, np.maximum(it, 0)], -1.0).astype(np.float32)
-        flags[_top_mask(text, ~seen & sold, cfg.n_text)] |= 16
-        # the user's decayed purchases and distinct items of each candidate's text group
-        by_group = np.asarray((h @ side._item_to_text).todense(), dtype=np.float32)  # [b, T]
+        text_row = side._item_text
+        ht = (h @ side._item_to_text).tocsr()  # [b, T] the user's decayed purchases per text group
+        prof = np.asarray(ht @ side.text_emb, dtype=np.float32)
+        prof = prof / np.maximum(np.linalg.norm(prof, axis=1, keepdims=True), 1e-12)
+        tsc = (side._text_t @ torch.from_numpy(prof).T).T.numpy()  # [b, T]
+        group = np.asarray(ht.todense(), dtype=np.float32)
         items_group = np.asarray(((h > 0).astype(np.float32) @ side._item_to_text).todense(), dtype=np.float32)
-        group = np.where(it[None, :] >= 0, by_group[:, np.maximum(it, 0)], 0.0).astype(np.float32)
-        cold_score = text + cfg.cold_prior_weight * side.cold_prior[None, :] + cfg.cold_group_weight * np.log1p(group)
-        flags[_top_mask(cold_score, ~sold & (it[None, :] >= 0), cfg.n_cold)] |= 32
-    else:
-        text = np.zeros((b, n), np.float32)
-        group = np.zeros((b, n), np.float32)
-        text_row = None
+        tr_, tc_, tv_ = _text_source(side, tsc, seen, cfg.n_text, np.bincount(hr, minlength=b))
+        picks.append((*_top_per_row(tr_, tc_, tv_, cfg.n_text), 16))
+        text_max = _row_max_sparse(tr_, tv_, b)
+        cold = side._cold_items
+        if len(cold) and cfg.n_cold > 0:
+            ct = text_row[cold]
+            cold_score = (tsc[:, ct] + cfg.cold_prior_weight * side.cold_prior[cold][None, :]
+                          + cfg.cold_group_weight * np.log1p(group[:, ct]))
+            kk = min(cfg.n_cold, len(cold))
+            top = torch.topk(torch.from_numpy(np.ascontiguousarray(cold_score, np.float32)), kk, dim=1, sorted=False).indices
+            picks.append((np.repeat(every, kk), cold[top.numpy().reshape(-1)].astype(np.int64), 32))
     if side.user_vectors is not None and cfg.neighbours_enabled():
-        ucf = _neighbour_scores(side, h, ctx.log.user_ids[users], cfg.user_neighbours)
-        flags[_top_mask(ucf, ~seen & (ucf > 0), cfg.n_neighbour_items)] |= 64
+        ur, uc, uv = _entries(_neighbour_scores(side, h, ctx.log.user_ids[users], cfg.user_neighbours))
+        ok = (uv > 0) & unseen(ur, uc)
+        picks.append((*_top_per_row(ur[ok], uc[ok], uv[ok], cfg.n_neighbour_items), 64))
     else:
-        ucf = np.zeros((b, n), np.float32)
-    rows, cols = np.nonzero(flags)
-    f = flags[rows, cols]
-    cf_max = np.maximum(cf.max(axis=1), 1e-12)
-    text_max = _row_max(text, ~seen & sold)[:, 0]
+        ur, uc, uv = (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),)
+    ucf_at, ucf_max = _scatter((b, n), ur, uc, uv), np.maximum(_row_max_sparse(ur, uv, b), 1e-12)
+    # the union, one row per (user, item), sorted, with a bit per source
+    key = np.concatenate([r * n + c for r, c, _ in picks])
+    bits = np.concatenate([np.full(len(r), bit, np.uint8) for r, _, bit in picks])
+    order = np.argsort(key, kind="stable")
+    key, bits = key[order], bits[order]
+    first = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1]))) if len(key) else np.zeros(0, np.int64)
+    f = np.bitwise_or.reduceat(bits, first) if len(key) else np.zeros(0, np.uint8)
+    key = key[first]
+    rows, cols = key // n, key % n
+    cf, ucf = cf_at[rows, cols], ucf_at[rows, cols]
+    if tsc is not None and text_row is not None and group is not None and items_group is not None:
+        t_of = text_row[cols]
+        has = t_of >= 0
+        tt = np.maximum(t_of, 0)
+        text = np.where(has, tsc[rows, tt], -1.0).astype(np.float32)
+        tgroup = np.where(has, group[rows, tt], 0.0)
+        tgroup_items = items_group[rows, tt] * has
+    else:
+        text = np.zeros(len(key), np.float32)
+        tgroup = tgroup_items = np.zeros(len(key), np.float32)
     feats = {
-        "cand_cf": cf[rows, cols],
-        "cand_cf_rel": cf[rows, cols] / cf_max[rows],
-        "cand_text": text[rows, cols],
-        "cand_text_rel": text[rows, cols] - text_max[rows],
-        "cand_ucf": ucf[rows, cols],
-        "cand_ucf_rel": ucf[rows, cols] / np.maximum(ucf.max(axis=1), 1e-12)[rows],
-        "cand_tgroup": group[rows, cols],
-        "cand_tgroup_items": (items_group[rows, np.maximum(text_row[cols], 0)] * (text_row[cols] >= 0)
-                              if text_row is not None else np.zeros(len(rows))),
+        "cand_cf": cf,
+        "cand_cf_rel": cf / cf_max[rows],
+        "cand_text": text,
+        "cand_text_rel": text - text_max[rows],
+        "cand_ucf": ucf,
+        "cand_ucf_rel": ucf / ucf_max[rows],
+        "cand_tgroup": tgroup,
+        "cand_tgroup_items": tgroup_items,
     }
     for bit, name in enumerate(SOURCES):
         feats[f"src_{name}"] = ((f >> bit) & 1).astype(np.float32)
     return Candidates(users[rows], cols.astype(np.int64), {k: np.asarray(v, np.float32) for k, v in feats.items()})
+
+
+def _text_source(side: ItemSide, tsc: np.ndarray, seen: np.ndarray, k: int,
+                 n_seen: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, item, score) of every unseen sold item in each user's top text groups: enough groups
+    that the top ``k`` unseen sold items by text score are among them (a group is emptied only by
+    seen items, so ``k`` + the most seen items of the batch groups suffice; items without a text
+    score -1, below every cosine, and come last)."""
+    b = tsc.shape[0]
+    t_sold = side._text_sold
+    kk = int(min(k + (int(n_seen.max()) if len(n_seen) else 0), int(side._text_has_sold.sum())))
+    parts_r, parts_c, parts_v = [], [], []
+    if kk > 0:
+        s = torch.from_numpy(np.where(side._text_has_sold[None, :], tsc, -np.inf).astype(np.float32))
+        val, top = torch.topk(s, kk, dim=1, sorted=False)
+        top_rows = top.numpy().reshape(-1)
+        sub = t_sold[top_rows]  # [b * kk, N]: the sold items of each chosen group
+        pr, pc, _ = _entries(sub)
+        parts_r.append(pr // kk)
+        parts_c.append(pc)
+        parts_v.append(val.numpy().reshape(-1)[pr])
+    no_text = side._notext_sold[: k + (int(n_seen.max()) if len(n_seen) else 0)]
+    if len(no_text):
+        parts_r.append(np.repeat(np.arange(b, dtype=np.int64), len(no_text)))
+        parts_c.append(np.tile(no_text, b))
+        parts_v.append(np.full(b * len(no_text), -1.0, np.float32))
+    if not parts_r:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    r, c, v = np.concatenate(parts_r), np.concatenate(parts_c), np.concatenate(parts_v).astype(np.float32)
+    ok = np.flatnonzero(~seen[r, c])
+    ok = ok[np.argsort(r[ok], kind="stable")]  # by row: the items without text came after every group
+    return r[ok], c[ok], v[ok]
