@@ -195,6 +195,12 @@ class ServingSettings(BaseModel):
         default=300.0, gt=0,
         description="Recompute a cached user's query after this long even if the row timestamps are unchanged.",
     )
+    answer_cache_s: float = Field(
+        default=60.0, ge=0,
+        description="Reuse a user's two-stage answer for this long while their online history is unchanged (a push "
+        "is a miss at once; answers are as of at most this many seconds ago; 0: rank every request). Holds up to "
+        "user_cache_size users.",
+    )
     torch_threads: int = Field(default=1, ge=1, description="Intra-op threads of torch and the BLAS in the service.")
     workers: int = Field(
         default=1, ge=1, le=64,

@@ -33,7 +33,8 @@ def metrics() -> dict[str, Any]:
             "than the ranking itself).", ["endpoint"], buckets=LATENCY_BUCKETS,
         ),
         "batch": Histogram("recflow_batch_size", "Requests ranked per /recommend batch.", buckets=BATCH_BUCKETS),
-        "user_cache": Counter("recflow_user_cache", "User-tower cache lookups by result (hit, miss).", ["result"]),
+        "user_cache": Counter("recflow_user_cache", "User cache lookups by result (hit, miss): the user tower's query, or the "
+                              "two-stage answer.", ["result"]),
         "feedback": Counter("recflow_feedback", "Accepted feedback events by push outcome.", ["outcome"]),
         "store_errors": Counter("recflow_store_errors", "Failed online-store operations.", ["operation"]),
         "reloads": Counter("recflow_reloads", "Model loads by outcome.", ["outcome"]),

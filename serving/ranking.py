@@ -4,12 +4,16 @@
   certified bfloat16 prefilter and float32 re-scoring, or ANN candidates re-scored exactly), with
   per-user exclusions and category filters, and the history item behind each pick (one batched
   product). Scores equal ``ItemIndex.scores``: the re-buy bonus includes the item's repeat offset.
+- :func:`rank_two_stage`: the two-stage model's top-k (the offline scoring core), and
+  :class:`AnswerCache`, which reuses a user's answer while their online history is unchanged.
 - :func:`popular`: the popularity fallback.
 - :func:`similar` and :func:`search`: item-to-item and text queries.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -390,3 +394,57 @@ def rank_two_stage(state: ServingState, asks: list[HistoryAsk]) -> list[list[Pic
               reason_text(p, title_of)) for p in picks]
         for picks in recommend(ts, core)
     ]
+
+
+class AnswerCache:
+    """Each user's last two-stage answer, reused while their online history is unchanged and the
+    answer is at most ``max_age_s`` old.
+
+    A two-stage answer is a function of the model, the user's history (item ids and timestamps,
+    which every feedback push changes) and the time it is ranked as of. The key holds the request's
+    own options (k, filters); the entry holds a fingerprint of the history and the ``as_of`` it was
+    ranked at, so a push is a miss at once and a hit is exactly the offline answer as of that time,
+    never more than ``max_age_s`` earlier (the re-buy features move in days, not seconds). At most
+    ``max_users`` entries (least recently used go first; 0 or ``max_age_s`` 0 turns it off). One per
+    loaded model; not thread-safe (the runtime calls it from its one compute thread).
+    """
+
+    def __init__(self, version: str, max_users: int, max_age_s: float) -> None:
+        self.version = version
+        self.max_users = max_users
+        self.max_age_s = max_age_s
+        self.hits = 0
+        self.misses = 0
+        self._data: OrderedDict[Hashable, tuple[int, int, list[Pick]]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_users > 0 and self.max_age_s > 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @staticmethod
+    def fingerprint(history_ids: Sequence[str], history_ts: Sequence[int]) -> int:
+        """A hash of the whole online history (ids and times, in order)."""
+        return hash((tuple(history_ids), tuple(history_ts)))
+
+    def get(self, key: Hashable, fingerprint: int, as_of: int) -> list[Pick] | None:
+        """The cached answer for ``key`` if its history matches and it is not older than ``max_age_s``."""
+        if not self.enabled:
+            return None
+        entry = self._data.get(key)
+        if entry is not None and entry[0] == fingerprint and 0 <= as_of - entry[1] <= self.max_age_s:
+            self._data.move_to_end(key)
+            self.hits += 1
+            return entry[2]
+        self.misses += 1
+        return None
+
+    def put(self, key: Hashable, fingerprint: int, as_of: int, picks: list[Pick]) -> None:
+        if not self.enabled:
+            return
+        self._data[key] = (fingerprint, as_of, picks)
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_users:
+            self._data.popitem(last=False)

@@ -190,6 +190,7 @@ class Runtime:
     store: FeatureStore | None = None
     _reader: OnlineUserReader | None = None
     _query_cache: tower.UserQueryCache | None = None
+    _answer_cache: ranking.AnswerCache | None = None
     _compute: Executor | None = None
     _features: Executor | None = None
     _journal: Executor | None = None
@@ -602,6 +603,14 @@ class Runtime:
             m.labels("miss").inc(cache.misses - misses)
         return out
 
+    def _answer_cache_for(self, state: ServingState) -> ranking.AnswerCache:
+        """The two-stage answer cache of the loaded model (a new model starts an empty one)."""
+        cache = self._answer_cache
+        if cache is None or cache.version != state.version:
+            s = self.settings.serving
+            cache = self._answer_cache = ranking.AnswerCache(state.version, s.user_cache_size, s.answer_cache_s)
+        return cache
+
     def _on_batch(self, size: int, seconds: float) -> None:
         metrics()["batch"].observe(size)
 
@@ -689,17 +698,35 @@ class Runtime:
         asks: list[Any] = []
         ask_of: dict[int, int] = {}
         history_of: dict[int, int] = {}
+        cached: dict[int, list[ranking.Pick]] = {}
         if two_stage:
+            cache = self._answer_cache_for(state)
+            keys: dict[int, tuple[Any, int]] = {}
             for i in with_feats:
-                f = feats[jobs[i].req.user_id]  # type: ignore[index]
+                j = jobs[i]
+                f = feats[j.req.user_id]  # type: ignore[index]
                 hid = get_feature(f, "user_history", "history_item_ids") or []
                 hts = get_feature(f, "user_history", "history_ts") or []
                 if hid and len(hid) == len(hts):
-                    ask_of[i] = len(asks)
-                    asks.append(ranking.HistoryAsk(list(map(str, hid)), [int(x) for x in hts], int(jobs[i].now.timestamp()),
-                                                   ks[i], jobs[i].req.exclude_purchased, rows[i], jobs[i].req.user_id))
                     history_of[i] = len(hid)
+                    ids, stamps, as_of = list(map(str, hid)), [int(x) for x in hts], int(j.now.timestamp())
+                    if j.req.timestamp is None:  # "now": a recent answer for the same history will do
+                        key = (j.req.user_id, ks[i], j.req.exclude_purchased, j.req.category)
+                        fp = cache.fingerprint(ids, stamps)
+                        hit = cache.get(key, fp, as_of)
+                        if hit is not None:
+                            cached[i] = hit
+                            continue
+                        keys[len(asks)] = (key, fp)
+                    ask_of[i] = len(asks)
+                    asks.append(ranking.HistoryAsk(ids, stamps, as_of, ks[i], j.req.exclude_purchased, rows[i], j.req.user_id))
             ranked = ranking.rank_two_stage(state, asks)
+            for n, (key, fp) in keys.items():
+                cache.put(key, fp, asks[n].as_of, ranked[n])
+            if cached or keys:
+                m = metrics()["user_cache"]
+                m.labels("hit").inc(len(cached))
+                m.labels("miss").inc(len(keys))
         else:
             for i, q in zip(with_feats, queries, strict=True):
                 if q.n_history > 0:
@@ -715,6 +742,8 @@ class Runtime:
             q = query_of.get(i)
             if i in ask_of:
                 picks, fallback = ranked[ask_of[i]], False
+            elif i in cached:
+                picks, fallback = cached[i], False
             else:
                 exclude = q.history_positions if (q is not None and j.req.exclude_purchased) else None
                 picks, fallback = ranking.popular(state, ks[i], rows[i], exclude), True
@@ -933,6 +962,7 @@ class Runtime:
                 raise NotFound(f"{exc}; still serving {previous}", field="model_tag" if model_tag else None) from exc
             self.state = state
             self._query_cache = None  # queries of the old model, or of rows read with the old registry
+            self._answer_cache = None
             await self._run(self._loader, freeze_heap)
             metrics()["reloads"].labels("ok").inc()
             log.info("reloaded: %s -> %s", previous, state.version)

@@ -383,3 +383,27 @@ def test_user_query_cache_reuses_only_unchanged_rows(monkeypatch) -> None:
     off.queries(["a"], [row("a", 1)], compute)
     off.queries(["a"], [row("a", 1)], compute)
     assert calls[-2:] == [["a"], ["a"]] and len(off) == 0
+
+
+def test_answer_cache_hits_only_for_the_same_history_and_a_recent_answer() -> None:
+    from serving.ranking import AnswerCache, Pick
+
+    c = AnswerCache("v1", max_users=2, max_age_s=60)
+    fp = c.fingerprint(["x", "y"], [10, 20])
+    assert fp != c.fingerprint(["x", "y"], [10, 21]) and fp != c.fingerprint(["y", "x"], [10, 20])
+    picks = [Pick(3, 1.0, "repeat", 3)]
+    key = ("u", 10, False, None)
+    assert c.get(key, fp, 1_000) is None
+    c.put(key, fp, 1_000, picks)
+    assert c.get(key, fp, 1_030) is picks  # 30 s later, same history
+    assert c.get(key, fp, 1_061) is None  # older than max_age_s
+    assert c.get(key, c.fingerprint(["x", "y", "z"], [10, 20, 30]), 1_010) is None  # a push changed the history
+    assert c.get(("u", 5, False, None), fp, 1_010) is None  # other options: another key
+    assert c.get(key, fp, 999) is None  # an answer from the future is not reused
+    c.put(("v", 10, False, None), fp, 1_000, picks)
+    c.put(("w", 10, False, None), fp, 1_000, picks)  # beyond max_users: the least recently used goes
+    assert len(c) == 2 and c.get(key, fp, 1_010) is None
+    assert (c.hits, c.misses) == (1, 6)
+    off = AnswerCache("v1", max_users=10, max_age_s=0)
+    off.put(key, fp, 1_000, picks)
+    assert not off.enabled and off.get(key, fp, 1_000) is None and len(off) == 0

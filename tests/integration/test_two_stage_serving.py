@@ -78,6 +78,12 @@ def test_recommend_serves_the_two_stage_model(tiny_features, shop_model) -> None
         assert repeat and all(i["reason"]["text"].startswith(("you buy this about every", "you bought this"))
                               for i in repeat)
 
+        # "Now" (no timestamp): the second answer for the same history comes from the answer cache.
+        first = _post(c, "/recommend", {"user_id": "a", "k": 4}).json()
+        hits = _cache_count(c, "hit")
+        again = _post(c, "/recommend", {"user_id": "a", "k": 4}).json()
+        assert _cache_count(c, "hit") == hits + 1 and again["items"] == first["items"]
+
         # Purchases pushed through /feedback: the next answer equals the offline scorer on the journal.
         for n, (item, day) in enumerate([("w", "2024-05-10"), ("w", "2024-05-17"), ("y", "2024-05-18")]):
             ev = {"event_id": f"fb-{n}", "user_id": "a", "item_id": item, "event_type": "purchase",
@@ -91,3 +97,16 @@ def test_recommend_serves_the_two_stage_model(tiny_features, shop_model) -> None
                                    err_msg=str((body["items"], want)))
         w = next(i for i in body["items"] if i["item_id"] == "w")
         assert w["reason"]["text"] == "you buy this about every 7 days; last bought 3 days ago"
+        # the pushes changed the history: "now" is ranked again, not served from the cache
+        hits, misses = _cache_count(c, "hit"), _cache_count(c, "miss")
+        now = _post(c, "/recommend", {"user_id": "a", "k": 4}).json()
+        assert (_cache_count(c, "hit"), _cache_count(c, "miss")) == (hits, misses + 1)
+        assert now["items"] != first["items"]
+
+
+def _cache_count(c, result: str) -> float:  # noqa: ANN001
+    """The service's ``recflow_user_cache_total{result=...}`` counter (0 before the first lookup)."""
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith("recflow_user_cache_total{") and f'result="{result}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
