@@ -43,8 +43,14 @@ def reference_task(settings: Settings, tag: str) -> pd.DataFrame:
     users = validation_users(load_events(settings), as_of, settings.training.eval_days)
     if not len(users):
         raise ValueError(f"no purchases in the reference week from {as_of.date()} for model {tag}")
+    ranker = folder / registry.RANKER_DIR
+    two_stage = None
+    if settings.serving.two_stage and ranker.is_dir():  # what /recommend serves for this model
+        from recflow.ranker import load_two_stage
+
+        two_stage = load_two_stage(ranker)
     ref = build_reference(settings, registry.load(settings, tag), as_of=as_of, users=users, model_version=tag,
-                          k=settings.serving.default_k)
+                          k=settings.serving.default_k, two_stage=two_stage)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + ".tmp")
     ref.to_parquet(tmp, index=False)

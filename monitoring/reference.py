@@ -2,10 +2,15 @@
 
 For the users who bought something in ``[as_of, as_of + eval_days)``, the serving FeatureService's
 features as of ``as_of`` come from Feast's point-in-time join (the same feature names and values
-the online store held then), go through the serving code path (``recflow.modeling.user_queries``
-and the item index), and come out request-log shaped (``recflow.schemas.REQUEST_LOG_SCHEMA``)
+the online store held then), go through the serving code path, and come out request-log shaped (``recflow.schemas.REQUEST_LOG_SCHEMA``)
 with the features logged the way the service logs them (``serving.features.logged_features``) and
 the user ids pseudonymised as the service pseudonymises them (``recflow.privacy.pseudonym``).
+
+The serving code path is the one ``/recommend`` takes for the model: with a two-stage ranker
+(and ``serving.two_stage``), the two-stage scoring core (``recflow.ranker.recommend.recommend``)
+over each user's point-in-time history, as the service ranks the online history; otherwise the
+two-tower model's user tower and item index. So the reference's scores and items are on the same
+scale as the served ones, and prediction drift compares like with like.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
     from recflow.modeling.model import RecModel
+    from recflow.ranker.model import TwoStage
 
 
 def validation_users(events: pd.DataFrame, start: pd.Timestamp, days: int) -> np.ndarray:
@@ -41,8 +47,10 @@ def build_reference(
     k: int = 10,
     store: FeatureStore | None = None,
     batch_size: int = 256,
+    two_stage: TwoStage | None = None,
 ) -> pd.DataFrame:
-    """Request-log rows: one ``/recommend`` answer per user, as served at ``as_of``."""
+    """Request-log rows: one ``/recommend`` answer per user, as served at ``as_of`` (by ``two_stage``
+    when given, as the service serves a model with a ranker; else by the two-tower ``model``)."""
     from recflow.features.training_set import get_historical
     from recflow.modeling import build_index, user_queries
     from recflow.privacy import pseudonym, pseudonym_key
@@ -56,6 +64,8 @@ def build_reference(
     frame, _ = get_historical(settings, entity, service=settings.feast.serving_service, store=store)
     records: list[dict[str, Any]] = frame.drop(columns=["event_timestamp"]).to_dict("records")
     records = [{key: _plain(v) for key, v in r.items()} for r in records]
+    if two_stage is not None:
+        return _two_stage_reference(two_stage, records, as_of, k, model_version, key, profile, batch_size)
     index = build_index(model)
     rows: list[dict[str, Any]] = []
     for s in range(0, len(records), batch_size):
@@ -74,6 +84,48 @@ def build_reference(
                 "degraded": False, "feature_age_s": None, "latency_ms": None,
                 "features": logged_features(f, q.n_history, profile=profile),
                 "item_ids": [index.item_ids[i] for i in t], "scores": sc.astype(np.float32).tolist(),
+            })
+    return pd.DataFrame(rows)
+
+
+def _two_stage_reference(
+    model: TwoStage, records: list[dict[str, Any]], as_of: pd.Timestamp, k: int, model_version: str, key: bytes,
+    profile: bool, batch_size: int,
+) -> pd.DataFrame:
+    """The two-stage model's answers for the point-in-time rows, as the service's two-stage path
+    gives them: the history feature view's item ids and times ranked as of ``as_of``; a user with
+    no history gets the popularity fallback."""
+    from recflow.modeling.features import get_feature
+    from recflow.privacy import pseudonym
+    from recflow.ranker.recommend import Ask, recommend
+    from serving.features import logged_features
+
+    at = int(as_of.value // 10**9)
+    rows: list[dict[str, Any]] = []
+    for s in range(0, len(records), batch_size):
+        chunk = records[s : s + batch_size]
+        asks, ranked_of = [], {}
+        for n, f in enumerate(chunk):
+            hid = get_feature(f, "user_history", "history_item_ids") or []
+            hts = get_feature(f, "user_history", "history_ts") or []
+            if hid and len(hid) == len(hts):
+                ranked_of[n] = len(asks)
+                asks.append(Ask(list(map(str, hid)), [int(x) for x in hts], at, k, user_id=str(f["user_id"])))
+        ranked = recommend(model, asks)
+        for n, f in enumerate(chunk):
+            hid = get_feature(f, "user_history", "history_item_ids") or []
+            if n in ranked_of:
+                positions = [p.position for p in ranked[ranked_of[n]]]
+                scores = [p.score for p in ranked[ranked_of[n]]]
+            else:
+                positions, scores = model.side.popular[:k].tolist(), [0.0] * min(k, len(model.side.popular))
+            rows.append({
+                "request_id": uuid.uuid4().hex, "ts": as_of, "endpoint": "recommend",
+                "user_id": pseudonym(str(f["user_id"]), key), "item_id": None, "k": k, "model_version": model_version,
+                "fallback": n not in ranked_of, "degraded": False, "feature_age_s": None, "latency_ms": None,
+                "features": logged_features(f, len(hid), profile=profile),
+                "item_ids": [str(model.item_ids[p]) for p in positions],
+                "scores": np.asarray(scores, np.float32).tolist(),
             })
     return pd.DataFrame(rows)
 

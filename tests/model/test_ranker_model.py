@@ -130,3 +130,31 @@ def test_filters_and_fill(shop: dict) -> None:
     cold_user = recommend(model, [Ask([], [], as_of, 5)])[0]  # no history: popular items
     assert [p.kind for p in cold_user] == ["popular"] * 5
     assert as_of - max(hist_ts) >= 0 and DAY_S == 86400
+
+
+def test_monitoring_reference_is_what_the_two_stage_service_serves(shop: dict) -> None:
+    """The monitor's reference rows rank the point-in-time histories with the same core as /recommend:
+    same items and scores as recommend() on those histories; no history -> the popularity fallback."""
+    from monitoring.reference import _two_stage_reference
+
+    inputs, fitted = shop["inputs"], shop["fit"]
+    at = pd.Timestamp(shop["protocol"].tests[0])
+    as_of = seconds(shop["protocol"].tests[0])
+    model = final_model(inputs, fitted.ranker, as_of)
+    log = inputs.log.before(as_of)
+    off = log.offsets()
+    users = [u for u in range(log.n_users) if off[u + 1] > off[u]][:12]
+    hist = [(inputs.catalogue.item_ids[log.item[off[u]:off[u + 1]]][::-1].tolist(), log.ts[off[u]:off[u + 1]][::-1].tolist())
+            for u in users]
+    records = [{"user_id": str(log.user_ids[u]), "user_history__history_item_ids": ids, "user_history__history_ts": ts}
+               for u, (ids, ts) in zip(users, hist, strict=True)]
+    records.append({"user_id": "newcomer", "user_history__history_item_ids": None, "user_history__history_ts": None})
+    ref = _two_stage_reference(model, records, at, 10, "v1", b"k" * 32, False, batch_size=5)
+    served = recommend(model, [Ask(ids, ts, as_of, 10, user_id=str(log.user_ids[u]))
+                               for u, (ids, ts) in zip(users, hist, strict=True)])
+    assert len(ref) == len(records) and ref["fallback"].tolist() == [False] * len(users) + [True]
+    for row, picks in zip(ref.itertuples(), served, strict=False):
+        assert list(row.item_ids) == [str(model.item_ids[p.position]) for p in picks]
+        np.testing.assert_allclose(row.scores, [p.score for p in picks], rtol=1e-6)
+    assert list(ref["item_ids"].iloc[-1]) == [str(model.item_ids[p]) for p in model.side.popular[:10]]
+    assert "newcomer" not in ref["user_id"].tolist()  # pseudonymised
