@@ -12,6 +12,14 @@ the gate week is ``[as_of - eval_days, as_of)``, which neither model trained on;
 trains on weekly examples before it: the last ``retrain_recent_weeks`` in full plus a
 ``retrain_replay_share`` sample of the ``retrain_replay_weeks`` before them (``full=True``: a new
 model on ``train_weeks`` weeks, no warm start).
+
+When the champion has a two-stage ranker (what ``/recommend`` serves), the gate is the two-stage
+model's: the challenger's ranker continues boosting from the champion's on the last
+``retrain_recent_weeks`` weekly anchors before the gate week, early-stopped on the week before it
+(``full``: a fresh ranker on ``ranker_train_weeks`` anchors); both rankers are scored on the gate
+week with features as of its start (``training.two_stage.week_metrics``, the scoring core the
+train flow's gate uses). The two-tower challenger, which answers ``/similar`` and ``/search``, is
+trained as above and registered with it.
 """
 
 from __future__ import annotations
@@ -54,6 +62,32 @@ def fit_task(settings: Settings, data: Any, champion: Any, full: bool) -> Any:
     _log(f"incremental: {kept['recent']:,} recent examples + {kept['replayed']:,} replayed of {kept['older_total']:,} older")
     cfg = TrainConfig(epochs=t.retrain_epochs, lr=t.retrain_lr, seed=t.seed)
     return fit(data, cfg, progress=_log, init=champion)
+
+
+@task(name="two-stage-challenger", cache_policy=NO_CACHE)
+def two_stage_task(settings: Settings, events: pd.DataFrame, data: Any, champion_ranker: Any, cutoff: pd.Timestamp,
+                   end: pd.Timestamp, full: bool) -> dict[str, Any] | None:
+    """The two-stage challenger and both rankers' gate-week metrics (None, with a warning, when the
+    window is too short for weekly examples: the champion's ranker is then carried over refreshed)."""
+    from recflow.ranker import load_two_stage
+    from training.two_stage import final_model, inputs_for, refit, seconds, week_metrics
+
+    t = settings.training
+    champ = load_two_stage(champion_ranker)
+    inputs = inputs_for(champ, data.catalogue, events)
+    weeks = t.ranker_train_weeks if full else t.retrain_recent_weeks
+    try:
+        fitted = refit(inputs, champ.ranker, cutoff, weeks, t.eval_days, incremental=not full, progress=_log)
+    except ValueError as exc:
+        get_run_logger().warning("two-stage challenger not trained (%s): the champion's ranker is carried over", exc)
+        return None
+    champion_metrics = week_metrics(inputs, champ.ranker, data.val)
+    challenger_metrics = week_metrics(inputs, fitted.ranker, data.val)
+    _log(f"two-stage gate week: champion NDCG@10 {champion_metrics['ndcg@10']:.4f}, "
+         f"challenger {challenger_metrics['ndcg@10']:.4f} ({'full' if full else 'incremental'}, {weeks} weeks)")
+    return {"champion": champion_metrics, "challenger": challenger_metrics, "weeks": weeks,
+            "model": final_model(inputs, fitted.ranker, seconds(end)), "seconds": fitted.seconds,
+            "ranker": fitted.ranker.metrics}
 
 
 @task(name="evaluate-gate-week", cache_policy=NO_CACHE)
@@ -147,6 +181,15 @@ def retrain(
     champ_metrics = evaluate_task(data, champion)
     chall_metrics = evaluate_task(data, result.model)
     lap("evaluate", t0)
+    two_tower = {"champion": champ_metrics, "challenger": chall_metrics}
+    champion_ranker = registry.model_path(settings, pointer["tag"]) / registry.RANKER_DIR
+    staged = None
+    if champion_ranker.is_dir():  # /recommend serves the two-stage model: gate on it
+        t0 = time.perf_counter()
+        staged = two_stage_task(settings, events, data, champion_ranker, cutoff, end, full)
+        lap("two_stage", t0)
+        if staged is not None:
+            champ_metrics, chall_metrics = staged["champion"], staged["challenger"]
     decision = gate(champ_metrics, chall_metrics, metric=t.promotion_metric, margin=t.promotion_margin)
     log.info("gate on %s .. %s: %s -> %s", cutoff.date(), end.date(), decision.reason,
              "promote" if decision.promote else "reject")
@@ -154,6 +197,8 @@ def retrain(
         "metrics": {"gate": chall_metrics},
         "champion_on_gate": champ_metrics,
         "gate": decision.to_dict(),
+        "gate_model": "two-stage" if staged is not None else "two-tower",
+        "two_tower_on_gate": two_tower,
         "retrain": {"mode": "full" if full else "incremental", "warm_start_from": None if full else pointer["tag"],
                     "reason": reason, "recent_weeks": t.retrain_recent_weeks, "replay_weeks": t.retrain_replay_weeks,
                     "replay_share": t.retrain_replay_share, "epochs": t.retrain_epochs, "lr": t.retrain_lr},
@@ -163,8 +208,10 @@ def retrain(
         "history_length_in_store": settings.features.history_length,
     }
     two_stage = None
-    champion_ranker = registry.model_path(settings, pointer["tag"]) / registry.RANKER_DIR
-    if champion_ranker.is_dir():
+    if staged is not None:
+        two_stage = staged["model"]
+        metadata["ranker"] = staged["ranker"]
+    elif champion_ranker.is_dir():
         from recflow.ranker import load_two_stage
         from training.two_stage import refresh
 
@@ -180,7 +227,8 @@ def retrain(
     timings["total"] = round(time.perf_counter() - started, 1)
     summary = {
         "challenger": tag, "champion_before": pointer["tag"], "champion_after": after, "promoted": decision.promote,
-        "gate": decision.to_dict(), "window": {"gate_week": f"{cutoff.date()} .. {end.date()}", **data.window},
+        "gate": decision.to_dict(), "gate_model": metadata["gate_model"],
+        "window": {"gate_week": f"{cutoff.date()} .. {end.date()}", **data.window},
         "mode": "full" if full else "incremental", "reason": reason, "reload": reload, "seconds": timings,
         "train": {"samples": result.samples, "steps": result.steps, "samples_per_s": round(result.samples_per_s, 1),
                   "config": asdict(result.model.config) if hasattr(result.model.config, "__dataclass_fields__") else None},

@@ -105,8 +105,9 @@ def _never_bought(week: Week, features: tuple[str, ...]) -> np.ndarray:
     return np.flatnonzero(week.x[:, features.index("ui_bought")] == 0)
 
 
-def _train(name: str, parts: list, val: tuple, cfg: RankerConfig, say: Progress) -> tuple[object, dict]:
-    """One LightGBM booster on ``parts`` (x, y, group sizes), early-stopped on ``val``."""
+def _train(name: str, parts: list, val: tuple, cfg: RankerConfig, say: Progress, init: object = None) -> tuple[object, dict]:
+    """One LightGBM booster on ``parts`` (x, y, group sizes), early-stopped on ``val``; with ``init``
+    (a booster over the same features) boosting continues from it: new trees on top of its own."""
     import lightgbm as lgb
 
     x = np.concatenate([p[0] for p in parts])
@@ -121,11 +122,11 @@ def _train(name: str, parts: list, val: tuple, cfg: RankerConfig, say: Progress)
         dval = lgb.Dataset(vx, vy, group=vg if rank else None, reference=dtrain)
         booster = lgb.train(
             cfg.lgb_params(), dtrain, num_boost_round=cfg.max_rounds, valid_sets=[dval], valid_names=["validation"],
-            callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)],
+            callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)], init_model=init,
         )
     else:  # no validation purchase to stop on: a fixed, small number of rounds
         say(f"{name}: the validation week has no usable purchase; training a fixed 50 rounds without early stopping")
-        booster = lgb.train(cfg.lgb_params(), dtrain, num_boost_round=min(cfg.max_rounds, 50))
+        booster = lgb.train(cfg.lgb_params(), dtrain, num_boost_round=min(cfg.max_rounds, 50), init_model=init)
     secs = time.perf_counter() - t
     rounds = int(booster.best_iteration or booster.current_iteration())
     say(f"{name}: {len(y):,} training rows ({int(y.sum()):,} positive) in {len(g):,} groups, {rounds} rounds in {secs:.0f}s")
@@ -133,6 +134,7 @@ def _train(name: str, parts: list, val: tuple, cfg: RankerConfig, say: Progress)
     top = sorted(zip(names, gain, strict=True), key=lambda p: -p[1])[:8]
     metrics = {
         "best_iteration": rounds,
+        **({"continued_from_trees": int(init.num_trees())} if init is not None else {}),
         "train_rows": int(len(y)),
         "train_groups": int(len(g)),
         "fit_seconds": round(secs, 1),
@@ -141,19 +143,26 @@ def _train(name: str, parts: list, val: tuple, cfg: RankerConfig, say: Progress)
     return booster, metrics
 
 
-def fit_ranker(train: list[Week], val: Week, cfg: RankerConfig, progress: Progress | None = None) -> Ranker:
+def fit_ranker(train: list[Week], val: Week, cfg: RankerConfig, progress: Progress | None = None,
+               init: Ranker | None = None) -> Ranker:
     """LightGBM on the training weeks (negatives subsampled), early-stopped on the validation week;
-    with ``cfg.unseen_ranker``, a second booster on the never-bought candidates and new purchases."""
+    with ``cfg.unseen_ranker``, a second booster on the never-bought candidates and new purchases.
+    With ``init`` (a ranker over the same features), each booster continues from ``init``'s: an
+    incremental update on new weeks rather than a fit from scratch."""
     say = progress or (lambda _m: None)
     rng = np.random.default_rng(cfg.seed)
+    if init is not None and tuple(init.config.features) != tuple(cfg.features):
+        raise ValueError("an incremental ranker update needs the same features as the ranker it continues from")
     parts = [_subsample(w, cfg.negative_share, rng) for w in train]
-    booster, metrics = _train("ranker", parts, _subsample(val, 1.0, rng), cfg, say)
+    booster, metrics = _train("ranker", parts, _subsample(val, 1.0, rng), cfg, say,
+                              init.booster if init is not None else None)
     unseen = None
     if cfg.unseen_ranker and "ui_bought" in cfg.features:
         parts = [_subsample(w, cfg.negative_share, rng, _never_bought(w, cfg.features)) for w in train]
         if sum(int(p[1].sum()) for p in parts) > 0:
             unseen, m = _train("ranker (never-bought items)", parts,
-                               _subsample(val, 1.0, rng, _never_bought(val, cfg.features)), cfg, say)
+                               _subsample(val, 1.0, rng, _never_bought(val, cfg.features)), cfg, say,
+                               init.unseen if init is not None else None)
             metrics["unseen"] = m
         else:
             say("ranker: no purchase new to a user in the training weeks; no second booster for never-bought items")

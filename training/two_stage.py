@@ -75,8 +75,10 @@ class Fit:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def fit(inputs: Inputs, protocol: Protocol, cfg: RankerConfig, progress: Progress | None = None) -> Fit:
-    """Weekly examples at every training anchor, then LightGBM early-stopped on the validation week."""
+def fit(inputs: Inputs, protocol: Protocol, cfg: RankerConfig, progress: Progress | None = None,
+        init: Ranker | None = None) -> Fit:
+    """Weekly examples at every training anchor, then LightGBM early-stopped on the validation week
+    (continued from ``init``'s boosters when given: :func:`training.ranker.fit_ranker`)."""
     say = progress or (lambda _m: None)
     t0 = time.perf_counter()
     weeks = []
@@ -95,7 +97,7 @@ def fit(inputs: Inputs, protocol: Protocol, cfg: RankerConfig, progress: Progres
     if len(usable) < len(weeks):
         say(f"{len(weeks) - len(usable)} training week(s) without a usable purchase left out")
     t1 = time.perf_counter()
-    ranker = fit_ranker(usable, val, cfg, progress=say)
+    ranker = fit_ranker(usable, val, cfg, progress=say, init=init)
     return Fit(ranker, val, {"examples": round(t1 - t0, 1), "fit": round(time.perf_counter() - t1, 1)})
 
 
@@ -138,4 +140,32 @@ def week_scorer(
     return score, w
 
 
-__all__ = ["FEATURES", "Fit", "Inputs", "config_for", "final_model", "fit", "refresh", "week_scorer"]
+def inputs_for(model: TwoStage, catalogue: Catalogue, events: pd.DataFrame) -> Inputs:
+    """The inputs of a saved two-stage model's catalogue (its text vectors and categories) over
+    ``events``: what a retrain refits and evaluates on (ValueError when the catalogue changed)."""
+    if [str(i) for i in catalogue.item_ids] != [str(i) for i in model.item_ids]:
+        raise ValueError("the two-stage champion's catalogue differs from the items table (items were added or "
+                         "removed): its ranker cannot be updated in place; run a full retrain: recflow retrain --full")
+    log = PurchaseLog.from_events(events, catalogue.index)
+    return Inputs(catalogue, log, ItemInputs(model.side.text_emb, model.side.item_text, model.category))
+
+
+def refit(inputs: Inputs, champion: Ranker, gate_week: pd.Timestamp, weeks: int, days: int, *, incremental: bool,
+          progress: Progress | None = None) -> Fit:
+    """A challenger for ``champion``: its config on ``weeks`` weekly anchors that end before the gate
+    week, early-stopped on the week just before it, so the gate week stays unseen. Incremental:
+    boosting continues from the champion's trees; full: a fresh fit."""
+    protocol = Protocol.make(pd.Timestamp(gate_week) - pd.Timedelta(days=days), weeks, 1, days)
+    return fit(inputs, protocol, champion.config, progress, init=champion if incremental else None)
+
+
+def week_metrics(inputs: Inputs, ranker: Ranker, ev: EvalSet) -> dict[str, float]:
+    """Full-catalogue metrics of ``ranker`` on ``ev``, features as of the week's start."""
+    from training.evaluate import evaluate
+
+    scorer, _ = week_scorer(inputs, ranker, ev, ranker.config)
+    return {k: float(v) for k, v in evaluate(scorer, ev).items()}
+
+
+__all__ = ["FEATURES", "Fit", "Inputs", "config_for", "final_model", "fit", "inputs_for", "refit", "refresh", "week_metrics",
+           "week_scorer"]

@@ -91,6 +91,9 @@ def test_closed_loop(make_settings, synthetic_shop_files, monkeypatch: pytest.Mo
     monkeypatch.setenv("RECFLOW_TRAINING__PROMOTION_MARGIN", "100")
     rejected = retrain(refresh_features=False, reason="test", home=str(settings.home))
     assert rejected["promoted"] is False and "misses" in rejected["gate"]["reason"]
+    # the gate scores what /recommend serves: the two-stage model when the champion has a ranker
+    has_ranker = (registry.model_path(settings, before) / registry.RANKER_DIR).is_dir()
+    assert rejected["gate_model"] == ("two-stage" if has_ranker else "two-tower")
     assert registry.get_champion(settings)["tag"] == before
     assert any(m["tag"] == rejected["challenger"] for m in registry.list_models(settings))
 

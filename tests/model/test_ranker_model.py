@@ -158,3 +158,25 @@ def test_monitoring_reference_is_what_the_two_stage_service_serves(shop: dict) -
         np.testing.assert_allclose(row.scores, [p.score for p in picks], rtol=1e-6)
     assert list(ref["item_ids"].iloc[-1]) == [str(model.item_ids[p]) for p in model.side.popular[:10]]
     assert "newcomer" not in ref["user_id"].tolist()  # pseudonymised
+
+
+def test_retrain_refit_continues_from_the_champion_and_never_sees_the_gate_week(shop: dict) -> None:
+    from training.two_stage import inputs_for, refit, week_metrics
+
+    inputs, fitted = shop["inputs"], shop["fit"]
+    gate_week = shop["protocol"].tests[1]
+    champion = final_model(inputs, fitted.ranker, seconds(gate_week))
+    again = inputs_for(champion, inputs.catalogue, shop["events"])
+    trees = fitted.ranker.booster.num_trees()
+    inc = refit(again, fitted.ranker, gate_week, 2, 7, incremental=True)
+    assert inc.ranker.metrics["continued_from_trees"] == trees and inc.ranker.booster.num_trees() >= trees
+    assert inc.validation.anchor == seconds(gate_week - pd.Timedelta(days=7))  # early-stopped before the gate week
+    full = refit(again, fitted.ranker, gate_week, 2, 7, incremental=False)
+    assert "continued_from_trees" not in full.ranker.metrics
+    ev = week_evalset("gate", shop["events"], inputs.catalogue, gate_week)
+    m = week_metrics(again, inc.ranker, ev)
+    assert 0 < m["ndcg@10"] <= 1 and set(m) >= {"ndcg@10", "ndcg@10_new", "recall@20"}
+    from training.data import Catalogue
+
+    with pytest.raises(ValueError, match="catalogue differs"):
+        inputs_for(champion, Catalogue.from_items(shop["items"].iloc[::-1]), shop["events"])
