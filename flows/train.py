@@ -47,12 +47,27 @@ def training_set_task(settings: Settings, entities: pd.DataFrame) -> str:
     return str(result.path)
 
 
+@task(name="text-states", retries=1, cache_policy=NO_CACHE)
+def text_states_task(settings: Settings, items: pd.DataFrame) -> Any:
+    """MiniLM's lower-layer token states of the unique texts (cached once) when the top layers fine-tune."""
+    t = settings.training
+    if t.encoder_mode != "top_k":
+        return None
+    from training.pipeline import text_states
+
+    states, info = text_states(items, settings.paths.cache, t.unfrozen_layers, max_length=t.text_max_length,
+                               progress=_log)
+    _log(f"MiniLM states after layer {info['layer']} of {info['unique_texts']:,} texts ({info['tokens']:,} tokens, "
+         f"{info['megabytes']:.0f} MB; {'cache hit' if info['cache_hit'] else 'encoded'}, {info['seconds']:.1f}s)")
+    return states
+
+
 @task(name="text-embeddings", retries=1, cache_policy=NO_CACHE)
-def text_embeddings_task(settings: Settings, items: pd.DataFrame) -> Any:
+def text_embeddings_task(settings: Settings, items: pd.DataFrame, states: Any = None) -> Any:
     from training.pipeline import text_embeddings
 
     emb, info = text_embeddings(
-        items, settings.paths.cache, max_length=settings.training.text_max_length, progress=_log,
+        items, settings.paths.cache, max_length=settings.training.text_max_length, progress=_log, states=states,
     )
     _log(f"MiniLM embeddings of {info['unique_texts']:,} unique texts "
          f"({'cache hit' if info['cache_hit'] else 'encoded'}, {info['seconds']:.1f}s)")
@@ -61,7 +76,7 @@ def text_embeddings_task(settings: Settings, items: pd.DataFrame) -> Any:
 
 @task(name="prepare", cache_policy=NO_CACHE)
 def prepare_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame, popularity: pd.DataFrame,
-                 training_set: str, cutoff: pd.Timestamp, emb: Any) -> Any:
+                 training_set: str, cutoff: pd.Timestamp, emb: Any, states: Any = None) -> Any:
     import pyarrow.parquet as pq
 
     from training.dataset import prepare_data
@@ -73,30 +88,39 @@ def prepare_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame, 
         cutoff=cutoff, train_weeks=settings.training.train_weeks, text_emb=emb, encoder=encoder_config(enc_dir),
         encoder_dir=str(enc_dir), eval_days=settings.training.eval_days,
     )
+    data.token_states = states
     _log(f"{len(data.train):,} training examples over {settings.training.train_weeks} weeks; "
          f"validation users {len(data.val):,}; test users {len(data.test) if data.test else 0:,}")
     return data
 
 
-@task(name="tune", cache_policy=NO_CACHE)
-def tune_task(settings: Settings, data: Any, trials: int, max_minutes: float) -> Any:
+def search_config(settings: Settings, trials: int, max_minutes: float) -> Any:
+    """The two-tower search's :class:`training.tune.TuneConfig` from ``settings.training``."""
     from training.trainer import TrainConfig
-    from training.tune import TuneConfig, run_search
+    from training.tune import TuneConfig
 
     t = settings.training
     base = TrainConfig(
-        epochs=t.epochs, seed=t.seed, encoder_mode=t.encoder_mode,
+        epochs=t.epochs, seed=t.seed, encoder_mode=t.encoder_mode, unfrozen_layers=t.unfrozen_layers,
+        max_fresh_texts=t.finetune_texts, encoder_lr=t.encoder_lr,
         history_length=min(500, settings.features.history_length),
     )
     space = {}
     if settings.features.history_length < 500:
         space["history_length"] = settings.features.history_length
-    tc = TuneConfig(
+    return TuneConfig(
         trials=trials, max_minutes=max_minutes, epochs=t.epochs, cpus_per_trial=t.cpus_per_trial,
         gpus_per_trial=t.gpus_per_trial, storage_path=str(settings.paths.ray_results), seed=t.seed,
-        searcher=t.searcher, base=base, search_space=space,
+        searcher=t.searcher, base=base, search_space=space, unfrozen_layers=(t.unfrozen_layers,),
+        gpu_unfrozen_layers=tuple(t.gpu_unfrozen_layers),
     )
-    return run_search(data, tc, progress=_log)
+
+
+@task(name="tune", cache_policy=NO_CACHE)
+def tune_task(settings: Settings, data: Any, trials: int, max_minutes: float) -> Any:
+    from training.tune import run_search
+
+    return run_search(data, search_config(settings, trials, max_minutes), progress=_log)
 
 
 @task(name="evaluate-test-week", cache_policy=NO_CACHE)
@@ -270,10 +294,11 @@ def train(
     ts_path = training_set_task(settings, entities)
     lap("training_set", t0)
     t0 = time.perf_counter()
-    emb = text_embeddings_task(settings, items)
+    states = text_states_task(settings, items)
+    emb = text_embeddings_task(settings, items, states)
     lap("text_embeddings", t0)
     t0 = time.perf_counter()
-    data = prepare_task(settings, events, items, popularity, ts_path, cut, emb)
+    data = prepare_task(settings, events, items, popularity, ts_path, cut, emb, states)
     lap("prepare", t0)
     t0 = time.perf_counter()
     outcome = tune_task(settings, data, trials, max_minutes)

@@ -111,8 +111,22 @@ class TrainingSettings(BaseModel):
     cpus_per_trial: float = Field(default=1.0, gt=0)
     gpus_per_trial: float = Field(default=0.25, ge=0, description="Used only when CUDA is present.")
     encoder_mode: Literal["frozen", "top_k", "full"] = Field(
-        default="frozen", description="MiniLM: frozen (cached embeddings), top_k (the search picks unfrozen layers) or full."
+        default="top_k",
+        description="MiniLM: frozen (cached embeddings), top_k (the top `unfrozen_layers` train on the lower layers' "
+                    "cached token states) or full.",
     )
+    unfrozen_layers: int = Field(
+        default=1, ge=1, le=12,
+        description="top_k on CPU: MiniLM top layers fine-tuned; the layers below run once per text (cached, fp16).",
+    )
+    gpu_unfrozen_layers: list[int] = Field(
+        default=[1, 2, 3], min_length=1, description="top_k on a Ray cluster with GPUs: the search's choices of unfrozen layers.",
+    )
+    finetune_texts: int = Field(
+        default=16, ge=1, description="Item texts re-encoded with gradients per step when MiniLM trains (half positives, "
+                                      "half negatives; the rest read the table re-encoded after each epoch).",
+    )
+    encoder_lr: float = Field(default=1e-4, gt=0, description="Learning rate of the trained MiniLM layers.")
     searcher: Literal["auto", "optuna", "random"] = Field(
         default="auto", description="Ray Tune search algorithm; auto = Optuna TPE when installed, else random."
     )

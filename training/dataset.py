@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,9 @@ from training.data import (
     week_purchases,
 )
 from training.evaluate import EvalSet, make_evalset
+
+if TYPE_CHECKING:
+    from training.text_cache import TokenStates
 
 
 @dataclass
@@ -44,6 +47,7 @@ class TrainData:
     encoder: dict[str, Any]  # BertConfig dict of the text encoder
     encoder_dir: str | None = None  # local pretrained encoder folder (None: random/tiny encoder)
     window: dict[str, str] = field(default_factory=dict)
+    token_states: TokenStates | None = None  # cached lower-layer MiniLM states of ``texts`` (top-layer fine-tuning)
 
     @property
     def val_anchor_idx(self) -> int:

@@ -19,7 +19,7 @@ from training.baselines import baseline_scorers
 from training.data import Catalogue
 from training.dataset import TrainData
 from training.evaluate import EvalSet, evaluate
-from training.text_cache import cached_embeddings, minilm_path
+from training.text_cache import TokenStates, cached_embeddings, cached_states, minilm_path
 from training.trainer import evaluate_model
 
 Progress = Callable[[str], None]
@@ -36,14 +36,35 @@ def encoder_config(encoder_dir: Path) -> dict[str, Any]:
 
 
 def text_embeddings(
-    items: pd.DataFrame, cache_dir: Path, *, max_length: int = 32, device: str = "cpu", progress: Progress | None = None
+    items: pd.DataFrame, cache_dir: Path, *, max_length: int = 32, device: str = "cpu", progress: Progress | None = None,
+    states: TokenStates | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """MiniLM embeddings of the catalogue's unique texts (cached); returns ``(emb, info)``."""
+    """MiniLM embeddings of the catalogue's unique texts (cached; on a miss computed from ``states``,
+    the lower-layer token states of :func:`text_states`, when given); returns ``(emb, info)``."""
     started = time.perf_counter()
     texts, _ = unique_texts(Catalogue.from_items(items).texts)
-    emb, hit = cached_embeddings(texts, cache_dir, max_length=max_length, device=device, progress=progress)
+    emb, hit = cached_embeddings(texts, cache_dir, max_length=max_length, device=device, progress=progress,
+                                 states=states)
     info = {"unique_texts": len(texts), "cache_hit": hit, "seconds": time.perf_counter() - started}
     return emb, info
+
+
+def text_states(
+    items: pd.DataFrame, cache_dir: Path, unfrozen_layers: int, *, encoder_dir: Path | None = None,
+    max_length: int = 32, device: str = "cpu", progress: Progress | None = None,
+) -> tuple[TokenStates, dict[str, Any]]:
+    """Per-token MiniLM states of the catalogue's unique texts below the top ``unfrozen_layers``
+    layers, encoded once and cached (fp16) under ``cache_dir``; returns ``(states, info)``.
+    Attach them as ``TrainData.token_states`` so the trainer fine-tunes only the top layers."""
+    started = time.perf_counter()
+    encoder_dir = encoder_dir or default_encoder_dir()
+    layer = max(0, int(encoder_config(encoder_dir)["num_hidden_layers"]) - unfrozen_layers)
+    texts, _ = unique_texts(Catalogue.from_items(items).texts)
+    ts, hit = cached_states(texts, cache_dir, layer, encoder_dir=encoder_dir, max_length=max_length, device=device,
+                            progress=progress)
+    info = {"unique_texts": len(texts), "layer": layer, "tokens": int(ts.offsets[-1]), "megabytes": ts.states.nbytes / 2**20,
+            "cache_hit": hit, "seconds": time.perf_counter() - started}
+    return ts, info
 
 
 def evaluate_all(

@@ -13,10 +13,15 @@ Batches are built in numpy by a background thread; the step itself makes no host
 are accumulated on the device and read once per log interval). On CUDA: bf16 autocast, fused
 AdamW, optional ``torch.compile`` of the scoring function.
 
-Encoder modes: ``frozen`` (text embeddings precomputed: the fast CPU path), ``top_k`` (the last
-``unfrozen_layers`` BERT layers train) and ``full``. When the encoder trains, the texts of the
-batch's positive and uniform columns (at most ``max_fresh_texts``) are re-encoded with gradients;
-the other columns and the history pooling read a table that is re-encoded every epoch.
+Encoder modes: ``frozen`` (text embeddings precomputed), ``top_k`` (the last ``unfrozen_layers``
+BERT layers train) and ``full``. When the encoder trains, the texts of at most ``max_fresh_texts``
+columns (up to half of them positives, the rest uniform ones) are re-encoded with gradients; the
+other columns and the history pooling read a table that is re-encoded after every epoch. In ``top_k`` mode with
+:class:`~training.text_cache.TokenStates` (the frozen lower layers' per-token states, cached once
+per text: ``data.token_states`` or computed at the start), a step runs only the top layer(s),
+pooling and projection on those states, and the per-epoch table costs the top layers only: the
+CPU path. Without them (``cache_states=False``, ``full``, or states below the trained layers)
+the texts' tokens go through the whole encoder (the GPU path).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from recflow.modeling.serving import build_index, user_tensors
 from training.data import profile_vocabulary
 from training.dataset import TrainData
 from training.evaluate import EvalSet, Scorer, evaluate
+from training.text_cache import TokenStates, embeddings_from_states, encode_states, upper_forward
 
 log = logging.getLogger("training")
 
@@ -74,6 +80,7 @@ class TrainConfig:
     unfrozen_layers: int = 0
     encoder_lr: float = 3e-5
     max_fresh_texts: int = 4096
+    cache_states: bool = True  # top_k: run the trained layers on cached lower-layer token states
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = True  # autocast on CUDA only
@@ -176,9 +183,26 @@ def build_model(
         from training.incremental import warm_start
 
         report = warm_start(model, init)
-        log.info("warm start: %d tensors copied, %d id rows carried over, %d new; skipped %s",
-                 len(report.copied), report.id_rows_copied, report.id_rows_new, report.skipped or "none")
+        new_texts = carry_text_table(model, init)
+        log.info("warm start: %d tensors copied, %d id rows carried over, %d new, %d texts encoded; skipped %s",
+                 len(report.copied), report.id_rows_copied, report.id_rows_new, new_texts, report.skipped or "none")
     return model
+
+
+@torch.no_grad()
+def carry_text_table(model: RecModel, init: RecModel) -> int:
+    """Give ``model`` the text vectors of ``init``'s (possibly fine-tuned) encoder: rows of texts
+    ``init`` knows are copied, the others encoded with the warm-started encoder. Returns how many
+    were encoded."""
+    known = {t: r for r, t in enumerate(init.texts)}
+    rows = [(n, known[t]) for n, t in enumerate(model.texts) if t in known]
+    if rows:
+        dst, src = (torch.tensor(x, dtype=torch.long) for x in zip(*rows, strict=True))
+        model.text_emb[dst] = init.text_emb[src].to(model.text_emb)
+    missing = [n for n, t in enumerate(model.texts) if t not in known]
+    if missing and model.tokenizer is not None:
+        model.text_emb[torch.tensor(missing)] = model.encode_texts([model.texts[n] for n in missing]).to(model.text_emb)
+    return len(missing)
 
 
 # --- batches ------------------------------------------------------------------------------------
@@ -194,6 +218,8 @@ class Batch:
     fresh_cols: np.ndarray  # [n] columns re-encoded with gradients (trainable encoder only)
     fresh_text: np.ndarray  # [u] their distinct text rows
     fresh_inv: np.ndarray  # [n] row of each fresh column in fresh_text
+    fresh_h: np.ndarray  # [u, w, hidden] fp16 cached lower-layer states of fresh_text (states path; else empty)
+    fresh_mask: np.ndarray  # [u, w] their attention mask
     hist_col: np.ndarray  # [b, H] column of each history item (0 where padded)
     hist_id: np.ndarray  # [b, H] id rows of history items (no dropout)
     hist_feats: np.ndarray  # [b, H, F]
@@ -221,9 +247,11 @@ class BatchBuilder:
     """Builds batches of one anchor week's users (numpy, vectorised)."""
 
     def __init__(self, data: TrainData, cfg: TrainConfig, hist: HistoryBatch, dense: np.ndarray,
-                 profile: np.ndarray, id_row: np.ndarray, text_len: np.ndarray | None = None) -> None:
+                 profile: np.ndarray, id_row: np.ndarray, text_len: np.ndarray | None = None,
+                 states: TokenStates | None = None) -> None:
         self.data, self.cfg, self.hist, self.dense, self.profile, self.id_row = data, cfg, hist, dense, profile, id_row
         self.text_len = text_len
+        self.states = states
         self.n = len(data.catalogue)
         self.pop_log = [popularity_transform(g) for g in data.pop_grid]
         self.logq = np.zeros(self.n, dtype=np.float32)
@@ -276,15 +304,21 @@ class BatchBuilder:
         fresh_text = np.zeros(0, dtype=np.int64)
         fresh_inv = np.zeros(0, dtype=np.int64)
         width = 1
+        fresh_h, fresh_mask = np.zeros((0, 1, 1), np.float16), np.zeros((0, 1), np.int64)
         if self.cfg.effective_mode() != "frozen" and self.text_len is not None:
-            cand = np.unique(np.concatenate([pos_col, np.searchsorted(cols, uniform)]))
-            fresh_cols = np.sort(rng.permutation(cand)[: cfg.max_fresh_texts]).astype(np.int64)
+            # up to half positives, the rest uniform negatives: the encoder's gradient pulls and pushes
+            pos_u = rng.permutation(np.unique(pos_col))[: max(1, cfg.max_fresh_texts // 2)]
+            neg_u = rng.permutation(np.setdiff1d(np.searchsorted(cols, uniform), pos_u))
+            fresh_cols = np.sort(np.concatenate([pos_u, neg_u[: max(0, cfg.max_fresh_texts - len(pos_u))]])).astype(np.int64)
             fresh_text, fresh_inv = np.unique(self.data.item_text[cols[fresh_cols]], return_inverse=True)
             width = int(self.text_len[fresh_text].max()) if len(fresh_text) else 1
+            if self.states is not None and len(fresh_text):
+                fresh_h, fresh_mask = self.states.gather(fresh_text, width)
         return Batch(
             cols=cols, col_text=self.data.item_text[cols], col_id=col_id, col_pop=self.pop_log[anchor][cols],
             col_logq=self.logq[cols] if cfg.logq else np.zeros(len(cols), np.float32),
             fresh_cols=fresh_cols, fresh_text=fresh_text.astype(np.int64), fresh_inv=fresh_inv.astype(np.int64), width=width,
+            fresh_h=fresh_h, fresh_mask=fresh_mask,
             hist_col=hist_col.astype(np.int64), hist_id=hist_id.astype(np.int64), hist_feats=feats, hist_mask=mask,
             dense=self.dense[rows], profile=self.profile[rows], pos_row=pos_row.astype(np.int64),
             pos_col=pos_col.astype(np.int64), size=len(rows),
@@ -437,13 +471,15 @@ def fit(
     model = build_model(data, cfg, hist, dense, init=init)
     profile = encode_profile(data.train.profile, model.config.profile_vocab, model.config.profile_features)
     id_row = model.item_id_row.numpy().copy()
-    builder = BatchBuilder(data, cfg, hist, dense, profile, id_row)
+    mode = cfg.effective_mode()
+    model.encoder.set_trainable(mode, cfg.unfrozen_layers)
+    states = training_states(model, data, cfg, say)
+    builder = BatchBuilder(data, cfg, hist, dense, profile, id_row, states=states)
     builder.estimate_logq(np.random.default_rng(cfg.seed + 1))
     say(f"prepared {len(data.train)} training examples in {time.perf_counter() - t0:.1f}s")
 
-    mode = cfg.effective_mode()
-    model.encoder.set_trainable(mode, cfg.unfrozen_layers)
     model.to(device).train()
+    bert = model.encoder.bert
     enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
     other = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     groups: list[dict[str, Any]] = [{"params": other, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
@@ -456,25 +492,32 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
-    text_table = model.text_emb
     tokens = None
-    if mode != "frozen":
+    if mode != "frozen" and states is None:
         tok = model.tokenizer(model.texts, padding="max_length", truncation=True, max_length=model.config.max_length,
                               return_tensors="pt")
         tokens = (tok["input_ids"].to(device), tok["attention_mask"].to(device))
         builder.text_len = tok["attention_mask"].sum(1).numpy()
+    elif states is not None:
+        builder.text_len = states.lengths
+
+    def refresh_table() -> None:
+        """Re-encode every text with the current encoder into ``model.text_emb`` (the serving table)."""
+        with torch.no_grad():
+            table = embeddings_from_states(bert, states) if states is not None else model.encode_texts(model.texts)
+            model.text_emb.copy_(table.to(model.text_emb.device))
+
+    if mode != "frozen" and not data.encoder_dir and init is None:
+        refresh_table()  # a random encoder: the data's vectors are not its own
+    text_table = model.text_emb
     loss_fn = torch.compile(batch_loss) if cfg.compile and device.type == "cuda" else batch_loss
     use_amp = device.type == "cuda" and cfg.bf16
 
     history: list[dict[str, float]] = []
-    best: dict[str, float] = {}
     step, samples, encoded = 0, 0, 0
     train_seconds = 0.0
     stop = False
     for epoch in range(cfg.epochs):
-        if mode != "frozen":
-            with torch.no_grad():
-                text_table = model.encode_texts(model.texts).to(device)
         plan = builder.plan(rng)
         batches = _prefetch(builder.build(a, rows, rng) for a, rows in plan)
         run_loss = torch.zeros((), device=device)
@@ -484,10 +527,12 @@ def fit(
             b = batch.to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 fresh = None
-                if tokens is not None and batch.fresh_text.size:
+                if batch.fresh_text.size and states is not None:
+                    fresh = upper_forward(bert, b["fresh_h"].float(), b["fresh_mask"], states.layer)
+                elif batch.fresh_text.size and tokens is not None:
                     w = batch.width
                     fresh = model.encoder(tokens[0][b["fresh_text"], :w], tokens[1][b["fresh_text"], :w])
-                    encoded += batch.fresh_text.size
+                encoded += batch.fresh_text.size
                 loss = loss_fn(model, b, text_table, fresh, cfg.new_loss_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -507,10 +552,8 @@ def fit(
                 break
         train_seconds += time.perf_counter() - t_epoch
         if mode != "frozen":
-            with torch.no_grad():
-                model.text_emb.copy_(model.encode_texts(model.texts).to(model.text_emb.device))
-        model_cpu = model
-        metrics = evaluate_model(model_cpu, data, data.val)
+            refresh_table()
+        metrics = evaluate_model(model, data, data.val)
         metrics.update(epoch=epoch + 1, train_loss=float(run_loss) / max(n_loss, 1), seconds=time.perf_counter() - t0,
                        samples_per_s=samples / max(train_seconds, 1e-9))
         history.append(metrics)
@@ -518,9 +561,28 @@ def fit(
             f"new {metrics['ndcg@10_new']:.4f} ({samples / max(train_seconds, 1e-9):.0f} samples/s)")
         if report is not None:
             report(epoch + 1, metrics, model)
-        if not best or metrics["ndcg@10"] > best["ndcg@10"]:
-            best = metrics
         if stop:
             break
     model.eval()
     return TrainResult(model, history[-1] if history else {}, history, train_seconds, samples, step, encoded)
+
+
+def training_states(
+    model: RecModel, data: TrainData, cfg: TrainConfig, say: Callable[[str], None] | None = None
+) -> TokenStates | None:
+    """The lower-layer token states the ``top_k`` path trains on: ``data.token_states`` when they end
+    at or below the first trained layer (the layers in between run frozen), else encoded now with
+    the model's own encoder; None for the token path (``frozen``, ``full``, ``cache_states=False``)."""
+    if cfg.effective_mode() != "top_k" or not cfg.cache_states:
+        return None
+    n_layers = len(model.encoder.bert.encoder.layer)
+    first = max(0, n_layers - cfg.unfrozen_layers)
+    ts = getattr(data, "token_states", None)
+    if ts is not None and ts.layer <= first and len(ts) == len(model.texts):
+        return ts
+    if ts is not None:
+        (say or log.info)(f"cached token states end at layer {ts.layer} but layer {first} trains: encoding states now")
+    t = time.perf_counter()
+    out = encode_states(model.texts, model.encoder.bert, model.tokenizer, first, max_length=model.config.max_length)
+    (say or log.info)(f"lower-layer token states of {len(out)} texts in {time.perf_counter() - t:.1f}s (not cached)")
+    return out

@@ -6,8 +6,14 @@
 - ``RAY_ADDRESS`` set: ``ray.init(address=...)`` joins that cluster; else a local Ray on
   127.0.0.1 with ``num_cpus`` CPUs and no dashboard. The training data goes to the trials once,
   through the object store (``tune.with_parameters``); trials start no Ray tasks of their own.
+- A trial stops training after ``trial_share`` of the budget (``TrainConfig.max_seconds``), then
+  evaluates and reports, so the first trials report before the budget ends on a slow machine.
 - Every epoch reports the validation metrics and a ``tune.Checkpoint`` (the trainable weights as
-  safetensors: the frozen encoder and the text table are rebuilt from the data, not copied).
+  safetensors: the frozen encoder layers, and the text table of a frozen encoder, are rebuilt from
+  the data, not copied).
+- MiniLM: with ``encoder_mode="top_k"`` the search picks how many top layers train from
+  ``TuneConfig.unfrozen_layers`` (CPU) or ``gpu_unfrozen_layers`` (a Ray cluster with GPUs); the
+  trials read the lower layers' cached token states from ``data.token_states``.
   CSV, JSON and TensorBoard logs go to ``storage_path/name``.
 """
 
@@ -56,6 +62,9 @@ class TuneConfig:
     searcher: str = "auto"  # auto | optuna | random
     search_space: dict[str, Any] = field(default_factory=dict)
     base: TrainConfig = field(default_factory=TrainConfig)
+    unfrozen_layers: tuple[int, ...] = (1,)  # top_k on CPU: choices of trained top layers
+    trial_share: float = 0.5  # a trial stops training after this share of the budget, then reports
+    gpu_unfrozen_layers: tuple[int, ...] = (1, 2, 3)  # top_k on a cluster with GPUs
 
 
 @dataclass
@@ -76,18 +85,18 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def default_search_space(gpu: bool) -> dict[str, Any]:
+def default_search_space(gpu: bool, unfrozen: tuple[int, ...] = (1,), gpu_unfrozen: tuple[int, ...] = (1, 2, 3)) -> dict[str, Any]:
     """lr, temperature, batch size, unfrozen layers, history length, projection size, weight decay.
 
-    On CPU the encoder stays frozen (unfrozen layers = 0): fine-tuning MiniLM on 2 cores does not
-    fit the 15-minute budget. On a GPU the top 0-2 layers may train."""
+    Unfrozen MiniLM layers (``top_k`` mode) come from ``unfrozen`` on CPU (default: the top layer,
+    trained on cached lower-layer states) and ``gpu_unfrozen`` on a GPU cluster; 0 = frozen."""
     from ray import tune
 
     return {
         "lr": tune.loguniform(1e-3, 1e-2),
         "temperature": tune.loguniform(0.05, 0.3),
         "batch_size": tune.choice([64, 128, 256]),
-        "unfrozen_layers": tune.choice([0, 1, 2] if gpu else [0]),
+        "unfrozen_layers": tune.choice(list(gpu_unfrozen if gpu else unfrozen)),
         "history_length": tune.choice([250, 500]),
         "dim": tune.choice([32, 64, 128]),
         "weight_decay": tune.loguniform(1e-7, 1e-4),
@@ -109,9 +118,13 @@ def describe_space(space: dict[str, Any]) -> dict[str, str]:
 
 
 def trainable_state(model: RecModel, frozen: bool) -> dict[str, torch.Tensor]:
-    """What a checkpoint needs: everything except the frozen encoder and the text table."""
-    skip = ("encoder.", "text_emb") if frozen else ()
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(skip)}
+    """What a checkpoint needs: everything except the frozen encoder weights and, when the encoder
+    is frozen, the text table (both rebuilt from the data)."""
+    trained = {f"encoder.{n}" for n, p in model.encoder.named_parameters() if p.requires_grad and not frozen}
+    return {
+        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+        if (not k.startswith("encoder.") or k in trained) and not (frozen and k.startswith("text_emb"))
+    }
 
 
 def train_config_from(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
@@ -204,11 +217,17 @@ def run_search(data: TrainData, tc: TuneConfig, progress: Callable[[str], None] 
     owns_ray = init_ray(tc.num_cpus)
     try:
         gpu = cluster_has_gpu()
-        space = {**default_search_space(gpu), **tc.search_space}
+        mode = tc.base.encoder_mode
+        unfrozen = (0,) if mode == "frozen" else tuple(tc.unfrozen_layers)
+        gpu_unfrozen = (0,) if mode == "frozen" else tuple(tc.gpu_unfrozen_layers)
+        space = {**default_search_space(gpu, unfrozen, gpu_unfrozen), **tc.search_space}
         searcher, searcher_name = _searcher(tc.searcher, tc.seed)
         threads = max(1, int(math.floor(tc.cpus_per_trial)))
         resources = {"cpu": tc.cpus_per_trial} | ({"gpu": tc.gpus_per_trial} if gpu and tc.gpus_per_trial > 0 else {})
-        base = asdict(tc.base) | {"epochs": tc.epochs, "log_every": 0}
+        # each trial stops training in time to evaluate and report before the search's budget ends
+        cap = tc.trial_share * tc.max_minutes * 60
+        base = asdict(tc.base) | {"epochs": tc.epochs, "log_every": 0,
+                                  "max_seconds": min(tc.base.max_seconds or math.inf, cap)}
         trainable = tune.with_resources(
             tune.with_parameters(_trainable, data=data, base=base, threads=threads), resources
         )
@@ -244,9 +263,15 @@ def run_search(data: TrainData, tc: TuneConfig, progress: Callable[[str], None] 
             trials.append({"config": r.config, "epochs": int(len(df)), "best": {k: float(row[k]) for k in REPORTED if k in row},
                            "error": str(r.error) if r.error else None})
         errors = [r.error for r in grid if r.error]
-        best = grid.get_best_result(metric=METRIC, mode="max", scope="all")
+        try:
+            best = grid.get_best_result(metric=METRIC, mode="max", scope="all")
+        except RuntimeError:  # Ray: "No best trial found for the given metric"
+            best = None
         if best is None or best.metrics is None:
-            raise RuntimeError(f"no trial finished an epoch; errors: {errors[:3]}")
+            raise RuntimeError(
+                f"no trial reported within the {tc.max_minutes:g}-minute budget (errors: {errors[:3]}); raise "
+                "max_minutes (recflow train --max-minutes), lower train_weeks, or set training.encoder_mode=frozen"
+            )
         try:
             ckpt = best.get_best_checkpoint(METRIC, "max") or best.checkpoint
         except RuntimeError:  # Ray: "No checkpoint exists in the trial directory!"
