@@ -38,7 +38,8 @@ def _with(settings: Settings, section: str, **values: Any) -> Settings:
 
 def next_week_ndcg(settings: Settings, tags: list[str], week_start: pd.Timestamp, say: Say) -> dict[str, dict[str, float]]:
     """Full-catalogue metrics of registered models on ``[week_start, week_start + eval_days)``, with
-    features as of ``week_start`` (the week itself comes from the held-back events)."""
+    features as of ``week_start`` (the week itself comes from the held-back events): each model as
+    ``/recommend`` serves it, the two-stage ranker when it has one, else the two-tower model."""
     from recflow import registry
     from recflow.features.training_set import load_events, window_data
     from training.trainer import evaluate_model
@@ -49,8 +50,18 @@ def next_week_ndcg(settings: Settings, tags: list[str], week_start: pd.Timestamp
     if data.test is None:
         raise ValueError(f"the data has no complete week from {week_start.date()}: replay fewer days")
     out = {}
+    inputs = None
     for tag in dict.fromkeys(tags):
-        out[tag] = evaluate_model(registry.load(settings, tag), data, data.test)
+        ranker = registry.model_path(settings, tag) / registry.RANKER_DIR
+        if settings.serving.two_stage and ranker.is_dir():  # what /recommend served for this model
+            from recflow.ranker import load_two_stage
+            from training.two_stage import inputs_for, week_metrics
+
+            ts = load_two_stage(ranker)
+            inputs = inputs or inputs_for(ts, data.catalogue, events[events["event_timestamp"] < week_start])
+            out[tag] = week_metrics(inputs, ts.ranker, data.test)
+        else:
+            out[tag] = evaluate_model(registry.load(settings, tag), data, data.test)
         say(f"next week {week_start.date()}: {tag} ndcg@10 {out[tag]['ndcg@10']:.4f}")
     out["_users"] = {"n": float(len(data.test))}
     return out
