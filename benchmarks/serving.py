@@ -436,7 +436,7 @@ def goal_load(svc, settings, users_file: Path, work: Path, rate: float, duration
     before = scrape(svc.url)
     run = run_load(svc.url, rate, duration, users_file, svc.process.pid, work, seed=7)
     run["server_batches"] = batch_stats(before, scrape(svc.url))
-    run["service"] = {"index": status["index"], "workers": settings.serving.workers,
+    run["service"] = {"index": status["index"], "workers": settings.serving.worker_count(),
                       "user_cache_size": settings.serving.user_cache_size}
     print(f"goal run [{label}]: p50 {run['p50_ms']} p99 {run['p99_ms']} max {run['max_ms']} errors {run['errors']} "
           f"user cache hit rate {run['server_batches']['user_cache_hit_rate']}", flush=True)
@@ -466,7 +466,7 @@ def main() -> None:
     parser.add_argument("--serving", default="",
                         help="Serving settings of the goal configuration that differ from the defaults (name=value,...; "
                         "see docs/operations.md; recorded as `overrides`; default: none, the defaults).")
-    parser.add_argument("--compare", default="workers=2;two_stage=false,index=ann,ann_nprobe=4,workers=2",
+    parser.add_argument("--compare", default="workers=1;answer_cache_s=0;two_stage=false,index=ann,ann_nprobe=4",
                         help="Variants of the goal configuration, ';'-separated, each run through the same goal load on "
                         "its own fresh service in the same run ('' for none).")
     parser.add_argument("--repeat", type=int, default=2,
@@ -501,7 +501,7 @@ def main() -> None:
                               "load_average_before": os.getloadavg(), "dataset": "completejourney"}
     s = settings.serving
     result["overrides"] = _override_dict(args.serving)  # settings of the goal run that differ from the defaults
-    result["service"] = {"settings": args.serving, "two_stage": s.two_stage, "index": s.index, "ann_nprobe": s.ann_nprobe, "workers": s.workers,
+    result["service"] = {"settings": args.serving, "two_stage": s.two_stage, "index": s.index, "ann_nprobe": s.ann_nprobe, "workers": s.worker_count(),
                          "user_cache_size": s.user_cache_size, "online_store": settings.feast.online_store,
                          "history_length": settings.features.history_length, "torch_threads": s.torch_threads,
                          "max_batch_size": s.max_batch_size, "batch_wait_ms": s.batch_wait_ms, "k": 10}

@@ -315,7 +315,7 @@ def train(
 def serve(
     port: Annotated[int | None, typer.Option(help="Port (default: settings.serving.port).")] = None,
     host: Annotated[str | None, typer.Option(help="Interface (default 127.0.0.1).")] = None,
-    workers: Annotated[int | None, typer.Option(min=1, max=64, help="Worker processes (default: settings.serving.workers, 1).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, max=64, help="Worker processes (default: settings.serving.workers; 0 = one per CPU core, at most 4).")] = None,
 ) -> None:
     """Run the BentoML recommendation service in the foreground with the champion model."""
     from recflow import registry

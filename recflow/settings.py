@@ -217,10 +217,21 @@ class ServingSettings(BaseModel):
     )
     torch_threads: int = Field(default=1, ge=1, description="Intra-op threads of torch and the BLAS in the service.")
     workers: int = Field(
-        default=1, ge=1, le=64,
-        description="Service worker processes of `recflow serve` (each loads the model; BentoML spreads requests). "
+        default=0, ge=0, le=64,
+        description="Service worker processes of `recflow serve` (each loads the model; BentoML spreads requests); "
+        "0: one per CPU core this process may use, at most 4 (a worker ranks on one core). "
         "For a bento: BENTOML_CONFIG_OPTIONS='services.recflow.workers=N'.",
     )
+
+    def worker_count(self) -> int:
+        """``workers``, with 0 resolved to the usable CPU cores (at most 4)."""
+        if self.workers:
+            return self.workers
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, 4))
     champion_poll_s: float = Field(
         default=10.0, ge=0,
         description="How often each worker checks the champion pointer and loads a new champion by itself, so a "

@@ -54,8 +54,9 @@ def service_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
     env.setdefault("OMP_NUM_THREADS", str(settings.serving.torch_threads))
     env.setdefault("OPENBLAS_NUM_THREADS", str(settings.serving.torch_threads))
     env.setdefault("MKL_NUM_THREADS", str(settings.serving.torch_threads))
-    if settings.serving.workers > 1:  # the service's decorator says 1; BentoML merges this override into it
-        override = f"services.recflow.workers={settings.serving.workers}"
+    workers = settings.serving.worker_count()
+    if workers > 1:  # the service's decorator says 1; BentoML merges this override into it
+        override = f"services.recflow.workers={workers}"
         env["BENTOML_CONFIG_OPTIONS"] = " ".join(filter(None, [env.get("BENTOML_CONFIG_OPTIONS"), override]))
     env.update(extra or {})
     return env
@@ -240,7 +241,7 @@ def start_local(
         try:
             wait_for_port(port, timeout=timeout, proc=proc)
             if ready:
-                wait_ready(service.url, timeout=timeout, process=proc, workers=settings.serving.workers)
+                wait_ready(service.url, timeout=timeout, process=proc, workers=settings.serving.worker_count())
             yield service
         except BaseException:
             sys.stderr.write(f"--- service log ({log_path}) ---\n{service.log_text()[-4000:]}\n")

@@ -54,6 +54,9 @@ def make_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN
         if name.startswith("RECFLOW_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("RECFLOW_HOME", str(tmp_path / "home"))
+    # services in tests run one worker (the default is one per core), unless a test asks for more:
+    # per-worker state (caches, counters) stays predictable and start-up stays short on 2 cores
+    monkeypatch.setenv("RECFLOW_SERVING__WORKERS", "1")
     monkeypatch.chdir(tmp_path)
 
     def _make(**overrides: object):  # noqa: ANN202

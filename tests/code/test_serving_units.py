@@ -308,12 +308,18 @@ def test_fast_json_matches_the_standard_library() -> None:
 
 
 def test_service_env_asks_bentoml_for_the_configured_workers(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import os
+
     from recflow.settings import load_settings
     from serving.run import service_env
 
     monkeypatch.setenv("BENTOML_CONFIG_OPTIONS", "api_server.traffic.timeout=5")
-    one = load_settings(home=tmp_path)
+    base = load_settings(home=tmp_path)
+    one = base.model_copy(update={"serving": base.serving.model_copy(update={"workers": 1})})
     assert service_env(one)["BENTOML_CONFIG_OPTIONS"] == "api_server.traffic.timeout=5"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    auto = base.model_copy(update={"serving": base.serving.model_copy(update={"workers": 0})})
+    assert service_env(auto)["BENTOML_CONFIG_OPTIONS"].endswith("services.recflow.workers=2")  # 0: one per core
     three = one.model_copy(update={"serving": one.serving.model_copy(update={"workers": 3})})
     env = service_env(three)
     assert env["BENTOML_CONFIG_OPTIONS"] == "api_server.traffic.timeout=5 services.recflow.workers=3"

@@ -54,3 +54,16 @@ def test_use_settings_scopes_the_active_settings(make_settings, tmp_path: Path) 
         assert active_settings() is mine
     assert active_settings().home != mine.home
     assert isinstance(load_settings(), Settings)
+
+
+def test_workers_default_to_the_usable_cores(monkeypatch) -> None:  # noqa: ANN001
+    import os
+
+    from recflow.settings import ServingSettings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert ServingSettings().workers == 0 and ServingSettings().worker_count() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(32)), raising=False)
+    assert ServingSettings().worker_count() == 4  # one core per worker, at most 4
+    assert ServingSettings(workers=3).worker_count() == 3
+
