@@ -87,6 +87,7 @@ class TrainConfig:
     compile: bool = False
     threads: int | None = None
     max_seconds: float | None = None  # stop training (not evaluation) after this long
+    deadline: float | None = None  # stop training (not evaluation) at this time.time() (a search's trials)
     max_steps: int | None = None
     log_every: int = 50
 
@@ -547,7 +548,7 @@ def fit(
                 say(f"epoch {epoch + 1} step {step}/{total} loss {float(run_loss) / n_loss:.4f}")
             if (cfg.max_steps is not None and step >= cfg.max_steps) or (
                 cfg.max_seconds is not None and train_seconds + time.perf_counter() - t_epoch > cfg.max_seconds
-            ):
+            ) or (cfg.deadline is not None and time.time() >= cfg.deadline):
                 stop = True
                 break
         train_seconds += time.perf_counter() - t_epoch

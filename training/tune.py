@@ -6,8 +6,8 @@
 - ``RAY_ADDRESS`` set: ``ray.init(address=...)`` joins that cluster; else a local Ray on
   127.0.0.1 with ``num_cpus`` CPUs and no dashboard. The training data goes to the trials once,
   through the object store (``tune.with_parameters``); trials start no Ray tasks of their own.
-- A trial stops training after ``trial_share`` of the budget (``TrainConfig.max_seconds``), then
-  evaluates and reports, so the first trials report before the budget ends on a slow machine.
+- Trials stop training ``trial_share`` of the budget after the search starts (``TrainConfig.deadline``),
+  then evaluate and report, so the first trials report before the budget ends on a slow machine.
 - Every epoch reports the validation metrics and a ``tune.Checkpoint`` (the trainable weights as
   safetensors: the frozen encoder layers, and the text table of a frozen encoder, are rebuilt from
   the data, not copied).
@@ -63,7 +63,7 @@ class TuneConfig:
     search_space: dict[str, Any] = field(default_factory=dict)
     base: TrainConfig = field(default_factory=TrainConfig)
     unfrozen_layers: tuple[int, ...] = (1,)  # top_k on CPU: choices of trained top layers
-    trial_share: float = 0.5  # a trial stops training after this share of the budget, then reports
+    trial_share: float = 0.5  # trials stop training this share of the budget after the search starts, then report
     gpu_unfrozen_layers: tuple[int, ...] = (1, 2, 3)  # top_k on a cluster with GPUs
 
 
@@ -224,10 +224,10 @@ def run_search(data: TrainData, tc: TuneConfig, progress: Callable[[str], None] 
         searcher, searcher_name = _searcher(tc.searcher, tc.seed)
         threads = max(1, int(math.floor(tc.cpus_per_trial)))
         resources = {"cpu": tc.cpus_per_trial} | ({"gpu": tc.gpus_per_trial} if gpu and tc.gpus_per_trial > 0 else {})
-        # each trial stops training in time to evaluate and report before the search's budget ends
-        cap = tc.trial_share * tc.max_minutes * 60
+        # trials stop training in time to evaluate (and re-encode a fine-tuned text table) before the budget ends
+        deadline = time.time() + tc.trial_share * tc.max_minutes * 60
         base = asdict(tc.base) | {"epochs": tc.epochs, "log_every": 0,
-                                  "max_seconds": min(tc.base.max_seconds or math.inf, cap)}
+                                  "deadline": min(tc.base.deadline or math.inf, deadline)}
         trainable = tune.with_resources(
             tune.with_parameters(_trainable, data=data, base=base, threads=threads), resources
         )

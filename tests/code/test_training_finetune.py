@@ -129,3 +129,10 @@ def test_search_space_unfreezes_more_layers_on_gpu() -> None:
     assert list(default_search_space(gpu=False)["unfrozen_layers"].categories) == [1]
     assert list(default_search_space(gpu=True)["unfrozen_layers"].categories) == [1, 2, 3]
     assert list(default_search_space(False, (0,), (0,))["unfrozen_layers"].categories) == [0]
+
+
+def test_a_deadline_stops_training_but_still_evaluates(data) -> None:  # noqa: ANN001
+    import time
+
+    res = fit(data, TrainConfig(epochs=3, deadline=time.time(), encoder_mode="top_k", unfrozen_layers=1, **SMALL))
+    assert res.steps == 1 and len(res.history) == 1 and np.isfinite(res.val_metrics["ndcg@10"])
