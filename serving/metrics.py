@@ -17,7 +17,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 @cache
 def metrics() -> dict[str, Any]:
     """The service's metric objects, created once per process."""
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import Counter, Gauge, Histogram
 
     return {
         "responses": Counter(
@@ -38,4 +38,9 @@ def metrics() -> dict[str, Any]:
         "feedback": Counter("recflow_feedback", "Accepted feedback events by push outcome.", ["outcome"]),
         "store_errors": Counter("recflow_store_errors", "Failed online-store operations.", ["operation"]),
         "reloads": Counter("recflow_reloads", "Model loads by outcome.", ["outcome"]),
+        "champion_fallback": Gauge(
+            "recflow_champion_fallback", "1 while a worker serves a previous champion because the champion's model "
+            "files cannot be loaded (alert on it: re-register and promote a good model, or roll back).",
+            multiprocess_mode="livemax",
+        ),
     }

@@ -1,8 +1,9 @@
 """What the service serves: a model, its item index and the catalogue, loaded as one snapshot.
 
 :func:`load_state` resolves the model (``serving.model_path`` > ``serving.model_tag`` > the
-registry's champion), reads item titles, categories and current popularity through the Feast
-``item_index_v1`` service, adds cold-start items (in the catalogue, unknown to the model) from
+registry's champion; when the champion's files cannot be read, the newest previous champion that
+can, recorded in ``ServingState.fallback``), reads item titles, categories and current popularity
+through the Feast ``item_index_v1`` service, adds cold-start items (in the catalogue, unknown to the model) from
 their text, builds the item index and the popularity fallback. The result is immutable: a reload
 builds a new :class:`ServingState` and swaps one reference.
 
@@ -44,6 +45,28 @@ ITEM_READ_CHUNK = 5000
 
 class ModelNotFound(RuntimeError):
     """No model to serve yet (no model_path folder, no tag, no champion)."""
+
+
+FALLBACK_TRIES = 3  # previous champions tried, newest first, when the champion's files cannot be loaded
+
+
+@dataclass(frozen=True)
+class ChampionFallback:
+    """The champion could not be loaded (damaged or partial files), so a previous one serves."""
+
+    tag: str  # the champion that failed
+    folder: Path
+    signature: str  # of its files when it failed: the same files are not retried on every poll
+    error: str
+
+
+def files_signature(folder: Path) -> str:
+    """Size and mtime of the model files in ``folder`` (changes when they are rewritten)."""
+    parts = []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        st = path.stat()
+        parts.append(f"{path.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -260,6 +283,7 @@ class ServingState:
     loaded_at: str
     load_seconds: float
     cold_start_items: int = 0
+    fallback: ChampionFallback | None = None  # set when a previous champion serves because the champion failed
     two_stage: TwoStage | None = None  # the /recommend ranker (candidates + LightGBM), when the model has one
     two_stage_to_state: np.ndarray | None = None  # [N_ranker] position in this state's index
     state_to_two_stage: np.ndarray | None = None  # [N] position in the ranker's catalogue (-1: unknown to it)
@@ -327,13 +351,71 @@ def _build_catalogue(model: RecModel, feats: dict[str, list[Any]]) -> Catalogue:
     )
 
 
+def _read_model(settings: Settings, src: ModelSource) -> tuple[RecModel, TwoStage | None]:
+    """The model and its two-stage ranker (None when it has none or ``serving.two_stage`` is off) read
+    from ``src.folder``; raises whatever a damaged or partial file raises."""
+    from recflow.modeling import load_model
+    from recflow.registry import RANKER_DIR
+
+    model = load_model(src.folder)
+    path = Path(src.folder) / RANKER_DIR
+    if not settings.serving.two_stage or not path.is_dir():
+        return model, None
+    from recflow.ranker import load_two_stage
+
+    return model, load_two_stage(path)
+
+
+def _read_champion(settings: Settings, src: ModelSource) -> tuple[ModelSource, RecModel, TwoStage | None,
+                                                                  ChampionFallback | None]:
+    """The champion's model, or, when its files cannot be read, the newest previous champion (of the
+    pointer's history) that can: a damaged or partially copied champion never leaves a worker with
+    nothing to serve. Raises the champion's own error when no previous one loads either."""
+    from recflow import registry
+
+    try:
+        return (src, *_read_model(settings, src), None)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: try the previous champions
+        error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        failed = ChampionFallback(src.version, src.folder, files_signature(src.folder), error)
+        pointer = registry.get_champion(settings) or {}
+        tried: list[str] = []
+        for prev in reversed(pointer.get("history", [])):
+            if len(tried) >= FALLBACK_TRIES:
+                break
+            folder = Path(prev.get("path", ""))
+            if folder == src.folder or str(prev.get("tag")) in tried:
+                continue
+            tried.append(str(prev.get("tag")))
+            candidate = ModelSource(folder, str(prev.get("tag") or folder.name), "champion")
+            try:
+                model, two_stage = _read_model(settings, candidate)
+            except Exception as prev_exc:  # noqa: BLE001 - damaged too: the next older one
+                log.error("previous champion %s cannot be loaded either: %s: %s", candidate.version,
+                          type(prev_exc).__name__, str(prev_exc)[:200])
+                continue
+            log.error("champion %s cannot be loaded (%s): serving the previous champion %s instead. Re-register "
+                      "and promote a good model, or `recflow rollback`; the alert metric recflow_champion_fallback "
+                      "stays 1 until then", src.version, error, candidate.version)
+            return candidate, model, two_stage, failed
+        raise RuntimeError(f"champion {src.version} cannot be loaded ({error}) and no previous champion could be "
+                           f"(tried {tried or 'none: the pointer has no history'}): re-register and promote a good "
+                           "model") from exc
+
+
 def load_state(settings: Settings, store: FeatureStore, model_path: Path | None = None) -> ServingState:
-    """Load and index the model to serve (see the module docstring). Slow: run it off the event loop."""
-    from recflow.modeling import build_index, load_model
+    """Load and index the model to serve (see the module docstring). A champion whose files cannot be
+    read is replaced by the previous champion (``ServingState.fallback`` says so). Slow: run it off the
+    event loop."""
+    from recflow.modeling import build_index
 
     started = time.perf_counter()
     src = resolve_model(settings, model_path)
-    model = load_model(src.folder)
+    fallback = None
+    if src.source == "champion":
+        src, model, ts, fallback = _read_champion(settings, src)
+    else:
+        model, ts = _read_model(settings, src)
     added = 0
     offline = _offline_catalogue(settings)
     if offline is not None:
@@ -353,11 +435,12 @@ def load_state(settings: Settings, store: FeatureStore, model_path: Path | None 
     ann = AnnScorer(index, settings.serving.ann_nlist, settings.serving.ann_nprobe) if settings.serving.index == "ann" else None
     from datetime import UTC, datetime
 
-    two_stage, to_state, to_ranker = _load_two_stage(settings, src.folder, list(index.item_ids))
+    two_stage, to_state, to_ranker = _load_two_stage(ts, src.folder, list(index.item_ids))
     state = ServingState(
         model=model, index=index, scorer=scorer, ann=ann, catalogue=catalogue, version=src.version, source=src,
         loaded_at=datetime.now(UTC).isoformat(timespec="seconds"), load_seconds=time.perf_counter() - started,
-        cold_start_items=added, two_stage=two_stage, two_stage_to_state=to_state, state_to_two_stage=to_ranker,
+        cold_start_items=added, fallback=fallback, two_stage=two_stage, two_stage_to_state=to_state,
+        state_to_two_stage=to_ranker,
     )
     model.eval()
     _ = state.lookup  # built now, not on the first request
@@ -368,20 +451,17 @@ def load_state(settings: Settings, store: FeatureStore, model_path: Path | None 
 
 
 def _load_two_stage(
-    settings: Settings, folder: Path, item_ids: list[str]
+    ts: TwoStage | None, folder: Path, item_ids: list[str]
 ) -> tuple[TwoStage | None, np.ndarray | None, np.ndarray | None]:
-    """The model folder's two-stage ranker (``ranker/``) and position maps to and from the index, or Nones
-    when the folder has none or ``serving.two_stage`` is off."""
+    """The two-stage ranker ``ts`` read from ``folder`` and its position maps to and from the index, or
+    Nones without one."""
     from recflow.registry import RANKER_DIR
 
-    path = Path(folder) / RANKER_DIR
-    if not settings.serving.two_stage or not path.is_dir():
+    if ts is None:
         return None, None, None
     import pandas as pd
 
-    from recflow.ranker import load_two_stage
-
-    ts = load_two_stage(path)
+    path = Path(folder) / RANKER_DIR
     idx = pd.Index(item_ids)
     to_state = idx.get_indexer(ts.item_index)
     if (to_state < 0).any():

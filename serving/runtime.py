@@ -57,7 +57,7 @@ from serving.batching import MicroBatcher
 from serving.features import OnlineUserReader, feature_age_s, logged_features
 from serving.jsonfast import dumps
 from serving.metrics import metrics
-from serving.model_state import ModelNotFound, ServingState, load_state, resolve_model
+from serving.model_state import ModelNotFound, ServingState, files_signature, load_state, resolve_model
 from serving.request_log import RequestLogWriter
 
 if TYPE_CHECKING:
@@ -369,7 +369,7 @@ class Runtime:
                 await self._run(self._loader, self.warm_up, state)
                 await self._run(self._loader, freeze_heap)  # before ready: a full collection stalls requests
                 self.state = state
-                self.load_error = None
+                self._note_fallback(state)
                 metrics()["reloads"].labels("ok").inc()
                 log.info("ready: model %s, %d items", state.version, state.n_items)
                 return
@@ -493,7 +493,22 @@ class Runtime:
             src = resolve_model(self.settings)
         except ModelNotFound:
             return None  # the pointer was removed: keep serving what is loaded
+        failed = state.fallback
+        if failed is not None and src.folder == failed.folder and files_signature(src.folder) == failed.signature:
+            return None  # the champion that failed to load, unchanged: keep serving the previous one
         return src if src.source == "champion" and src.folder != state.source.folder else None
+
+    def _note_fallback(self, state: ServingState) -> None:
+        """Publish whether ``state`` is a previous champion serving for one that failed to load: the
+        ``recflow_champion_fallback`` gauge (the alert), the reload counter and ``/status``'s load_error."""
+        failed = state.fallback
+        metrics()["champion_fallback"].set(1 if failed else 0)
+        if failed is None:
+            self.load_error = None
+            return
+        metrics()["reloads"].labels("fallback").inc()
+        self.load_error = (f"champion {failed.tag} cannot be loaded ({failed.error}); serving the previous champion "
+                           f"{state.version}: re-register and promote a good model, or `recflow rollback`")
 
     async def _champion_loop(self) -> None:
         """Follow the champion pointer, so a promotion or rollback reaches every worker and replica, not
@@ -961,6 +976,7 @@ class Runtime:
                 metrics()["reloads"].labels("not_found").inc()
                 raise NotFound(f"{exc}; still serving {previous}", field="model_tag" if model_tag else None) from exc
             self.state = state
+            self._note_fallback(state)
             self._query_cache = None  # queries of the old model, or of rows read with the old registry
             self._answer_cache = None
             await self._run(self._loader, freeze_heap)
