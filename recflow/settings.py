@@ -280,6 +280,22 @@ class FeedbackSettings(BaseModel):
         description="How long /feedback waits for the online push before it answers pushed=false; the event is "
         "durable in the event log either way and the push carries on (or is retried) in the background.",
     )
+    batch_push_wait_s: float = Field(
+        default=0.0, ge=0,
+        description="How long /feedback/batch waits for the online push before it answers (default: not at all, "
+        "it answers once the events are durable; pushed=false then means the push is under way). A wait ties each "
+        "call's latency to the online store's under load.",
+    )
+    push_process: bool = Field(
+        default=True,
+        description="Run each worker's online pushes in a process of its own, so their Python work never holds the "
+        "worker's GIL while requests wait (false: a thread of the worker).",
+    )
+    push_interval_s: float = Field(
+        default=0.05, ge=0,
+        description="Shortest time between two online pushes of one worker: events arriving meanwhile go in the "
+        "next push together (one read and one write of each user's rows, however many events).",
+    )
     push_timeout_s: float = Field(
         default=5.0, gt=0,
         description="A push to the online store slower than this counts as failed: its events stay pending and are "

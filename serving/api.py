@@ -6,7 +6,7 @@ rather than a silently ignored option. Ids are strings of 1..128 characters.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -17,8 +17,6 @@ MAX_FUTURE_S = 3600.0
 
 def _aware(value: datetime | None) -> datetime | None:
     """Naive timestamps are UTC; more than an hour in the future is refused."""
-    from datetime import UTC
-
     if value is None:
         return None
     value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -31,8 +29,6 @@ def _aware(value: datetime | None) -> datetime | None:
 
 def _utc(value: datetime | None) -> datetime | None:
     """Naive timestamps are UTC (the service checks feedback timestamps against its window: 422)."""
-    from datetime import UTC
-
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -13,12 +13,17 @@ idempotent. Several workers of one machine serialise their read-merge-write on
 ``<home>/locks/online-push.lock`` (``push_events(lock_path=...)``), so none overwrites another's
 update. The pushed rows are stamped with the event time, or one second after the stored row
 when that is later (the Redis store ignores rows that are not newer).
+
+Cost: the service turns requests into journal records without a data frame per event
+(:func:`event_records`), and pushes through :class:`OnlineRows`, which resolves the push sources'
+feature views once and reads and writes them through the online store's own calls (Feast's
+``push`` re-reads the registry's protos on every call: most of a push's time).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +34,7 @@ from recflow.schemas import EVENTS_SCHEMA, USER_ACTIVITY_FEATURES, USER_HISTORY_
 if TYPE_CHECKING:
     from feast import FeatureStore
 
+    from recflow.event_log import Record
     from serving.api import FeedbackRequest
 
 FEEDBACK_ID_PREFIX = "fb"
@@ -66,12 +72,113 @@ def event_frame(req: FeedbackRequest, now: datetime | None = None) -> pd.DataFra
     return df
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+def event_records(reqs: Sequence[FeedbackRequest], now: datetime) -> list[Record]:
+    """The journal records (``recflow.event_log.Record``) of feedback requests, as :func:`event_frame`
+    would give them, without a data frame per event (only a keyless event's derived id needs one)."""
+    out: list[Record] = []
+    for r in reqs:
+        ts = r.timestamp or now
+        ts = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+        event_id = r.event_id if r.event_id is not None else str(event_frame(r, now)["event_id"].iloc[0])
+        out.append((event_id, r.user_id, r.item_id, r.event_type, (ts - _EPOCH) // _US, r.basket_id,
+                    None if r.quantity is None else float(r.quantity), None if r.price is None else float(r.price)))
+    return out
+
+
+def records_frame(records: Sequence[Record]) -> pd.DataFrame:
+    """Journal records as canonical events (``EVENTS_SCHEMA`` columns)."""
+    df = pd.DataFrame.from_records(list(records), columns=["event_id", "user_id", "item_id", "event_type", "event_ts_us",
+                                                           "basket_id", "quantity", "price"])
+    df.insert(4, "event_timestamp", pd.to_datetime(df.pop("event_ts_us"), unit="us", utc=True))
+    return df[EVENTS_SCHEMA.names]
+
+
+class OnlineRows:
+    """The users' ``user_history`` and ``user_activity`` online rows, read and written lean.
+
+    ``FeatureStore.push`` resolves the push source's feature views from the registry's protos on
+    every call (tens of milliseconds, more than the write). This resolves them once and then calls
+    what ``push`` ends in, ``Provider.ingest_df`` (the same conversion and online write), and reads
+    with ``OnlineStore.online_read`` as ``serving.features.OnlineUserReader`` does, so the values equal
+    :func:`_read_online`'s. When a feature service precomputes online vectors (which ``push`` would
+    refresh) it falls back to ``push``. Views are resolved at the first call; rebuild it when the
+    registry changes."""
+
+    def __init__(self, store: FeatureStore) -> None:
+        self._store = store
+        self._resolved = False
+
+    def resolve(self) -> None:
+        """Resolve the feature views once, at the first read or write."""
+        if self._resolved:
+            return
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        store = self._store
+        self._entity_key, self._value = EntityKey, Value
+        self._config = store.config
+        self._provider = store._get_provider()  # noqa: SLF001 - Feast exposes no public accessor
+        views = store.list_feature_views()
+        self._targets = {
+            push: [v for v in views if getattr(v.stream_source, "name", None) == push] for push in (HISTORY_PUSH, ACTIVITY_PUSH)
+        }
+        targets = {v.name for vs in self._targets.values() for v in vs}
+        self._precompute = any(getattr(svc, "precompute_online", False) and
+                               any(p.name in targets for p in svc.feature_view_projections)
+                               for svc in store.list_feature_services())
+        self._reads: list[tuple[Any, list[str], list[tuple[str, str, Any]]]] = []
+        for name, features in (("user_activity", USER_ACTIVITY_FEATURES), ("user_history", USER_HISTORY_FEATURES)):
+            view = store.get_feature_view(name)
+            types = {f.name: f.dtype.to_value_type() for f in view.features}
+            self._reads.append((view, list(features), [(n, f"{name}__{n}", types.get(n)) for n in features]))
+        self._resolved = True
+
+    def read(self, user_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """One dict per user: ``view__feature`` values and ``view__feature__ts`` (epoch seconds, 0 when
+        the user has no row), as :func:`_read_online` returns them."""
+        from feast.type_map import feast_value_type_to_python_type as to_python
+
+        self.resolve()
+        keys = [self._entity_key(join_keys=["user_id"], entity_values=[self._value(string_val=str(u))]) for u in user_ids]
+        out: list[dict[str, Any]] = [{"user_id": u, "user_id__ts": 0} for u in user_ids]
+        online = self._provider.online_store
+        for view, names, columns in self._reads:
+            rows = online.online_read(config=self._config, table=view, entity_keys=keys, requested_features=names)
+            for row, (ts, values) in zip(out, rows, strict=True):
+                stamp = int(ts.timestamp()) if ts is not None else 0
+                for name, key, vtype in columns:
+                    v = values.get(name) if values else None
+                    row[key] = to_python(v, vtype) if v is not None else None
+                    row[key + "__ts"] = stamp
+        return out
+
+    def write(self, push_source: str, df: pd.DataFrame) -> None:
+        """What ``store.push(push_source, df)`` writes online."""
+        self.resolve()
+        if self._precompute:
+            self._store.push(push_source, df)
+            return
+        if not self._targets[push_source]:
+            raise ValueError(f"no feature view is fed by the push source {push_source!r}")
+        for view in self._targets[push_source]:
+            self._provider.ingest_df(view, df)
+
+
 def _read_online(store: FeatureStore, user_ids: list[str]) -> list[dict[str, Any]]:
     refs = [f"user_activity:{n}" for n in USER_ACTIVITY_FEATURES] + [f"user_history:{n}" for n in USER_HISTORY_FEATURES]
     got = store.get_online_features(
         features=refs, entity_rows=[{"user_id": u} for u in user_ids], full_feature_names=True
     ).to_dict(include_event_timestamps=True)
     return [{k: v[i] for k, v in got.items()} for i in range(len(user_ids))]
+
+
+def _num(value: Any, default: float) -> float:
+    return default if value is None or pd.isna(value) else float(value)
 
 
 def apply_events(
@@ -82,33 +189,52 @@ def apply_events(
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """New ``(history, activity)`` feature values of one user after ``events`` (oldest first), or
     None when every event is already applied. ``current`` is the user's online read."""
+    seconds = [int(pd.Timestamp(t).timestamp()) for t in events["event_timestamp"]]
+    rows = list(zip(events["item_id"].astype(str), seconds, events["event_type"], events["quantity"], events["price"],
+                    strict=True))
+    return _apply(current, rows, history_length, category_of)
+
+
+def _apply(
+    current: dict[str, Any],
+    events: Sequence[tuple[str, int, str, Any, Any]],
+    history_length: int,
+    category_of: Callable[[str], str | None],
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """:func:`apply_events` over ``(item_id, epoch seconds, event_type, quantity, price)`` tuples."""
     ids = list(current.get("user_history__history_item_ids") or [])
-    tss = [int(t) for t in (current.get("user_history__history_ts") or [])]
+    tss = list(map(int, current.get("user_history__history_ts") or []))
     act = {n: current.get(f"user_activity__{n}") for n in USER_ACTIVITY_FEATURES}
     for n in _INT - {"last_purchase_ts"}:
         act[n] = int(act[n] or 0)
     for n in ("spend_7d", "spend_30d", "spend_90d"):
         act[n] = float(act[n] or 0.0)
-    seen = set(zip(ids, tss, strict=False))
+    times = {e[1] for e in events}
+    seen = {(i, t) for i, t in zip(ids, tss, strict=False) if t in times}  # only these can repeat an event
+    known_items = set(ids)
+    known_cats: set[str | None] | None = None  # the history's categories, computed at the first new item
     changed = False
-    for ev in events.itertuples(index=False):
-        ts = int(pd.Timestamp(ev.event_timestamp).timestamp())
-        if (ev.item_id, ts) in seen:
+    for item, ts, event_type, quantity, price in events:
+        if (item, ts) in seen:
             continue
-        new_item = ev.item_id not in ids
-        cat = category_of(ev.item_id)
-        new_cat = cat is not None and cat not in {category_of(i) for i in ids}
+        new_item = item not in known_items
+        cat = category_of(item)
+        if new_item and known_cats is None:
+            known_cats = set(map(category_of, ids))
+        new_cat = new_item and cat is not None and cat not in known_cats  # type: ignore[operator]
         pos = next((j for j, t in enumerate(tss) if t <= ts), len(tss))
-        ids.insert(pos, ev.item_id)
+        ids.insert(pos, item)
         tss.insert(pos, ts)
-        seen.add((ev.item_id, ts))
+        seen.add((item, ts))
+        known_items.add(item)
+        if known_cats is not None:
+            known_cats.add(cat)
         act["interactions_30d"] += 1
-        if ev.event_type == "purchase":
-            qty = 1.0 if pd.isna(ev.quantity) else float(ev.quantity)
-            price = 0.0 if pd.isna(ev.price) else float(ev.price)
+        if event_type == "purchase":
+            qty, cost = _num(quantity, 1.0), _num(price, 0.0)
             for w in (7, 30, 90):
                 act[f"purchases_{w}d"] += 1
-                act[f"spend_{w}d"] = round(act[f"spend_{w}d"] + qty * price, 4)
+                act[f"spend_{w}d"] = round(act[f"spend_{w}d"] + qty * cost, 4)
             act["distinct_items_90d"] += int(new_item)
             act["distinct_categories_90d"] += int(new_cat)
             if act["last_purchase_ts"] is None or ts >= int(act["last_purchase_ts"]):
@@ -121,8 +247,8 @@ def apply_events(
     return history, act
 
 
-def _stamp(events: pd.DataFrame, stored_s: Any) -> pd.Timestamp:
-    newest = pd.Timestamp(events["event_timestamp"].max())
+def _stamp(newest_us: int, stored_s: Any) -> pd.Timestamp:
+    newest = pd.Timestamp(newest_us, unit="us", tz="UTC")
     stored = pd.Timestamp(int(stored_s or 0) + 1, unit="s", tz="UTC")
     return max(newest, stored)
 
@@ -135,47 +261,56 @@ def push_events(
     category_of: Callable[[str], str | None],
     lock_path: Path | None = None,
     lock_timeout_s: float = 2.0,
+    rows: OnlineRows | None = None,
 ) -> int:
     """Apply accepted ``events`` (canonical columns) to their users' online rows and push them.
 
     With ``lock_path`` the read-merge-write runs under an exclusive ``flock`` on that file
     (``recflow.locks``), so workers of one machine pushing the same user never overwrite each
     other's update; the lock is waited for at most ``lock_timeout_s`` (then ``LockTimeout``).
-    Returns how many users were updated. Raises whatever the store raises: the caller keeps the
-    events pending in the log and retries.
+    ``rows``: the :class:`OnlineRows` of ``store`` (built here when not given). Returns how many
+    users were updated. Raises whatever the store raises: the caller keeps the events pending in
+    the log and retries.
     """
     if events.empty:
         return 0
     if lock_path is None:
-        return _merge_and_push(store, events, history_length, category_of)
+        return _merge_and_push(rows or OnlineRows(store), events, history_length, category_of)
     from recflow.locks import file_lock
 
     with file_lock(lock_path, lock_timeout_s):
-        return _merge_and_push(store, events, history_length, category_of)
+        return _merge_and_push(rows or OnlineRows(store), events, history_length, category_of)
 
 
-def _merge_and_push(store: FeatureStore, events: pd.DataFrame, history_length: int,
+def _merge_and_push(rows: OnlineRows, events: pd.DataFrame, history_length: int,
                     category_of: Callable[[str], str | None]) -> int:
     events = events.sort_values("event_timestamp", kind="stable")
-    users = list(dict.fromkeys(events["user_id"].astype(str)))
-    current = _read_online(store, users)
+    stamps_us = pd.to_datetime(events["event_timestamp"], utc=True).astype("datetime64[us, UTC]").astype("int64").tolist()
+    by_user: dict[str, list[tuple[str, int, str, Any, Any]]] = {}
+    newest: dict[str, int] = {}
+    for user, item, us, kind, qty, price in zip(events["user_id"].astype(str).tolist(), events["item_id"].astype(str).tolist(),
+                                               stamps_us, events["event_type"].tolist(), events["quantity"].tolist(),
+                                               events["price"].tolist(), strict=True):
+        by_user.setdefault(user, []).append((item, us // 1_000_000, kind, qty, price))
+        newest[user] = max(newest.get(user, us), us)
+    users = list(by_user)
+    current = rows.read(users)
     now = pd.Timestamp.now(tz="UTC")
     hist_rows, act_rows = [], []
     for user, cur in zip(users, current, strict=True):
-        evs = events[events["user_id"] == user]
-        new = apply_events(cur, evs, history_length, category_of)
+        new = _apply(cur, by_user[user], history_length, category_of)
         if new is None:
             continue
         history, activity = new
-        hist_rows.append({"user_id": user, "event_timestamp": _stamp(evs, cur.get("user_history__history_item_ids__ts")),
+        hist_rows.append({"user_id": user, "event_timestamp": _stamp(newest[user], cur.get("user_history__history_item_ids__ts")),
                           "created_timestamp": now, **history})
-        act_rows.append({"user_id": user, "event_timestamp": _stamp(evs, cur.get("user_activity__purchases_7d__ts")),
+        act_rows.append({"user_id": user, "event_timestamp": _stamp(newest[user], cur.get("user_activity__purchases_7d__ts")),
                          "created_timestamp": now, **activity})
     if not hist_rows:
         return 0
-    store.push(HISTORY_PUSH, pd.DataFrame(hist_rows))
+    rows.write(HISTORY_PUSH, pd.DataFrame(hist_rows))
     act = pd.DataFrame(act_rows)
     for n in USER_ACTIVITY_FEATURES:  # last_purchase_ts is null for a user who only viewed
         act[n] = act[n].astype(("Int64" if n == "last_purchase_ts" else "int64") if n in _INT else "float64")
-    store.push(ACTIVITY_PUSH, act)
+    rows.write(ACTIVITY_PUSH, act)
     return len(hist_rows)

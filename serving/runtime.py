@@ -7,10 +7,17 @@
 Threads: one compute thread (ranking, one batch at a time: torch and numpy release the GIL),
 a small pool for online-store reads (bounded by ``serving.feature_timeout_s``, so a hung store
 degrades answers instead of stalling them), one journal thread (durable event-log appends: what
-``/feedback`` waits for), one push thread (online pushes of pending events, serialised so a user's
-online row is never updated by two writers of this worker; each push bounded by
-``feedback.push_timeout_s``), one loader thread. An append never queues behind a push: a hung
-online store leaves ``/feedback`` acknowledging durably, with ``pushed: false``.
+``/feedback`` waits for), one push executor (online pushes of pending events, serialised so a
+user's online row is never updated by two writers of this worker; each push bounded by
+``feedback.push_timeout_s``): a process of its own by default (``serving.pusher``), so the push's
+Python work never holds this process's GIL while requests wait for it; one loader thread. An append
+never queues behind a push: a hung online store leaves ``/feedback`` acknowledging durably, with
+``pushed: false``.
+
+Group commit: appends that arrive while the journal thread is committing wait and then go
+together, in one transaction and one fsync (``recflow.event_log.JournalSession.append_many``); each
+request is answered only after that commit returned, and a conflicting one (409) records nothing
+without failing the others. Under load the fsync is paid once per group, not once per request.
 
 Errors are :class:`ServiceError` subclasses carrying an HTTP status and the offending field.
 """
@@ -26,7 +33,7 @@ import os
 import time
 import uuid
 from collections import Counter, deque
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from recflow.event_log import EventLog
+from recflow.event_log import EventLog, JournalSession
 from recflow.modeling.features import get_feature
 from recflow.security import redact
 from recflow.settings import Settings
@@ -63,10 +70,19 @@ from serving.request_log import RequestLogWriter
 if TYPE_CHECKING:
     from feast import FeatureService, FeatureStore
 
+    from recflow.event_log import Record
     from recflow.modeling import UserQuery
     from serving.model_state import ModelSource
 
 log = logging.getLogger("recflow.serving")
+MAX_GROUP_COMMIT = 512  # appends per journal transaction (each at most MAX_FEEDBACK_BATCH events)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Stop a process pool's processes now (a push hung on the store would otherwise outlive the worker)."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            proc.terminate()
 
 
 def freeze_heap() -> None:
@@ -198,6 +214,12 @@ class Runtime:
     _push_kick: asyncio.Event | None = None
     _next_push: asyncio.Future[set[str] | None] | None = None
     _stalled_push: asyncio.Future[set[str]] | None = None
+    _journal_queue: list[tuple[list[Record], list[str], asyncio.Future[int]]] = field(default_factory=list)
+    _journal_busy: bool = False
+    _journal_session: JournalSession | None = None
+    _push_epoch: int = 0  # bumped when the registry is refreshed (the push executor follows)
+    _push_categories: str | None = None  # the model whose item categories the push executor holds
+    _push_pool: ProcessPoolExecutor | None = None  # the push process while it warms up
     pending_feedback: int | None = None
     _first_load: asyncio.Event | None = None
     _loader: Executor | None = None
@@ -245,7 +267,8 @@ class Runtime:
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="recflow-compute")
         self._features = ThreadPoolExecutor(4, thread_name_prefix="recflow-features")
         self._journal = ThreadPoolExecutor(1, thread_name_prefix="recflow-journal")
-        self._push = ThreadPoolExecutor(1, thread_name_prefix="recflow-push")
+        self._push = ThreadPoolExecutor(1, thread_name_prefix="recflow-push")  # until the push process is warm
+        self._start_push_process()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="recflow-loader")
         self._reload_lock = asyncio.Lock()
         self.request_log = RequestLogWriter(
@@ -314,9 +337,16 @@ class Runtime:
                 await task
         if self._batcher is not None:
             await self._batcher.stop()
+        if self._journal is not None and self._journal_session is not None:
+            with contextlib.suppress(Exception):
+                self._journal.submit(self._journal_session.close)
         for ex in (self._compute, self._features, self._journal, self._push, self._loader):
             if ex is not None:
                 ex.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._push, self._push_pool):
+            if isinstance(pool, ProcessPoolExecutor):
+                pool.shutdown(wait=False, cancel_futures=True)
+                _terminate(pool)
         if self.request_log is not None:
             self.request_log.close()
 
@@ -387,7 +417,8 @@ class Runtime:
             await asyncio.sleep(self.settings.serving.load_retry_s)
 
     async def _push_loop(self) -> None:
-        """Push pending feedback online when kicked (after an append) or every ``serving.push_retry_s``.
+        """Push pending feedback online when kicked (after an append) or every ``serving.push_retry_s``,
+        at most once per ``feedback.push_interval_s``.
 
         Each cycle resolves the future that requests appended before it wait on (with the ids still
         pending, None when no push ran). A push slower than ``feedback.push_timeout_s`` is left to
@@ -395,9 +426,14 @@ class Runtime:
         count that ``/status`` reports is refreshed here, never on a request."""
         assert self._push_kick is not None and self._next_push is not None
         loop = asyncio.get_running_loop()
+        last = -float("inf")
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._push_kick.wait(), self.settings.serving.push_retry_s)
+            gap = self.settings.feedback.push_interval_s - (loop.time() - last)
+            if gap > 0:  # events of the next moment go along in this push
+                await asyncio.sleep(gap)
+            last = loop.time()
             self._push_kick.clear()
             done, self._next_push = self._next_push, loop.create_future()
             result: set[str] | None = None
@@ -408,14 +444,81 @@ class Runtime:
             if not done.done():
                 done.set_result(result)
 
+    def _start_push_process(self) -> None:
+        """With ``feedback.push_process``: start a one-process pool and import what a push needs there,
+        at a low priority; pushes move to it once that is done (until then, and if it fails, they run
+        on a thread: a cold process takes seconds, tens of them on a busy machine)."""
+        if not self.settings.feedback.push_process:
+            return
+        import multiprocessing
+
+        from serving import pusher
+
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=pusher.init_process,
+                                   initargs=(os.getpid(),))
+        self._push_pool = pool
+        loop = asyncio.get_running_loop()
+
+        def warmed(f: Any) -> None:
+            if f.cancelled() or f.exception() is not None:
+                log.warning("push process warm-up failed, pushing on a thread: %s", None if f.cancelled() else f.exception())
+                return
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the service stopped
+                loop.call_soon_threadsafe(self._use_push_process, pool)
+
+        pool.submit(pusher.warm, self.settings).add_done_callback(warmed)
+
+    def _use_push_process(self, pool: ProcessPoolExecutor) -> None:
+        """Move pushes to the warm push process (event loop; the push loop runs one cycle at a time)."""
+        if self._push_pool is not pool:
+            return
+        if self._stalled_push is not None and not self._stalled_push.done():  # once the stalled push returns
+            self._stalled_push.add_done_callback(lambda _: self._use_push_process(pool))
+            return
+        old, self._push, self._push_pool = self._push, pool, None
+        self._push_categories = None
+        if old is not None:
+            old.shutdown(wait=False)
+        log.info("online pushes now run in a process of their own")
+
+    def _push_args(self) -> tuple[Settings, FeatureStore | None, int]:
+        """What the push functions get: a thread shares this process's store; a process opens its own."""
+        return self.settings, None if isinstance(self._push, ProcessPoolExecutor) else self.store, self._push_epoch
+
+    async def _push_once(self, state: ServingState) -> set[str] | None:
+        """One push on the push executor (``serving.pusher.push_pending``), sending the model's item
+        categories when the executor lacks them; returns the ids still pending."""
+        from serving import pusher
+
+        key = f"{state.version}:{id(state)}"
+        cats = None if self._push_categories == key else await self._run(None, pusher.categories_of, state)
+        for _ in range(2):
+            got = await self._run(self._push, pusher.push_pending, *self._push_args(), key, cats)
+            if got is not None:
+                break
+            cats = await self._run(None, pusher.categories_of, state)
+        else:  # pragma: no cover - the second call carries the categories
+            return None
+        self._push_categories = key
+        if got.error is not None:
+            metrics()["store_errors"].labels("push").inc()
+            self._push_warn.warn("feedback push failed, %d event(s) stay pending in the event log: %s",
+                                 len(got.pending), got.error)
+        return got.pending
+
     async def _push_cycle(self) -> set[str] | None:
         """One push (None: not ready, or the previous push is still stalled), then the pending count."""
-        if not self.ready:
+        from concurrent.futures.process import BrokenProcessPool
+
+        from serving import pusher
+
+        state = self.state
+        if not self.ready or state is None:
             return None
         if self._stalled_push is not None and not self._stalled_push.done():
             return None
         self._stalled_push = None
-        fut = asyncio.get_running_loop().run_in_executor(self._push, self._push_pending)
+        fut = asyncio.ensure_future(self._push_once(state))
         timeout = self.settings.feedback.push_timeout_s
         result: set[str] | None
         try:
@@ -426,9 +529,17 @@ class Runtime:
             self._push_warn.warn("feedback push still running after %.1f s (feedback.push_timeout_s): its events "
                                  "stay pending; appends go on, pushes resume when the store answers", timeout)
             fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+        except BrokenProcessPool as exc:  # the push process died: its events stay pending; start another
+            metrics()["store_errors"].labels("push").inc()
+            self._push_warn.warn("the push process died (%s): pushing on a thread while a new one starts; pending "
+                                 "events stay in the event log", exc)
+            self._push = ThreadPoolExecutor(1, thread_name_prefix="recflow-push")
+            self._push_categories = None
+            self._start_push_process()
+            return None
         if self._stalled_push is None:
             with contextlib.suppress(Exception):  # /status keeps the last known count
-                self.pending_feedback = await self._run(self._push, self.event_log.pending_count)
+                self.pending_feedback = await self._run(self._push, pusher.pending_count, *self._push_args())
         return result
 
     async def _await_push(self, wait_s: float) -> set[str] | None:
@@ -438,21 +549,29 @@ class Runtime:
             return None
         fut = self._next_push
         self._push_kick.set()
+        if wait_s <= 0:
+            return fut.result() if fut.done() else None
         try:
             return await asyncio.wait_for(asyncio.shield(fut), wait_s)
         except TimeoutError:
             return None
 
-    async def _append(self, df: Any, reqs: list[FeedbackRequest]) -> int:
-        """Durably append feedback events on the journal thread: 409 on a reused event_id with another
-        payload, 503 when the journal stays locked past ``feedback.journal_timeout_s``."""
+    async def _append(self, records: list[Record], reqs: list[FeedbackRequest]) -> int:
+        """Durably append feedback events (group commit on the journal thread, see the module
+        docstring): 409 on a reused event_id with another payload, 503 when the journal stays locked
+        past ``feedback.journal_timeout_s``. Returns how many events were new."""
         import sqlite3
 
         from recflow.event_log import EventConflict
 
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        server_timed = [r[0] for r, q in zip(records, reqs, strict=True) if q.timestamp is None]
+        self._journal_queue.append((records, server_timed, fut))
+        if not self._journal_busy:
+            self._commit_group(loop)
         try:
-            server_timed = [e for e, r in zip(df["event_id"].astype(str), reqs, strict=True) if r.timestamp is None]
-            return await self._run(self._journal, self.event_log.append, df, server_timed)
+            return await fut
         except EventConflict as exc:
             metrics()["feedback"].labels("conflict").inc()
             raise Conflict(f"{exc}; nothing was recorded. Send a new event_id for a new event, or the original "
@@ -460,6 +579,41 @@ class Runtime:
         except sqlite3.OperationalError as exc:
             raise NotReady(f"the event log is busy ({exc}); nothing was recorded: retry with the same event_id",
                            field=None) from exc
+        except ValueError as exc:
+            raise BadRequest(f"{exc}; nothing was recorded") from exc
+
+    def _commit_group(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Commit every queued append in one journal transaction, then resolve their futures and start
+        the next group if more arrived meanwhile (event loop only)."""
+        group, self._journal_queue = self._journal_queue[:MAX_GROUP_COMMIT], self._journal_queue[MAX_GROUP_COMMIT:]
+        if self._journal_session is None:
+            self._journal_session = self.event_log.session()
+        self._journal_busy = True
+        try:
+            done = loop.run_in_executor(self._journal, self._journal_session.append_many, [(r, t) for r, t, _ in group])
+        except RuntimeError as exc:  # the executor is shut down: the service is stopping
+            self._journal_busy = False
+            for _, _, fut in group:
+                if not fut.done():
+                    fut.set_exception(NotReady(f"the service is stopping ({exc}); nothing was recorded"))
+            return
+
+        def resolve(f: asyncio.Future[list[int | Exception]]) -> None:
+            self._journal_busy = False
+            error = f.exception() if not f.cancelled() else NotReady("the journal write was cancelled")
+            results: list[int | Exception] = [] if error else f.result()
+            for i, (_, _, fut) in enumerate(group):
+                if fut.done():  # the request went away; its events are committed (or not) all the same
+                    continue
+                outcome = error or results[i]
+                if isinstance(outcome, BaseException):
+                    fut.set_exception(outcome)
+                else:
+                    fut.set_result(outcome)
+            if self._journal_queue:
+                self._commit_group(loop)
+
+        done.add_done_callback(resolve)
 
     def check_feedback(self, req: FeedbackRequest, now: datetime, where: str = "") -> None:
         """422 naming the field when an event has neither an event_id nor a timestamp (no idempotency
@@ -869,74 +1023,45 @@ class Runtime:
     async def feedback(self, req: FeedbackRequest) -> FeedbackResponse:
         """Append the event durably (idempotent by event_id), then wait up to ``feedback.push_wait_s``
         for the online push (the push runs on its own thread; the answer never waits longer)."""
-        from serving.feedback import event_frame
+        from serving.feedback import event_records
 
         state = self.require_state()
         if req.item_id not in state.index.position:
             raise NotFound(f"item_id {req.item_id!r} is not in the catalogue", field="item_id")
         now = datetime.now(UTC)
         self.check_feedback(req, now)
-        df = event_frame(req, now)
-        event_id = str(df["event_id"].iloc[0])
-        new = await self._append(df, [req])  # durable from here on
+        records = event_records([req], now)
+        event_id = records[0][0]
+        new = await self._append(records, [req])  # durable from here on
         pending = await self._await_push(self.settings.feedback.push_wait_s)  # None: still pushing
         pushed = pending is not None and event_id not in pending
         metrics()["feedback"].labels("pushed" if pushed else "pending").inc()
         return FeedbackResponse(event_id=event_id, accepted=True, duplicate=new == 0, pushed=pushed)
 
     async def feedback_batch(self, reqs: list[FeedbackRequest]) -> FeedbackBatchResponse:
-        """Append several events durably in one transaction (all or none), then push them online.
-        A conflicting event_id (409) or an event outside the window (422) records nothing."""
-        import pandas as pd
+        """Append several events durably in one transaction (all or none), then push them online
+        (waiting at most ``feedback.batch_push_wait_s`` for that). A conflicting event_id (409) or an
+        event outside the window (422) records nothing."""
+        from serving.feedback import event_records
 
-        from serving.feedback import event_frame
-
+        started = time.perf_counter()
         state = self.require_state()
+        position = state.index.position
         for i, req in enumerate(reqs):
-            if req.item_id not in state.index.position:
+            if req.item_id not in position:
                 raise NotFound(f"events[{i}].item_id {req.item_id!r} is not in the catalogue; nothing was recorded",
                                field=f"events.{i}.item_id")
         now = datetime.now(UTC)
         for i, req in enumerate(reqs):
             self.check_feedback(req, now, where=f"events.{i}.")
-        df = pd.concat([event_frame(r, now) for r in reqs], ignore_index=True)
-        ids = df["event_id"].astype(str).tolist()
-        new = await self._append(df, reqs)  # durable from here on
-        pending = await self._await_push(self.settings.feedback.push_wait_s)
+        records = event_records(reqs, now)
+        ids = [r[0] for r in records]
+        new = await self._append(records, reqs)  # durable from here on
+        pending = await self._await_push(self.settings.feedback.batch_push_wait_s)
         pushed = pending is not None and not pending.intersection(ids)
         metrics()["feedback"].labels("pushed" if pushed else "pending").inc(len(ids))
+        metrics()["latency"].labels("feedback_batch").observe(time.perf_counter() - started)
         return FeedbackBatchResponse(event_ids=ids, accepted=len(ids), duplicates=len(ids) - new, pushed=pushed)
-
-    def _push_pending(self) -> set[str]:
-        """Push every pending event online; returns the ids still pending."""
-        from serving.feedback import ONLINE_PUSH_LOCK, push_events
-
-        state, store = self.state, self.store
-        if state is None or store is None:
-            return set()
-        elog = self.event_log
-        pending = elog.pending_push(limit=5000)
-        if pending.empty:
-            return set()
-        ids = pending["event_id"].astype(str).tolist()
-        cats, pos = state.catalogue.categories, state.index.position
-
-        def category_of(item: str) -> str | None:
-            p = pos.get(item)
-            return None if p is None else cats[p]
-
-        try:
-            push_events(store, pending, history_length=self.settings.features.history_length, category_of=category_of,
-                        lock_path=self.settings.paths.locks / ONLINE_PUSH_LOCK,
-                        lock_timeout_s=self.settings.feedback.push_lock_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - the events stay pending and are retried
-            elog.mark_pushed(ids, ok=False)
-            metrics()["store_errors"].labels("push").inc()
-            self._push_warn.warn("feedback push failed, %d event(s) stay pending in the event log: %s: %s",
-                                 len(ids), type(exc).__name__, str(exc)[:200])
-            return set(ids)
-        elog.mark_pushed(ids, ok=True)
-        return set()
 
     # --- /reload, /status ---------------------------------------------------------------------
     def _tag_folder(self, tag: str) -> Path:
@@ -970,6 +1095,7 @@ class Runtime:
                     await self._run(self._loader, self.store.refresh_registry)
                     service = await self._run(self._loader, self._serving_service, self.store)
                     self._reader = await self._run(self._loader, OnlineUserReader, self.store, service)
+                    self._push_epoch += 1  # the push executor refreshes its registry and feature views
                 state = await self._run(self._loader, load_state, settings, self.store)
                 await self._run(self._loader, self.warm_up, state)
             except ModelNotFound as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -79,5 +81,11 @@ def test_feedback_batch(tiny_champion) -> None:  # noqa: ANN001
         assert first_try["duplicates"] == 0 and retry["duplicates"] == 2 and retry["event_ids"] == first_try["event_ids"]
         assert all(e.startswith("fb-") for e in retry["event_ids"])
         assert EventLog(settings.paths.event_log).stats()["logged"] == 4
-        online = fs.online_features(settings, [{"user_id": "c"}], store=fs.get_store(settings))
-        assert {"x", "w"} <= set(online["user_history__history_item_ids"].iloc[0])  # pushed online at once
+        # The answer comes once the events are durable (feedback.batch_push_wait_s = 0); the push follows.
+        deadline = time.monotonic() + 60
+        while True:
+            online = fs.online_features(settings, [{"user_id": "c"}], store=fs.get_store(settings))
+            if {"x", "w"} <= set(online["user_history__history_item_ids"].iloc[0] or []) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert {"x", "w"} <= set(online["user_history__history_item_ids"].iloc[0])  # pushed online
