@@ -19,12 +19,17 @@ Writes benchmarks/results/serving.json. Steps:
 6. The same goal run for each ``--compare`` variant (by default: no user cache, exact ranking,
    1 worker), each on its own fresh service, in the same run; then ``--repeat`` more goal runs of
    the goal configuration (run-to-run spread: the JSON's ``goal`` says in how many runs it was met).
-7. In-process breakdown for the same users: online feature read, user tower, top-k (batch of 1 and
+7. ``mixed_feedback``: on a fresh service over a scratch copy of the home (its own online store and
+   event log, so the benchmarked home's journal stays as it was), baskets of ``--feedback-basket``
+   events through ``/feedback/batch`` at ``--feedback-rate`` events/s while ``/recommend`` runs at
+   ``--mixed-recommend-rate``, both open loop from two generator processes; then the journal is read
+   back (every acknowledged event must be in it) and the pending pushes drain.
+8. In-process breakdown for the same users: online feature read, user tower, top-k (batch of 1 and
    the service's mean batch), and the recall@10 / time of the exact, bfloat16 and IVF options;
    with a two-stage champion also the online history read and the two-stage ranking per request.
 
     python benchmarks/serving.py [--home DIR] [--serving workers=2] [--compare "workers=2;two_stage=false"]
-                                 [--rates 50,100,200] [--duration 60] [--quick]
+                                 [--rates 50,100,200] [--duration 60] [--quick] [--phases mixed_feedback]
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serving.json"
 TOKEN = "bench-token"
 GOAL = {"rps": 200, "duration_s": 60, "p99_ms_max": 30.0, "errors": 0}
+MIXED_GOAL = {"feedback_events_per_s": 2000.0, "feedback_call_p99_ms_max": 100.0, "recommend_rps": 100.0,
+              "recommend_p99_ms_max": 30.0, "errors": 0}
+PHASES = ("goal", "sweep", "fuzz", "mixed_feedback", "variants", "repeats", "breakdown")
 
 
 # --- machine and CPU accounting ------------------------------------------------------------------
@@ -182,13 +190,77 @@ async def _load(url: str, rate: float, duration: float, users: list[str], k: int
     return {"lat": lat, "status": status, "fallback": fallback, "wall": wall, "n": n}
 
 
+async def _load_feedback(url: str, rate: float, duration: float, users: list[str], items: list[str], basket: int,
+                         seed: int, tag: str) -> dict[str, Any]:
+    """Open-loop ``/feedback/batch`` calls of ``basket`` purchase events each (unique event ids, one user
+    per call, items uniform over the catalogue, timestamped now), ``rate`` calls per second."""
+    import aiohttp
+
+    rng = np.random.default_rng(seed)
+    n = int(rate * duration)
+    who = rng.integers(0, len(users), n)
+    what = rng.integers(0, len(items), (n, basket))
+    loop = asyncio.get_running_loop()
+    lat = np.full(n, np.nan)
+    status = np.zeros(n, np.int32)
+    accepted = np.zeros(n, np.int32)
+    pushed = np.zeros(n, bool)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    connector = aiohttp.TCPConnector(limit=1024)
+
+    def body(i: int) -> dict[str, Any]:
+        ts = datetime.now(UTC).isoformat()
+        return {"events": [{"user_id": users[who[i]], "item_id": items[what[i, j]], "event_type": "purchase",
+                            "quantity": 1, "price": 2.5, "timestamp": ts, "basket_id": f"{tag}-{i}",
+                            "event_id": f"{tag}-{i}-{j}"} for j in range(basket)]}
+
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30),
+                                     headers=headers) as session:
+        async with session.post(f"{url}/status", json={}) as r:  # warm a connection
+            await r.read()
+        t0 = loop.time() + 0.2
+
+        async def one(i: int) -> None:
+            sched = t0 + i / rate
+            delay = sched - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                async with session.post(f"{url}/feedback/batch", json=body(i)) as r:
+                    got = await r.read()
+                    status[i] = r.status
+                    if r.status == 200:
+                        answer = json.loads(got)
+                        accepted[i], pushed[i] = answer["accepted"], answer["pushed"]
+            except Exception:  # noqa: BLE001 - counted as an error
+                status[i] = -1
+            lat[i] = (loop.time() - sched) * 1e3
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - started
+    return {"lat": lat, "status": status, "accepted": accepted, "pushed": pushed, "wall": wall, "n": n}
+
+
 def loadgen_main(args: argparse.Namespace) -> None:
     users = json.loads(Path(args.users).read_text())
     r0 = resource.getrusage(resource.RUSAGE_SELF)
-    out = asyncio.run(_load(args.url, args.rate, args.duration, users, args.k, args.seed))
+    if args.kind == "feedback":
+        items = json.loads(Path(args.items).read_text())
+        out = asyncio.run(_load_feedback(args.url, args.rate, args.duration, users, items, args.basket, args.seed,
+                                         args.tag))
+    else:
+        out = asyncio.run(_load(args.url, args.rate, args.duration, users, args.k, args.seed))
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     lat, status = out["lat"], out["status"]
     ok = status == 200
+    extra: dict[str, Any] = {}
+    if args.kind == "feedback":
+        events = int(out["accepted"].sum())
+        extra = {"basket": args.basket, "events_acknowledged": events, "events_per_s": round(events / args.duration, 1),
+                 "pushed_share": round(float(out["pushed"][ok].mean()), 4) if ok.any() else None}
+    else:
+        extra = {"fallback_share": round(float(out["fallback"].sum()) / max(1, int(ok.sum())), 4)}
     summary = {
         "target_rps": args.rate, "duration_s": args.duration, "requests": int(out["n"]),
         "rps": round(float(ok.sum()) / args.duration, 1), "wall_s": round(out["wall"], 2),
@@ -196,7 +268,7 @@ def loadgen_main(args: argparse.Namespace) -> None:
         "p99_ms": round(float(np.percentile(lat, 99)), 2), "max_ms": round(float(np.max(lat)), 2),
         "errors": int((~ok).sum()), "status_counts": {str(s): int(c) for s, c in zip(*np.unique(status, return_counts=True),
                                                                                 strict=True)},
-        "fallback_share": round(float(out["fallback"].sum()) / max(1, int(ok.sum())), 4),
+        **extra,
         "p99_ms_by_10s": [round(float(np.percentile(w, 99)), 2) for w in np.array_split(lat, max(1, round(args.duration / 10)))],
         "client_cpu_s": round((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), 2),
     }
@@ -219,6 +291,103 @@ def run_load(url: str, rate: float, duration: float, users_file: Path, server_pi
     result["server_cpu_ms_per_request"] = round(1e3 * (s1 - s0) / max(1, result["requests"]), 3)
     result["elapsed_s"] = round(w1 - w0, 1)
     return result
+
+
+def _loadgen_cmd(url: str, rate: float, duration: float, users_file: Path, out: Path, seed: int) -> list[str]:
+    return [sys.executable, __file__, "loadgen", "--url", url, "--rate", str(rate), "--duration", str(duration),
+            "--users", str(users_file), "--out", str(out), "--seed", str(seed)]
+
+
+def scratch_home(home: Path) -> Path:
+    """A throwaway home under the temp folder for a phase that writes feedback: its own copy of the
+    online store and secrets, an empty event log, request log and BentoML home, the read-only rest
+    (canonical tables, features, models) linked from ``home``, so the benchmarked home's journal and
+    online rows stay as they were. The caller removes it."""
+    import shutil
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="recflow-mixed-"))
+    for name in ("feast", "secrets"):
+        if (home / name).exists():
+            shutil.copytree(home / name, scratch / name)
+    for name in ("canonical", "features", "models", "cache"):
+        if (home / name).exists():
+            (scratch / name).symlink_to((home / name).resolve())
+    return scratch
+
+
+def mixed_feedback(settings, users_file: Path, work: Path, feedback_rate: float, basket: int, recommend_rate: float,  # noqa: ANN001
+                   duration: float) -> dict[str, Any]:
+    """Baskets through ``/feedback/batch`` (``feedback_rate`` events/s, ``basket`` events per call) while
+    ``/recommend`` runs at ``recommend_rate``, both open loop from two generator processes, on a fresh
+    service over a scratch copy of the home (:func:`scratch_home`). Afterwards the journal is read back:
+    every acknowledged event must be in it, and the pending pushes are left to drain."""
+    import shutil
+
+    scratch = scratch_home(settings.home)
+    try:
+        return _mixed_feedback(settings.model_copy(update={"home": scratch}), settings, users_file, work,
+                               feedback_rate, basket, recommend_rate, duration)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _mixed_feedback(s, settings, users_file: Path, work: Path, feedback_rate: float, basket: int,  # noqa: ANN001
+                    recommend_rate: float, duration: float) -> dict[str, Any]:
+    import httpx
+
+    from recflow.event_log import EventLog
+    from serving.run import start_local
+
+    items = pd.read_parquet(settings.paths.feature_table("item_catalog"), columns=["item_id"])["item_id"].astype(str)
+    items_file = work / "items.json"
+    items_file.write_text(json.dumps(sorted(items.unique().tolist())))
+    calls = feedback_rate / basket
+    fb_out, rec_out = work / "mixed-feedback.json", work / "mixed-recommend.json"
+    for out in (fb_out, rec_out):
+        out.unlink(missing_ok=True)
+    tag = f"bench{int(time.time())}"
+    with start_local(s, timeout=600, log_path=work / "service-mixed.log") as svc:
+        pid = svc.process.pid
+        before = scrape(svc.url)
+        s0, m0, w0 = tree_cpu_s(pid), machine_cpu_s(), time.perf_counter()
+        cmds = [_loadgen_cmd(svc.url, calls, duration, users_file, fb_out, 11)
+                + ["--kind", "feedback", "--items", str(items_file), "--basket", str(basket), "--tag", tag],
+                _loadgen_cmd(svc.url, recommend_rate, duration, users_file, rec_out, 12)]
+        procs = [subprocess.Popen(cmd, cwd=ROOT) for cmd, rate in zip(cmds, (calls, recommend_rate), strict=True) if rate > 0]
+        for proc in procs:
+            if proc.wait(timeout=duration + 600) != 0:
+                raise RuntimeError(f"load generator exited with {proc.returncode}")
+        s1, m1, w1 = tree_cpu_s(pid), machine_cpu_s(), time.perf_counter()
+        batches = batch_stats(before, scrape(svc.url))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the pushes catch up (pending_feedback is refreshed by the push loop)
+            pending = httpx.post(f"{svc.url}/status", json={}, timeout=30).json()["pending_feedback"]
+            if pending == 0:
+                break
+            time.sleep(1)
+        drain_s = round(time.perf_counter() - w1, 1)
+        service_log = svc.log_text()
+    none = {"p50_ms": None, "p99_ms": None, "errors": 0, "events_per_s": 0.0, "events_acknowledged": 0}
+    fb = json.loads(fb_out.read_text()) if calls > 0 else none
+    rec = json.loads(rec_out.read_text()) if recommend_rate > 0 else none
+    logged = EventLog(s.paths.event_log).read()
+    ours = logged[logged["event_id"].astype(str).str.startswith(f"{tag}-")]
+    server_cpu = s1 - s0
+    return {
+        "workload": {"feedback_events_per_s": feedback_rate, "basket": basket, "feedback_calls_per_s": calls,
+                     "recommend_rps": recommend_rate, "duration_s": duration,
+                     "home": "a scratch copy of the home (its own online store and event log)"},
+        "feedback_events_per_s": fb["events_per_s"], "feedback_call_p50_ms": fb["p50_ms"],
+        "feedback_call_p99_ms": fb["p99_ms"], "feedback_errors": fb["errors"],
+        "recommend_p50_ms": rec["p50_ms"], "recommend_p99_ms": rec["p99_ms"], "recommend_errors": rec["errors"],
+        "events_acknowledged": fb["events_acknowledged"], "events_in_journal": int(len(ours)),
+        "pending_push_drained_s": drain_s if pending == 0 else None, "pending_after_drain": pending,
+        "server_cpu_s": round(server_cpu, 2), "machine_busy_cpu_s": round(m1 - m0, 2),
+        "server_cpu_ms_per_feedback_event": round(1e3 * server_cpu / max(1, fb["events_acknowledged"]), 3),
+        "elapsed_s": round(w1 - w0, 1), "feedback": fb, "recommend": {**rec, "server_batches": batches},
+        "service_log_errors": [line[:300] for line in service_log.splitlines() if "[ERROR]" in line][:10],
+    }
 
 
 # --- service metrics -----------------------------------------------------------------------------
@@ -458,6 +627,10 @@ def main() -> None:
     for name, typ in (("--url", str), ("--rate", float), ("--duration", float), ("--users", str), ("--out", str),
                       ("--k", int), ("--seed", int)):
         lg.add_argument(name, type=typ, required=name not in ("--k", "--seed"), default={"--k": 10, "--seed": 0}.get(name))
+    lg.add_argument("--kind", choices=("recommend", "feedback"), default="recommend")
+    lg.add_argument("--items", default="")
+    lg.add_argument("--basket", type=int, default=10)
+    lg.add_argument("--tag", default="bench")
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("RECFLOW_BENCH_HOME", "/tmp/recflow-serving-bench")))
     parser.add_argument("--rates", default="50,100,200,300,400,500", help="Sweep of arrival rates (requests/s).")
     parser.add_argument("--sweep-duration", type=float, default=20.0)
@@ -473,11 +646,23 @@ def main() -> None:
                         help="Further goal runs of the goal configuration, each on its own fresh service (run-to-run spread).")
     parser.add_argument("--fuzz-examples", type=int, default=80, help="Schemathesis examples per operation (0: no fuzzing).")
     parser.add_argument("--quick", action="store_true", help="Short runs (a sanity check, not results).")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"Which phases to run, comma-separated (default: all of {', '.join(PHASES)}).")
+    parser.add_argument("--feedback-rate", type=float, default=MIXED_GOAL["feedback_events_per_s"],
+                        help="mixed_feedback: feedback events per second through /feedback/batch.")
+    parser.add_argument("--feedback-basket", type=int, default=10, help="mixed_feedback: events per /feedback/batch call.")
+    parser.add_argument("--mixed-recommend-rate", type=float, default=MIXED_GOAL["recommend_rps"],
+                        help="mixed_feedback: /recommend requests per second during the feedback load.")
+    parser.add_argument("--mixed-duration", type=float, default=60.0, help="mixed_feedback: seconds of load.")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.cmd == "loadgen":
         loadgen_main(args)
         return
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phase(s) {sorted(unknown)}: choose from {', '.join(PHASES)}")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from recflow.settings import load_settings
@@ -496,9 +681,10 @@ def main() -> None:
     users_file.write_text(json.dumps([str(u) for u in users]))
     rates = [float(r) for r in args.rates.split(",") if r]
     sweep_s, goal_s = (5.0, 10.0) if args.quick else (args.sweep_duration, args.duration)
+    mixed_s = 10.0 if args.quick else args.mixed_duration
 
     result: dict[str, Any] = {"measured_at": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
-                              "load_average_before": os.getloadavg(), "dataset": "completejourney"}
+                              "load_average_before": os.getloadavg(), "dataset": "completejourney", "phases": phases}
     s = settings.serving
     result["overrides"] = _override_dict(args.serving)  # settings of the goal run that differ from the defaults
     result["service"] = {"settings": args.serving, "two_stage": s.two_stage, "index": s.index, "ann_nprobe": s.ann_nprobe, "workers": s.worker_count(),
@@ -511,53 +697,83 @@ def main() -> None:
                 "with a history (all known: the model path, not the popularity fallback)",
         "shares_cpus_with_server": True,
         "goal_runs": "each on a freshly started service (the user cache starts empty, as after a deploy)"}
-    started = time.perf_counter()
-    with start_local(settings, timeout=600, log_path=work / "service.log") as svc:
-        result["startup_to_ready_s"] = round(time.perf_counter() - started, 1)
-        import httpx
+    goal: dict[str, Any] | None = None
+    if {"goal", "sweep", "fuzz"} & set(phases):
+        started = time.perf_counter()
+        with start_local(settings, timeout=600, log_path=work / "service.log") as svc:
+            result["startup_to_ready_s"] = round(time.perf_counter() - started, 1)
+            import httpx
 
-        status = httpx.post(f"{svc.url}/status", json={}, timeout=30).json()
-        result["model"] = {**model_info, "version": status["model_version"], "items": status["items"]}
-        result["service"]["index_name"] = status["index"]
-        goal = goal_load(svc, settings, users_file, work, args.rate, goal_s, "goal")
-        result.update({k: goal[k] for k in ("rps", "duration_s", "p50_ms", "p95_ms", "p99_ms", "errors")})
-        result["goal_run"] = goal
-        sweep = []
-        for rate in rates:
-            before = scrape(svc.url)
-            run = run_load(svc.url, rate, sweep_s, users_file, svc.process.pid, work)
-            run["server_batches"] = batch_stats(before, scrape(svc.url))
-            sweep.append(run)
-            print(f"sweep {rate:g}/s: p50 {run['p50_ms']} p99 {run['p99_ms']} errors {run['errors']}", flush=True)
-            if run["p99_ms"] > 200 or run["errors"] > 0.01 * run["requests"]:
-                break  # saturated: higher rates only queue
-        ok = [r["target_rps"] for r in sweep if r["p99_ms"] < 50 and r["errors"] == 0]
-        result["max_rps_p99_under_50ms"] = max(ok) if ok else None
-        result["sweep"] = sweep
-        if args.fuzz_examples > 0:
-            fz = fuzz(svc.url, work, 15 if args.quick else args.fuzz_examples)
-            result["fuzz_cases"], result["fuzz_server_errors"] = fz["cases"], fz["server_errors"]
-            result["fuzz"] = fz
-            print(f"fuzz: {fz['cases']} cases, {fz['server_errors']} server errors", flush=True)
-        service_log = svc.log_text()
-        result["service_log_errors"] = [line[:300] for line in service_log.splitlines() if "[ERROR]" in line][:10]
-    variants = {}
-    for i, spec in enumerate(v for v in args.compare.split(";") if v.strip()):
-        variants[spec] = fresh_goal_run(_override(settings, spec), users_file, work, args.rate, goal_s, f"variant{i}")
-    result["goal_run_variants"] = variants
-    repeats = [fresh_goal_run(settings, users_file, work, args.rate, goal_s, f"repeat{i}") for i in range(args.repeat)]
-    result["goal_run_repeats"] = repeats
-    mean_batch = goal["server_batches"]["mean_batch_size"] or 1
-    result["breakdown_ms"] = breakdown(settings, [str(u) for u in users], int(round(mean_batch)),
-                                      200 if args.quick else 2000)
+            status = httpx.post(f"{svc.url}/status", json={}, timeout=30).json()
+            result["model"] = {**model_info, "version": status["model_version"], "items": status["items"]}
+            result["service"]["index_name"] = status["index"]
+            if "goal" in phases:
+                goal = goal_load(svc, settings, users_file, work, args.rate, goal_s, "goal")
+                result.update({k: goal[k] for k in ("rps", "duration_s", "p50_ms", "p95_ms", "p99_ms", "errors")})
+                result["goal_run"] = goal
+            if "sweep" in phases:
+                sweep = []
+                for rate in rates:
+                    before = scrape(svc.url)
+                    run = run_load(svc.url, rate, sweep_s, users_file, svc.process.pid, work)
+                    run["server_batches"] = batch_stats(before, scrape(svc.url))
+                    sweep.append(run)
+                    print(f"sweep {rate:g}/s: p50 {run['p50_ms']} p99 {run['p99_ms']} errors {run['errors']}", flush=True)
+                    if run["p99_ms"] > 200 or run["errors"] > 0.01 * run["requests"]:
+                        break  # saturated: higher rates only queue
+                ok = [r["target_rps"] for r in sweep if r["p99_ms"] < 50 and r["errors"] == 0]
+                result["max_rps_p99_under_50ms"] = max(ok) if ok else None
+                result["sweep"] = sweep
+            if "fuzz" in phases and args.fuzz_examples > 0:
+                fz = fuzz(svc.url, work, 15 if args.quick else args.fuzz_examples)
+                result["fuzz_cases"], result["fuzz_server_errors"] = fz["cases"], fz["server_errors"]
+                result["fuzz"] = fz
+                print(f"fuzz: {fz['cases']} cases, {fz['server_errors']} server errors", flush=True)
+            service_log = svc.log_text()
+            result["service_log_errors"] = [line[:300] for line in service_log.splitlines() if "[ERROR]" in line][:10]
+    else:
+        result["model"] = model_info
+    if "mixed_feedback" in phases:
+        mixed = mixed_feedback(settings, users_file, work, args.feedback_rate, args.feedback_basket,
+                               args.mixed_recommend_rate, mixed_s)
+        mixed["goal"] = {**MIXED_GOAL, "met": bool(
+            args.feedback_rate >= MIXED_GOAL["feedback_events_per_s"]
+            and args.mixed_recommend_rate >= MIXED_GOAL["recommend_rps"]
+            and mixed["feedback_events_per_s"] >= 0.99 * MIXED_GOAL["feedback_events_per_s"]
+            and mixed["feedback_call_p99_ms"] <= MIXED_GOAL["feedback_call_p99_ms_max"]
+            and mixed["recommend_p99_ms"] <= MIXED_GOAL["recommend_p99_ms_max"]
+            and mixed["feedback_errors"] == 0 and mixed["recommend_errors"] == 0
+            and mixed["events_in_journal"] == mixed["events_acknowledged"])}
+        result["mixed_feedback"] = mixed
+        print(f"mixed_feedback: {mixed['feedback_events_per_s']} events/s, call p50 {mixed['feedback_call_p50_ms']} "
+              f"p99 {mixed['feedback_call_p99_ms']} errors {mixed['feedback_errors']}; /recommend at "
+              f"{args.mixed_recommend_rate:g}/s p50 {mixed['recommend_p50_ms']} p99 {mixed['recommend_p99_ms']} "
+              f"errors {mixed['recommend_errors']}; journal {mixed['events_in_journal']}/{mixed['events_acknowledged']} "
+              f"acknowledged events", flush=True)
+    if "variants" in phases:
+        variants = {}
+        for i, spec in enumerate(v for v in args.compare.split(";") if v.strip()):
+            variants[spec] = fresh_goal_run(_override(settings, spec), users_file, work, args.rate, goal_s, f"variant{i}")
+        result["goal_run_variants"] = variants
+    repeats: list[dict[str, Any]] = []
+    if "repeats" in phases:
+        repeats = [fresh_goal_run(settings, users_file, work, args.rate, goal_s, f"repeat{i}") for i in range(args.repeat)]
+        result["goal_run_repeats"] = repeats
+    if "breakdown" in phases:
+        mean_batch = (goal["server_batches"]["mean_batch_size"] if goal else None) or 1
+        result["breakdown_ms"] = breakdown(settings, [str(u) for u in users], int(round(mean_batch)),
+                                          200 if args.quick else 2000)
+
     def met(run: dict[str, Any]) -> bool:
         return bool(run["p99_ms"] <= GOAL["p99_ms_max"] and run["errors"] == 0 and run["rps"] >= 0.99 * GOAL["rps"]
                     and goal_s >= GOAL["duration_s"])
 
-    runs = [goal, *repeats]
-    result["goal"] = {**GOAL, "met": met(goal), "met_in_runs": f"{sum(met(r) for r in runs)}/{len(runs)}",
-                      "p99_ms_of_runs": [r["p99_ms"] for r in runs],
-                      "p99_ms_median_of_runs": float(np.median([r["p99_ms"] for r in runs]))}
+    runs = [r for r in (goal, *repeats) if r is not None]
+    if runs:
+        result["goal"] = {**GOAL, "met": met(goal) if goal else None,
+                          "met_in_runs": f"{sum(met(r) for r in runs)}/{len(runs)}",
+                          "p99_ms_of_runs": [r["p99_ms"] for r in runs],
+                          "p99_ms_median_of_runs": float(np.median([r["p99_ms"] for r in runs]))}
     result["load_average_after"] = os.getloadavg()
     result["quick"] = args.quick
     args.out.parent.mkdir(parents=True, exist_ok=True)
