@@ -40,8 +40,9 @@ def next_week_ndcg(settings: Settings, tags: list[str], week_start: pd.Timestamp
     """Full-catalogue metrics of registered models on ``[week_start, week_start + eval_days)``, with
     features as of ``week_start`` (the week itself comes from the held-back events): each model as
     ``/recommend`` serves it, the two-stage ranker when it has one, else the two-tower model."""
+    from flows.training_data import window_data
     from recflow import registry
-    from recflow.features.training_set import load_events, window_data
+    from recflow.features.training_set import load_events
     from training.trainer import evaluate_model
 
     events = load_events(settings, include_holdout=True)

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 
 from prefect.types.entrypoint import EntrypointType
 
+from recflow.schemas import DRIFT_EVENT
+
 if TYPE_CHECKING:
     from uuid import UUID
 
     from prefect.deployments.runner import RunnerDeployment
 
-DRIFT_EVENT = "recflow.drift.detected"
 
 
 def deployments() -> list[RunnerDeployment]:

@@ -70,7 +70,7 @@ def run_monitor_task(settings: Settings, reference: pd.DataFrame, start: pd.Time
 def emit_drift_task(window: str, champion: str, reasons: list[str], summary: Path) -> str | None:
     from prefect.events import emit_event
 
-    from flows.deployments import DRIFT_EVENT
+    from recflow.schemas import DRIFT_EVENT
 
     event = emit_event(
         event=DRIFT_EVENT,

@@ -44,7 +44,7 @@ def _log(message: str) -> None:
 
 @task(name="window-data", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def window_data_task(settings: Settings, events: pd.DataFrame, cutoff: pd.Timestamp, weeks: int) -> Any:
-    from recflow.features.training_set import window_data
+    from flows.training_data import window_data
 
     return window_data(settings, cutoff=cutoff, train_weeks=weeks, events=events, name="retrain", progress=_log)
 

@@ -3,7 +3,7 @@
 For the users who bought something in ``[as_of, as_of + eval_days)``, the serving FeatureService's
 features as of ``as_of`` come from Feast's point-in-time join (the same feature names and values
 the online store held then), go through the serving code path, and come out request-log shaped (``recflow.schemas.REQUEST_LOG_SCHEMA``)
-with the features logged the way the service logs them (``serving.features.logged_features``) and
+with the features logged the way the service logs them (``recflow.schemas.logged_features``) and
 the user ids pseudonymised as the service pseudonymises them (``recflow.privacy.pseudonym``).
 
 The serving code path is the one ``/recommend`` takes for the model: with a two-stage ranker
@@ -54,7 +54,7 @@ def build_reference(
     from recflow.features.training_set import get_historical
     from recflow.modeling import build_index, user_queries
     from recflow.privacy import pseudonym, pseudonym_key
-    from serving.features import logged_features
+    from recflow.schemas import logged_features
 
     key = pseudonym_key(settings)
     profile = settings.privacy.log_profile
@@ -98,7 +98,7 @@ def _two_stage_reference(
     from recflow.modeling.features import get_feature
     from recflow.privacy import pseudonym
     from recflow.ranker.recommend import Ask, recommend
-    from serving.features import logged_features
+    from recflow.schemas import logged_features
 
     at = int(as_of.value // 10**9)
     rows: list[dict[str, Any]] = []

@@ -111,7 +111,7 @@ def run_monitor(
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     ms = settings.monitoring
-    retention = apply_retention(settings)  # request logs and report runs past privacy.*_days
+    retention = apply_retention(settings, on_reports_removed=write_index)  # request logs and report runs past privacy.*_days
     start_ts, end_ts = mdata.to_utc(start), mdata.to_utc(end)
     if end_ts <= start_ts:
         raise ValueError(f"monitor window is empty: start {start_ts} must be before end {end_ts}")

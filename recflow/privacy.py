@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -76,7 +76,9 @@ def _age_days(path: Path, now: float) -> float:
     return (now - newest) / 86_400
 
 
-def apply_retention(settings: Settings, now: datetime | None = None) -> dict[str, list[str]]:
+def apply_retention(
+    settings: Settings, now: datetime | None = None, on_reports_removed: Callable[[Path], object] | None = None,
+) -> dict[str, list[str]]:
     """Delete request-log files and report runs past their retention; returns what was removed
     (paths relative to the home). A day folder of the request log is kept until its last day is
     ``privacy.request_log_days`` old; a report run until its ``summary.json`` (or, without one, its
@@ -111,10 +113,8 @@ def apply_retention(settings: Settings, now: datetime | None = None) -> dict[str
             if age > p.report_days:
                 shutil.rmtree(run)
                 removed["reports"].append(str(run.relative_to(settings.home)))
-    if removed["reports"]:
-        from monitoring.index import write_index
-
-        write_index(reports)
+    if removed["reports"] and on_reports_removed is not None:
+        on_reports_removed(reports)  # e.g. rebuild the reports index (the monitor passes monitoring.index.write_index)
     for kind, paths in removed.items():
         if paths:
             log.info("retention: removed %d %s entr(y/ies) older than the configured days", len(paths), kind)

@@ -10,7 +10,10 @@ Ids are strings everywhere so that any shop's ids (numeric, UUID, SKU) fit. Time
 
 from __future__ import annotations
 
-from typing import Final
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, Final
 
 import pandas as pd
 import pyarrow as pa
@@ -175,3 +178,31 @@ REQUEST_LOG_SCHEMA: Final = pa.schema(
         pa.field("scores", pa.list_(pa.float32())),
     ]
 )
+
+
+# --- the request log's ``features`` column: written by the service and the monitoring reference ---
+LOGGED_ACTIVITY = tuple(n for n in USER_ACTIVITY_FEATURES if n != "last_purchase_ts")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def logged_features(features: Mapping[str, Any] | None, n_history: int, *, profile: bool = False) -> str:
+    """JSON of the numeric serving features used (no ids, no free text); profile attributes (age,
+    income, marital status, kids ...) only with ``profile`` (``privacy.log_profile``)."""
+    if not features:
+        return json.dumps({"history_len": n_history})
+    out: dict[str, Any] = {n: _clean(features.get(f"user_activity__{n}")) for n in LOGGED_ACTIVITY}
+    if profile:
+        out.update({n: features.get(f"user_profile__{n}") for n in USER_PROFILE_FEATURES})
+    hist = features.get("user_history__history_item_ids") or []
+    out["history_len"] = len(hist)
+    out["history_known"] = n_history
+    return json.dumps(out, separators=(",", ":"))
+
+
+# --- events between flows ---------------------------------------------------------------------
+DRIFT_EVENT: Final = "recflow.drift.detected"  # emitted by the monitor flow, triggers retrain/on-drift

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from recflow.schemas import USER_ACTIVITY_FEATURES, USER_PROFILE_FEATURES
+from recflow.schemas import LOGGED_ACTIVITY, logged_features  # noqa: F401 - re-exported for the service
 
 if TYPE_CHECKING:
     from feast import FeatureService, FeatureStore
@@ -15,7 +13,6 @@ if TYPE_CHECKING:
 TS_SUFFIX = "__ts"
 # Timestamps that date a user's features (the freshest decides feature_age_s).
 AGE_KEYS = ("user_activity__purchases_7d__ts", "user_history__history_item_ids__ts")
-LOGGED_ACTIVITY = tuple(n for n in USER_ACTIVITY_FEATURES if n != "last_purchase_ts")
 
 
 class OnlineUserReader:
@@ -88,21 +85,3 @@ def feature_age_s(features: Mapping[str, Any], now_s: float) -> float | None:
     return max(0.0, now_s - float(newest)) if newest else None
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def logged_features(features: Mapping[str, Any] | None, n_history: int, *, profile: bool = False) -> str:
-    """JSON of the numeric serving features used (no ids, no free text); profile attributes (age,
-    income, marital status, kids ...) only with ``profile`` (``privacy.log_profile``)."""
-    if not features:
-        return json.dumps({"history_len": n_history})
-    out: dict[str, Any] = {n: _clean(features.get(f"user_activity__{n}")) for n in LOGGED_ACTIVITY}
-    if profile:
-        out.update({n: features.get(f"user_profile__{n}") for n in USER_PROFILE_FEATURES})
-    hist = features.get("user_history__history_item_ids") or []
-    out["history_len"] = len(hist)
-    out["history_known"] = n_history
-    return json.dumps(out, separators=(",", ":"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -139,40 +138,3 @@ def load_events(settings: Settings, *, include_holdout: bool = False) -> pd.Data
     events = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     events["event_timestamp"] = pd.to_datetime(events["event_timestamp"], utc=True)
     return events.drop_duplicates("event_id", keep="first").reset_index(drop=True)
-
-
-def window_data(
-    settings: Settings,
-    *,
-    cutoff: pd.Timestamp,
-    train_weeks: int,
-    events: pd.DataFrame,
-    store: FeatureStore | None = None,
-    name: str = "window",
-    progress: Callable[[str], None] | None = None,
-):  # noqa: ANN201 - returns training.dataset.TrainData (training is imported lazily)
-    """The training data of a temporal window: ``train_weeks`` weekly anchors before ``cutoff``,
-    the validation week from ``cutoff`` and the test week after it (when ``events`` cover it), with
-    point-in-time user features from the training FeatureService and the catalogue's MiniLM text
-    embeddings (cached). Used by the train and retrain flows and the demo's evaluations."""
-    import pyarrow.parquet as pq
-
-    from training.data import entity_frame, split_anchors, to_utc
-    from training.dataset import prepare_data
-    from training.pipeline import default_encoder_dir, encoder_config, text_embeddings
-
-    say = progress or (lambda _m: None)
-    t = settings.training
-    cut = to_utc(cutoff)
-    train_anchors, val_anchor, test_anchor = split_anchors(cut, train_weeks, t.eval_days)
-    entities = entity_frame(events, [*train_anchors, val_anchor, test_anchor], t.eval_days)
-    ts = build_training_set(settings, entities, out_path=settings.paths.training_sets / f"{name}.parquet", store=store)
-    say(f"training set {name}: {ts.rows:,} rows in {ts.seconds:.1f}s")
-    items = pd.read_parquet(settings.paths.items)
-    emb, info = text_embeddings(items, settings.paths.cache, max_length=t.text_max_length, progress=say)
-    enc = default_encoder_dir()
-    return prepare_data(
-        events=events, items=items, training_set=pq.read_table(ts.path),
-        item_popularity=pd.read_parquet(settings.paths.feature_table("item_popularity")), cutoff=cut,
-        train_weeks=train_weeks, text_emb=emb, encoder=encoder_config(enc), encoder_dir=str(enc), eval_days=t.eval_days,
-    )

@@ -53,7 +53,9 @@ def test_retention_deletes_old_request_logs_and_reports(make_settings) -> None:
         (reports / run).mkdir(parents=True)
         (reports / run / "summary.json").write_text(json.dumps({"created_at": created.isoformat()}))
     (reports / "reference").mkdir()
-    removed = privacy.apply_retention(settings, now=now)
+    from monitoring.index import write_index
+
+    removed = privacy.apply_retention(settings, now=now, on_reports_removed=write_index)
     assert sorted(removed["request_log"]) == ["request_log/2026-04-01"]
     assert sorted(p.name for p in logs.iterdir()) == ["2026-04-02", "2026-05-02", "2026-05-31"]
     assert removed["reports"] == ["reports/2026-03-01T000000Z"]
