@@ -33,7 +33,7 @@ import os
 import time
 import uuid
 from collections import Counter, deque
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,6 +83,9 @@ def _terminate(pool: ProcessPoolExecutor) -> None:
     for proc in list((getattr(pool, "_processes", None) or {}).values()):
         with contextlib.suppress(Exception):
             proc.terminate()
+
+
+PROBE_WAIT_S = 0.1  # longest a request waits for a probe of an online store that failed
 
 
 def freeze_heap() -> None:
@@ -231,7 +234,9 @@ class Runtime:
     _push_warn: _RateLimitedLog = field(default_factory=_RateLimitedLog)
     _row_warn: _RateLimitedLog = field(default_factory=_RateLimitedLog)
     _categories: tuple[ServingState, frozenset[str]] | None = None
-    _store_down_until: float = 0.0
+    _store_down_until: float = 0.0  # 0: the store answers; else the circuit is open (no probe before this time)
+    _store_probe: Future[Any] | None = None
+    _probe_started: float = 0.0
     _request_ids: RequestIds = field(default_factory=RequestIds)
     write_token: str | None = None
     read_token: str | None = None
@@ -719,19 +724,51 @@ class Runtime:
         assert self._features is not None and self._reader is not None
         if not user_ids:
             return {}
-        if time.monotonic() < self._store_down_until:  # circuit open: answer at once, degraded
+        if self._store_down_until and not self._store_back(user_ids[0]):  # circuit open: answer at once, degraded
             return None
         fut = self._features.submit(self._reader, user_ids)
         try:
             rows = fut.result(timeout=self.settings.serving.feature_timeout_s)
         except Exception as exc:  # noqa: BLE001 - any store failure degrades to popularity
             fut.cancel()
-            self._store_down_until = time.monotonic() + self.settings.serving.store_cooldown_s
+            self._store_down_until = self._probe_started = time.monotonic()
+            self._store_probe = self._features.submit(self._reader, user_ids[:1])  # is it back? (off the request path)
             metrics()["store_errors"].labels("read").inc()
-            self._store_warn.warn("online store read failed, serving popularity (degraded) for the next %.1f s: %s: %s",
-                                  self.settings.serving.store_cooldown_s, type(exc).__name__, str(exc)[:200])
+            self._store_warn.warn("online store read failed, serving popularity (degraded) until a background read "
+                                  "answers again (one every %.1f s): %s: %s", self.settings.serving.store_cooldown_s,
+                                  type(exc).__name__, str(exc)[:200])
             return None
         return dict(zip(user_ids, rows, strict=True))
+
+    def _store_back(self, user_id: str) -> bool:
+        """Whether the store answers again, while the circuit is open. One probe read at a time runs in
+        the background, and the circuit closes as soon as one answers; a request waits for a fresh
+        probe at most ``PROBE_WAIT_S`` (a recovered store serves that request at once), never the
+        whole ``feature_timeout_s``, and a failed probe is retried after ``store_cooldown_s``. So a
+        hung store costs one ``feature_timeout_s`` stall in all, not one per cooldown."""
+        assert self._features is not None and self._reader is not None
+        s = self.settings.serving
+        probe = self._store_probe
+        if probe is not None and not probe.done() and time.monotonic() - self._probe_started > s.feature_timeout_s:
+            # a probe as slow as a failed read: give up on it (its thread ends when the store answers)
+            probe = self._store_probe = None
+            self._store_down_until = self._probe_started + s.store_cooldown_s
+        if probe is None:
+            if time.monotonic() < self._store_down_until:
+                return False
+            self._probe_started = time.monotonic()
+            probe = self._store_probe = self._features.submit(self._reader, [user_id])
+            # still down or still hung: decided below, or by the next request
+            with contextlib.suppress(Exception):
+                probe.result(timeout=min(PROBE_WAIT_S, s.feature_timeout_s))
+        if not probe.done():
+            return False
+        self._store_probe = None
+        if probe.exception() is None:
+            self._store_down_until = 0.0
+            return True
+        self._store_down_until = self._probe_started + s.store_cooldown_s  # a probe per cooldown
+        return False
 
     # --- /recommend ---------------------------------------------------------------------------
     async def recommend(self, req: RecommendRequest) -> bytes:

@@ -321,7 +321,11 @@ def test_online_store_outage_degrades_and_feedback_is_retried(tiny_features, sho
 
         stack.enter_context(redis_server(port))  # back, empty (no persistence)
         _wait(lambda: log.stats()["pending_push"] == 0, timeout=30, what="the pending push to be retried")
-        back = _post(c, "/recommend", {"user_id": "a"}).json()
+        # the circuit closes as soon as a background probe read answers (no request waits the full timeout)
+        answers: list[dict] = []
+        _wait(lambda: not answers.append(_post(c, "/recommend", {"user_id": "a"}).json()) and not answers[-1]["degraded"],
+              timeout=10, what="the service to read the online store again")
+        back = answers[-1]
         assert back["degraded"] is False and back["fallback"] is False, back
         assert {i["reason"]["item_id"] for i in back["items"]} == {"w"}, "the retried event is the user's history now"
 
