@@ -19,7 +19,8 @@ record). Phases, each with the bounds it must meet (``bounds_met``):
 - ``store_hang``: redis-server frozen with SIGSTOP for ``--hang-s``. /feedback acknowledges durably
   (``feedback_p99_ms`` <= 1000), /recommend answers degraded (``recommend_p99_ms`` <= 100, with
   ``serving.feature_timeout_s=0.05``; ``store_hang_default_settings`` records the same run with the
-  default 1.0 s, which cannot meet it); after SIGCONT the pending pushes drain (``drained``).
+  default 1.0 s, which meets it too since only a background probe waits on a hung store); after
+  SIGCONT the pending pushes drain (``drained``).
 - ``promotion``: a promoting process (register + champion pointer swap) SIGKILLed inside the model
   save and inside the pointer swap, then a worker of the service restarted: the previous champion
   serves. A promoted champion whose model file is truncated: the running service, and a new one,

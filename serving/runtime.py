@@ -85,7 +85,7 @@ def _terminate(pool: ProcessPoolExecutor) -> None:
             proc.terminate()
 
 
-PROBE_WAIT_S = 0.1  # longest a request waits for a probe of an online store that failed
+PROBE_WAIT_S = 0.02  # longest a request waits for a probe of an online store that failed (one per cooldown)
 
 
 def freeze_heap() -> None:
