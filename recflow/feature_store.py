@@ -12,7 +12,7 @@ import importlib
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -266,7 +266,3 @@ def push(settings: Settings, push_source: str, df: pd.DataFrame, store: FeatureS
     """Write rows straight to the online store through a push source (visible to the next read)."""
     store = store or get_store(settings)
     store.push(push_source, df)
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

@@ -32,7 +32,7 @@ import logging
 import os
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -205,7 +205,6 @@ class Runtime:
     settings: Settings
     state: ServingState | None = None
     load_error: str | None = None
-    stage_times: deque[StageTimes] = field(default_factory=lambda: deque(maxlen=100_000))
     store: FeatureStore | None = None
     _reader: OnlineUserReader | None = None
     _query_cache: tower.UserQueryCache | None = None
@@ -965,7 +964,6 @@ class Runtime:
                              fallback, degraded, age)
         t4 = time.perf_counter()
         times = StageTimes(len(jobs), t1 - t0, t2 - t1, (t3 - t2) + (t4 - t3))
-        self.stage_times.append(times)
         m = metrics()["stage"]
         m.labels("features").observe(times.features)
         m.labels("user_tower").observe(times.user_tower)

@@ -81,10 +81,6 @@ class TuneOutcome:
     search_space: dict[str, str]
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
 def default_search_space(gpu: bool, unfrozen: tuple[int, ...] = (1,), gpu_unfrozen: tuple[int, ...] = (1, 2, 3)) -> dict[str, Any]:
     """lr, temperature, batch size, unfrozen layers, history length, projection size, weight decay.
 
