@@ -44,6 +44,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -153,13 +154,36 @@ def bench_model(settings) -> tuple[Path, dict[str, Any]]:  # noqa: ANN001
 
 
 # --- load generator (runs in its own process) ----------------------------------------------------
+async def _open_loop(rate: float, n: int, send: Callable[[int], Awaitable[None]], lat: np.ndarray,
+                     status: np.ndarray) -> float:
+    """Open loop: request ``i`` is sent at ``i / rate`` s (0.2 s from now) by ``send(i)``, whatever the
+    earlier ones do; ``lat[i]`` is measured from that scheduled time (no coordinated omission), an
+    exception sets ``status[i] = -1``. Returns the wall seconds of the whole run."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time() + 0.2
+
+    async def one(i: int) -> None:
+        sched = t0 + i / rate
+        delay = sched - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            await send(i)
+        except Exception:  # noqa: BLE001 - counted as an error
+            status[i] = -1
+        lat[i] = (loop.time() - sched) * 1e3
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return time.perf_counter() - started
+
+
 async def _load(url: str, rate: float, duration: float, users: list[str], k: int, seed: int) -> dict[str, Any]:
     import aiohttp
 
     rng = np.random.default_rng(seed)
     n = int(rate * duration)
     picks = rng.integers(0, len(users), n)
-    loop = asyncio.get_running_loop()
     lat = np.full(n, np.nan)
     status = np.zeros(n, np.int32)
     fallback = np.zeros(n, bool)
@@ -168,25 +192,14 @@ async def _load(url: str, rate: float, duration: float, users: list[str], k: int
         for u in users[:20]:  # warm connections and caches
             async with session.post(f"{url}/recommend", json={"user_id": u, "k": k}) as r:
                 await r.read()
-        t0 = loop.time() + 0.2
 
-        async def one(i: int) -> None:
-            sched = t0 + i / rate
-            delay = sched - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            try:
-                async with session.post(f"{url}/recommend", json={"user_id": users[picks[i]], "k": k}) as r:
-                    body = await r.read()
-                    status[i] = r.status
-                    fallback[i] = r.status == 200 and b'"fallback":true' in body
-            except Exception:  # noqa: BLE001 - counted as an error
-                status[i] = -1
-            lat[i] = (loop.time() - sched) * 1e3
+        async def send(i: int) -> None:
+            async with session.post(f"{url}/recommend", json={"user_id": users[picks[i]], "k": k}) as r:
+                body = await r.read()
+                status[i] = r.status
+                fallback[i] = r.status == 200 and b'"fallback":true' in body
 
-        started = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        wall = time.perf_counter() - started
+        wall = await _open_loop(rate, n, send, lat, status)
     return {"lat": lat, "status": status, "fallback": fallback, "wall": wall, "n": n}
 
 
@@ -200,7 +213,6 @@ async def _load_feedback(url: str, rate: float, duration: float, users: list[str
     n = int(rate * duration)
     who = rng.integers(0, len(users), n)
     what = rng.integers(0, len(items), (n, basket))
-    loop = asyncio.get_running_loop()
     lat = np.full(n, np.nan)
     status = np.zeros(n, np.int32)
     accepted = np.zeros(n, np.int32)
@@ -218,27 +230,16 @@ async def _load_feedback(url: str, rate: float, duration: float, users: list[str
                                      headers=headers) as session:
         async with session.post(f"{url}/status", json={}) as r:  # warm a connection
             await r.read()
-        t0 = loop.time() + 0.2
 
-        async def one(i: int) -> None:
-            sched = t0 + i / rate
-            delay = sched - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            try:
-                async with session.post(f"{url}/feedback/batch", json=body(i)) as r:
-                    got = await r.read()
-                    status[i] = r.status
-                    if r.status == 200:
-                        answer = json.loads(got)
-                        accepted[i], pushed[i] = answer["accepted"], answer["pushed"]
-            except Exception:  # noqa: BLE001 - counted as an error
-                status[i] = -1
-            lat[i] = (loop.time() - sched) * 1e3
+        async def send(i: int) -> None:
+            async with session.post(f"{url}/feedback/batch", json=body(i)) as r:
+                got = await r.read()
+                status[i] = r.status
+                if r.status == 200:
+                    answer = json.loads(got)
+                    accepted[i], pushed[i] = answer["accepted"], answer["pushed"]
 
-        started = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        wall = time.perf_counter() - started
+        wall = await _open_loop(rate, n, send, lat, status)
     return {"lat": lat, "status": status, "accepted": accepted, "pushed": pushed, "wall": wall, "n": n}
 
 
