@@ -289,7 +289,13 @@ def test_online_store_outage_degrades_and_feedback_is_retried(tiny_features, sho
 
         import psutil
 
-        redis_proc = next(p for p in psutil.Process().children() if str(port) in " ".join(p.cmdline()))
+        def cmdline(p: psutil.Process) -> str:  # a child left by another test may be a zombie by now
+            try:
+                return " ".join(p.cmdline())
+            except psutil.Error:
+                return ""
+
+        redis_proc = next(p for p in psutil.Process().children() if str(port) in cmdline(p))
         log = EventLog(settings.paths.event_log)
         redis_proc.send_signal(signal.SIGSTOP)
         try:
