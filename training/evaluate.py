@@ -10,7 +10,10 @@
   ``_repeat``: the full ranking, relevant = targets the user had bought before;
   ``_new``: the user's already-bought items removed from the ranking, relevant = targets new to
   the user (the issue's ``ndcg@10_new``); ``_cold``: the same seen-removed ranking, relevant =
-  targets first sold at or after the anchor (items that no purchase history can know).
+  targets first sold at or after ``cold_since`` (the protocol's cutoff: items the trained model never
+  saw sold; by default the week's anchor); ``_unsold``: the same, relevant = targets never sold before
+  the week's anchor (items that no purchase history can know; equal to ``_cold`` when
+  ``cold_since`` is the anchor).
 
 Everything is vectorised: scores come in user batches as a ``[b, N]`` tensor, and top-k runs in torch.
 ``evaluate(..., per_user=True)`` also returns every user's metrics; :func:`paired_bootstrap` turns
@@ -29,6 +32,7 @@ import torch
 
 from training.data import Catalogue, UserRows, seen_before, to_utc
 
+SLICES = ("_repeat", "_new", "_cold", "_unsold")
 Scorer = Callable[[np.ndarray], torch.Tensor | np.ndarray]
 """Given row indices into an :class:`EvalSet`'s users, return scores ``[len(rows), N]``."""
 
@@ -42,24 +46,33 @@ class EvalSet:
     rows: UserRows  # features as of the anchor and targets of the week
     seen_offsets: np.ndarray
     seen_items: np.ndarray
-    cold: np.ndarray  # [N] bool: first sold at or after the anchor
+    cold: np.ndarray  # [N] bool: first sold at or after cold_since (the cutoff)
     n_items: int
+    unsold: np.ndarray | None = None  # [N] bool: first sold at or after the anchor (None: same as cold)
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
-def make_evalset(name: str, rows: UserRows, events: pd.DataFrame, catalogue: Catalogue, anchor: pd.Timestamp) -> EvalSet:
-    """Keep the users of ``rows`` with targets and a purchase before ``anchor``; attach their seen items."""
+def make_evalset(name: str, rows: UserRows, events: pd.DataFrame, catalogue: Catalogue, anchor: pd.Timestamp,
+                 cold_since: pd.Timestamp | None = None) -> EvalSet:
+    """Keep the users of ``rows`` with targets and a purchase before ``anchor``; attach their seen items.
+
+    ``cold_since``: items first sold at or after it form the ``_cold`` slice (default: ``anchor``).
+    """
     anchor = to_utc(anchor)
+    since = anchor if cold_since is None else to_utc(cold_since)
+    if since > anchor:
+        raise ValueError(f"make_evalset({name!r}): cold_since {since} is after the week's anchor {anchor}")
     s_off, s_items = seen_before(events, catalogue, rows.user_ids, anchor)
     has_seen = np.diff(s_off) > 0
     has_target = np.diff(rows.target_offsets) > 0
     keep = np.flatnonzero(has_seen & has_target)
     sub = rows.select(keep)
     off, idx = _csr_rows(s_off, keep)
-    cold = catalogue.first_seen >= anchor.value // 1000 // 10**6
-    return EvalSet(name, anchor, sub, off, s_items[idx], cold, len(catalogue))
+    unsold = catalogue.first_seen >= anchor.value // 10**9
+    cold = catalogue.first_seen >= since.value // 10**9
+    return EvalSet(name, anchor, sub, off, s_items[idx], cold, len(catalogue), unsold)
 
 
 def _csr_rows(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -124,8 +137,9 @@ def evaluate(
     n = ev.n_items
     kk = max(k, k_recall)
     cold = torch.from_numpy(ev.cold)
+    unsold = cold if ev.unsold is None else torch.from_numpy(ev.unsold)
     sums: dict[str, float] = {}
-    counts: dict[str, int] = {"": 0, "_repeat": 0, "_new": 0, "_cold": 0}
+    counts: dict[str, int] = {"": 0, "_repeat": 0, "_new": 0, "_cold": 0, "_unsold": 0}
     covered = torch.zeros(n, dtype=torch.bool)
     covered_new = torch.zeros(n, dtype=torch.bool)
     metric_names = (f"ndcg@{k}", f"recall@{k_recall}", f"hitrate@{k}")
@@ -155,11 +169,15 @@ def evaluate(
             "_repeat": tgt_top & _member(seen, top, n),
             "_new": tgt_new & ~_member(seen, top_new, n),
             "_cold": tgt_new & cold[top_new],
+            "_unsold": tgt_new & unsold[top_new],
         }
         t_row = torch.from_numpy(tgt // n)
         t_seen = torch.from_numpy(_isin_sorted(tgt, seen))
-        t_cold = cold[torch.from_numpy(tgt % n)]
-        n_rels = {"": t_row, "_repeat": t_row[t_seen], "_new": t_row[~t_seen], "_cold": t_row[t_cold]}
+        t_items = torch.from_numpy(tgt % n)
+        t_cold, t_unsold = cold[t_items], unsold[t_items]
+        # cold targets the user bought before (between the cutoff and the week) are re-buys, not cold
+        n_rels = {"": t_row, "_repeat": t_row[t_seen], "_new": t_row[~t_seen], "_cold": t_row[t_cold & ~t_seen],
+                  "_unsold": t_row[t_unsold & ~t_seen]}
         for name, top_rel in slices.items():
             n_rel = torch.bincount(n_rels[name], minlength=len(rows))
             users = n_rel > 0
@@ -175,7 +193,7 @@ def evaluate(
             counts[name] += int(users.sum())
     out: dict[str, Any] = {}
     for key, total in sums.items():
-        slice_name = next(sl for sl in ("_repeat", "_new", "_cold") if key.endswith(sl)) if key.endswith(("_repeat", "_new", "_cold")) else ""
+        slice_name = next((sl for sl in SLICES if key.endswith(sl)), "")
         out[key] = total / counts[slice_name] if counts[slice_name] else 0.0
     out["coverage"] = float(covered.double().mean())
     out["coverage_new"] = float(covered_new.double().mean())

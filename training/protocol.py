@@ -54,8 +54,13 @@ class Protocol:
         }
 
 
-def week_evalset(name: str, events: pd.DataFrame, catalogue: Catalogue, anchor: pd.Timestamp, days: int = 7) -> EvalSet:
-    """The users of ``[anchor, anchor + days)`` with their targets (straight from the events)."""
+def week_evalset(name: str, events: pd.DataFrame, catalogue: Catalogue, anchor: pd.Timestamp, days: int = 7,
+                 cold_since: pd.Timestamp | None = None) -> EvalSet:
+    """The users of ``[anchor, anchor + days)`` with their targets (straight from the events).
+
+    ``cold_since``: the protocol's cutoff, so that the ``_cold`` slice holds the items first sold
+    after the model was trained (default: the week's anchor, items never sold before the week).
+    """
     wp = week_purchases(events, [anchor], days)
     pos = catalogue.positions(wp["item_id"].to_numpy())
     wp = wp.assign(pos=pos)[pos >= 0]
@@ -66,7 +71,7 @@ def week_evalset(name: str, events: pd.DataFrame, catalogue: Catalogue, anchor: 
     r = len(users)
     rows = UserRows(users, np.zeros(r, np.int64), np.zeros(r + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64),
                     np.zeros((r, 0)), [[] for _ in range(r)], t_off, wp["pos"].to_numpy()[order].astype(np.int64))
-    return make_evalset(name, rows, events, catalogue, to_utc(anchor))
+    return make_evalset(name, rows, events, catalogue, to_utc(anchor), cold_since)
 
 
 def check_users(evalsets: list[EvalSet], minimum: int = MIN_TEST_USERS) -> list[str]:

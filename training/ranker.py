@@ -198,7 +198,8 @@ def without_text(week: Week, features: tuple[str, ...]) -> Week:
     """The week as a model without text would see it: no text-only candidates, only ``features`` columns
     (``recflow_no_text``; equal to generating with the text sources off)."""
     f = week.cands.features
-    keep = (f["src_history"] + f["src_cooccur"] + f["src_popular"] + f["src_trending"] + f["src_neighbours"]) > 0
+    keep = (f["src_history"] + f["src_cooccur"] + f["src_popular"] + f["src_trending"] + f["src_neighbours"]
+            + f["src_new"]) > 0
     names = list(week.features)
     cols = [names.index(n) for n in features]
     cands = Candidates(week.cands.user[keep], week.cands.item[keep], {k: v[keep] for k, v in f.items()})

@@ -13,7 +13,9 @@ For a batch of users as of ``ctx.as_of`` (see :mod:`recflow.ranker.features`):
   (items with the same text: a new variant of what they buy), then by the text score plus a prior
   from the popularity of the text group (cold start);
 - ``neighbours``: the top unseen items of the user's nearest users (cosine of decayed purchase
-  vectors, TIFU-KNN style): the user's live history against a snapshot of the other users' vectors.
+  vectors, TIFU-KNN style): the user's live history against a snapshot of the other users' vectors;
+- ``new``: the best sellers among the items first sold in the last ``new_days`` days (launches the
+  item statistics already know but whose 30-day counts are still small).
 
 The co-purchase and text scores of every candidate are kept as ranker features, next to a bit
 per source.
@@ -31,7 +33,7 @@ import torch
 from recflow.ranker.features import Context, ItemStats
 from recflow.ranker.log import DAY_S, PurchaseLog
 
-SOURCES: tuple[str, ...] = ("history", "cooccur", "popular", "trending", "text", "cold", "neighbours")
+SOURCES: tuple[str, ...] = ("history", "cooccur", "popular", "trending", "text", "cold", "neighbours", "new")
 CANDIDATE_FEATURES: tuple[str, ...] = ("cand_cf", "cand_cf_rel", "cand_text", "cand_text_rel", "cand_ucf", "cand_ucf_rel",
                                        "cand_tgroup", "cand_tgroup_items",
                                        *(f"src_{s}" for s in SOURCES))
@@ -53,6 +55,8 @@ class CandidateConfig:
     cold_group_weight: float = 1.0  # weight of log1p(the user's decayed purchases of the item's text group)
     neighbors: int = 100
     min_trending_lines: int = 5
+    n_new: int = 20
+    new_days: float = 14.0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -126,6 +130,17 @@ class ItemSide:
         self._text_t = None if self.text_emb is None else torch.from_numpy(np.ascontiguousarray(self.text_emb, np.float32))
         # [N, U] once: a per-request ``h @ v.T`` would transpose the whole matrix every call
         self._user_vectors_t = None if self.user_vectors is None else self.user_vectors.T.tocsr()
+        self._new_cache: dict[tuple[float, int], np.ndarray] = {}
+
+    def new_items(self, days: float, k: int) -> np.ndarray:
+        """The ``k`` best-selling items first sold within ``days`` days before the statistics' as-of time."""
+        key = (float(days), int(k))
+        if key not in self._new_cache:
+            age, pop = self.stats["item_age_d"], self.stats["item_pop_all"]
+            fresh = np.flatnonzero(np.nan_to_num(age, nan=np.inf) <= days)
+            order = np.lexsort((fresh, -pop[fresh]))
+            self._new_cache[key] = fresh[order][:k].astype(np.int64)
+        return self._new_cache[key]
 
 
 @dataclass
@@ -297,6 +312,9 @@ def _generate_batch(ctx: Context, side: ItemSide, users: np.ndarray, cfg: Candid
     else:
         ur, uc, uv = (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),)
     ucf_at, ucf_max = _scatter((b, n), ur, uc, uv), np.maximum(_row_max_sparse(ur, uv, b), 1e-12)
+    if cfg.n_new > 0:
+        fresh = side.new_items(cfg.new_days, cfg.n_new)
+        picks.append((np.repeat(every, len(fresh)), np.tile(fresh, b), 128))
     # the union, one row per (user, item), sorted, with a bit per source
     key = np.concatenate([r * n + c for r, c, _ in picks])
     bits = np.concatenate([np.full(len(r), bit, np.uint8) for r, _, bit in picks])

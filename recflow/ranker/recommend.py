@@ -141,7 +141,8 @@ def _explain(model: TwoStage, log: PurchaseLog, u: int, rows: np.ndarray, sc: Sc
             picks.append(Pick(int(p), score, "similar", None, {"neighbours": 1.0}))
             continue
         trending = f["src_trending"][r] > 0
-        picks.append(Pick(int(p), score, "popular", None, {"trending": float(trending)}))
+        launched = float(f["src_new"][r] > 0) if "src_new" in f else 0.0
+        picks.append(Pick(int(p), score, "popular", None, {"trending": float(trending), "launched": launched}))
     return picks
 
 
@@ -161,6 +162,8 @@ def reason_text(pick: Pick, title_of: Callable[[int], str | None]) -> str:
         return "shoppers who buy what you buy often buy this"
     if pick.kind == "text" and other:
         return f"{'new, ' if f.get('new') else ''}similar to {other}"
+    if f.get("launched"):
+        return "new in the shop and selling well"
     return "trending this week" if f.get("trending") else "popular this month"
 
 

@@ -86,6 +86,7 @@ def _dense_reference(ctx, side: ItemSide, users: np.ndarray, cfg: CandidateConfi
     flags[_top_mask(cold_score, ~sold & (it[None, :] >= 0), cfg.n_cold)] |= 32
     ucf = _dense_neighbours(side, h, ctx.log.user_ids[users], cfg.user_neighbours)
     flags[_top_mask(ucf, ~seen & (ucf > 0), cfg.n_neighbour_items)] |= 64
+    flags[:, side.new_items(cfg.new_days, cfg.n_new)] |= 128
     rows, cols = np.nonzero(flags)
     f = flags[rows, cols]
     cf_max = np.maximum(cf.max(axis=1), 1e-12)
@@ -134,7 +135,7 @@ def test_sparse_candidates_equal_the_dense_reference(seed: int) -> None:
     assert (~side.stats.sold).sum() > 5
     ctx = user_context(log, side.stats, as_of)
     cfg = CandidateConfig(n_cooccur=7, n_popular=5, n_trending=3, n_text=6, n_cold=4, n_neighbour_items=8,
-                          user_neighbours=5, min_trending_lines=1)
+                          user_neighbours=5, min_trending_lines=1, n_new=4, new_days=28)
     users = np.arange(log.n_users)
     got = generate(ctx, side, users, cfg, batch_size=16)
     parts = [_dense_reference(ctx, side, users[s:s + 16], cfg) for s in range(0, len(users), 16)]
@@ -171,3 +172,20 @@ def test_shared_texts_give_the_same_sets_of_text_scores() -> None:
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got.features["cand_text_rel"][got.user == u].max(),
                                    want.features["cand_text_rel"][want.user == u].max(), rtol=1e-5, atol=1e-6)
+
+
+def test_new_source_is_the_best_sellers_among_recent_launches() -> None:
+    from recflow.ranker.features import ItemStats
+    from recflow.ranker.recommend import Pick, reason_text
+
+    # item: 0 old best seller, 1 launch (3 sales), 2 launch (5 sales), 3 launch 20 days ago, 4 unsold
+    age = np.array([300.0, 5.0, 13.0, 20.0, np.nan])
+    pop = np.array([100.0, 3.0, 5.0, 9.0, 0.0])
+    stats = ItemStats(0, {"item_age_d": age, "item_pop_all": pop, "item_pop_30d": pop, "item_pop_7d": pop,
+                          "item_trend": np.ones(5), "item_text_pop_30d": pop})
+    side = ItemSide(stats)
+    assert side.new_items(14.0, 5).tolist() == [2, 1]
+    assert side.new_items(14.0, 1).tolist() == [2]
+    assert side.new_items(30.0, 5).tolist() == [3, 2, 1]
+    text = reason_text(Pick(2, 1.0, "popular", None, {"trending": 0.0, "launched": 1.0}), lambda i: None)
+    assert text == "new in the shop and selling well"

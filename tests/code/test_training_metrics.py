@@ -70,3 +70,37 @@ def test_evaluate_rejects_wrong_shape() -> None:
     ev = _evalset()
     with pytest.raises(ValueError, match="expected"):
         evaluate(lambda rows: torch.zeros(len(rows), 5), ev)
+
+
+def test_cold_since_cutoff_versus_never_sold_before_the_week() -> None:
+    # item 4 was first sold between the cutoff and the week (cold: the model never saw it sold; not
+    # unsold: the week's history knows it); item 5 first sold in the week (both)
+    ev = _evalset()
+    ev.cold = np.array([False] * 4 + [True, True])
+    ev.unsold = np.array([False] * 5 + [True])
+    scores = torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 6.0, 5.0]])
+    m = evaluate(lambda rows: scores[rows], ev, k=2, k_recall=2)
+    d = 1 / math.log2(3)
+    # user 1, seen removed: top2 = [4, 5]; cold targets {4, 5} -> ideal; unsold target {5} at rank 2
+    assert m["n_users_cold"] == 1 and m["ndcg@2_cold"] == pytest.approx(1.0)
+    assert m["n_users_unsold"] == 1 and m["ndcg@2_unsold"] == pytest.approx(d)
+
+
+def test_make_evalset_cold_since() -> None:
+    from training.data import Catalogue
+    from training.evaluate import make_evalset
+
+    t = pd.Timestamp("2024-01-08", tz="UTC")
+    items = pd.DataFrame({"item_id": ["i0", "i1", "i2"], "text": ["a", "b", "c"],
+                          "first_seen": pd.to_datetime(["2023-12-01", "2024-01-03", "2024-01-09"], utc=True)})
+    cat = Catalogue.from_items(items)
+    events = pd.DataFrame({"user_id": ["a"], "item_id": ["i0"], "event_type": ["purchase"],
+                           "event_timestamp": pd.to_datetime(["2023-12-01"], utc=True)})
+    rows = UserRows(np.array(["a"]), np.zeros(1, np.int64), np.array([0, 0]), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                    np.zeros((1, 11)), [[None] * 7], np.array([0, 2]), np.array([1, 2]))
+    strict = make_evalset("w", rows, events, cat, t)
+    assert strict.cold.tolist() == [False, False, True] and strict.unsold.tolist() == [False, False, True]
+    since = make_evalset("w", rows, events, cat, t, cold_since=pd.Timestamp("2024-01-01", tz="UTC"))
+    assert since.cold.tolist() == [False, True, True] and since.unsold.tolist() == [False, False, True]
+    with pytest.raises(ValueError, match="after the week's anchor"):
+        make_evalset("w", rows, events, cat, t, cold_since=pd.Timestamp("2024-01-09", tz="UTC"))
