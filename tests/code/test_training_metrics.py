@@ -104,3 +104,21 @@ def test_make_evalset_cold_since() -> None:
     assert since.cold.tolist() == [False, True, True] and since.unsold.tolist() == [False, False, True]
     with pytest.raises(ValueError, match="after the week's anchor"):
         make_evalset("w", rows, events, cat, t, cold_since=pd.Timestamp("2024-01-09", tz="UTC"))
+
+
+def test_goals_compare_with_the_strongest_baseline_of_any_name() -> None:
+    from training.pipeline import goals
+
+    results = {
+        "popularity": {"ndcg@10": 0.10, "ndcg@10_new": 0.010},
+        "item_knn": {"ndcg@10": 0.09, "ndcg@10_new": 0.012},
+        "personal_top_frequency": {"ndcg@10": 0.25, "ndcg@10_new": 0.010},
+        "decayed_frequency": {"ndcg@10": 0.27, "ndcg@10_new": 0.010},  # not a table model: still a baseline
+        "recflow_two_tower": {"ndcg@10": 0.30, "ndcg@10_new": 0.020},  # a recflow variant: not a baseline
+        "recflow": {"ndcg@10": 0.28, "ndcg@10_new": 0.018},
+    }
+    g = goals(results)
+    assert g["best_baseline"] == "decayed_frequency"
+    assert g["ndcg@10_lift"] == pytest.approx(0.28 / 0.27 - 1)
+    assert g["ndcg@10_goal_met"] is False
+    assert g["new_reference"] == "item_knn" and g["ndcg@10_new_goal_met"] is True
