@@ -57,10 +57,12 @@ def encode(
     progress: Progress | None = None,
 ) -> np.ndarray:
     """L2-normalised mean-pooled embeddings ``[n, dim]`` (float32), batches sorted by length."""
-    from transformers import AutoTokenizer, BertModel
+    from transformers import AutoTokenizer
+
+    from recflow.modeling.build import load_bert
 
     tok = AutoTokenizer.from_pretrained(str(encoder_dir), local_files_only=True)
-    model = BertModel.from_pretrained(str(encoder_dir), add_pooling_layer=False, local_files_only=True).to(device).eval()
+    model = load_bert(encoder_dir).to(device).eval()
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     started = time.perf_counter()
@@ -100,9 +102,9 @@ def cached_embeddings(
         if emb.shape[0] == len(texts):
             return emb, True
     if states is not None and len(states) == len(texts):
-        from transformers import BertModel
+        from recflow.modeling.build import load_bert
 
-        bert = BertModel.from_pretrained(str(encoder_dir), add_pooling_layer=False, local_files_only=True).to(device)
+        bert = load_bert(encoder_dir).to(device)
         emb = embeddings_from_states(bert, states).numpy()
     else:
         emb = encode(texts, encoder_dir, max_length=max_length, device=device, progress=progress)
@@ -241,10 +243,12 @@ def cached_states(
         offsets = np.load(folder / "offsets.npy", allow_pickle=False)
         if len(offsets) == len(texts) + 1:
             return TokenStates(layer, np.load(folder / "states.npy", allow_pickle=False), offsets), True
-    from transformers import AutoTokenizer, BertModel
+    from transformers import AutoTokenizer
+
+    from recflow.modeling.build import load_bert
 
     tok = AutoTokenizer.from_pretrained(str(encoder_dir), local_files_only=True)
-    bert = BertModel.from_pretrained(str(encoder_dir), add_pooling_layer=False, local_files_only=True).to(device)
+    bert = load_bert(encoder_dir).to(device)
     ts = encode_states(texts, bert, tok, layer, max_length=max_length, progress=progress)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)

