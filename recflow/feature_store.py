@@ -104,8 +104,13 @@ def forget_user(settings: Settings, user_id: str, store: FeatureStore | None = N
 
 def get_store(settings: Settings) -> FeatureStore:
     """A FeatureStore on recflow's configuration. Creates the store's folder if needed."""
+    import warnings
+
     from feast import FeatureStore
 
+    # Feast's modules put a "once" DeprecationWarning filter first at import, above the CLI's; ibis's
+    # DuckDB backend (Feast's offline store) warns about its own DuckDB calls, which is not the user's
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ibis(\.|$)")
     settings.paths.feast.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(config=repo_config(settings))
     if settings.feast.online_store != "redis":
