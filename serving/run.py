@@ -97,31 +97,47 @@ def run_forwarding_signals(cmd: list[str], *, env: dict[str, str], cwd: Path, gr
     """Run ``cmd`` until it exits; SIGTERM, SIGINT and SIGHUP sent to this process are forwarded to it
     (the BentoML arbiter, which stops its workers), and no process it started outlives this call:
     the workers run in sessions of their own, so their ids are recorded while it runs, and any left
-    after it exits get ``grace_s`` seconds, then SIGKILL. Returns the exit code (128 + the signal
-    number when a signal ended it)."""
+    after it exits get ``grace_s`` seconds, then SIGKILL. A server still running ``grace_s`` seconds
+    after a forwarded SIGTERM or SIGINT is killed with everything it started. Returns the exit code
+    (128 + the signal number when a signal ended it)."""
     import signal
 
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
     seen: dict[int, str] = {}
+    asked: dict[str, float] = {}  # the last forwarded stop signal and when it was sent
 
     def forward(signum: int, _frame: object) -> None:
         seen.update(descendants(proc.pid))
+        if signum != signal.SIGHUP:
+            asked.update(signum=float(signum), at=time.monotonic())
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
 
     forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    forced = False
     try:
         while proc.poll() is None:
             seen.update(descendants(proc.pid))
+            if asked and time.monotonic() - asked["at"] > grace_s:
+                # a stop was asked for and the server has not stopped within the grace period:
+                # a stuck worker must not keep the command (and its port) alive
+                print(f"recflow serve: the service did not stop within {grace_s:.0f} s of the signal; killing it",
+                      file=sys.stderr, flush=True)
+                seen.update(descendants(proc.pid))
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                forced = True
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=1.0)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _stop(proc)  # only acts when this call is being unwound by an exception
-        _reap(seen, grace_s)
+        _reap(seen, 0.0 if forced else grace_s)
     code = proc.returncode
+    if forced:
+        return 128 + int(asked["signum"])  # ended because of the signal the caller sent
     return 128 - code if code < 0 else code
 
 
