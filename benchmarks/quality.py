@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> dict:
     # the weeks between the cutoff and a later test week, which serving knows by then)
     tests = [week_evalset(f"test_{j + 1}", events, cat, a, args.days, cold_since=protocol.validation)
              for j, a in enumerate(protocol.tests)]
-    sold_before_cutoff = cat.first_seen < int(protocol.validation.value // 10**9)
     warnings_ = check_users([val_ev, *tests])
     for w in warnings_:
         say("WARNING " + w)
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         week = fitted.validation if ev is val_ev else None
         scorer, week = week_scorer(inputs, fitted.ranker, ev, cfg, week)
         res["recflow"] = evaluate(scorer, ev, per_user=True)
-        recall[ev.name] = candidate_recall(week, sold_before_cutoff)
+        recall[ev.name] = candidate_recall(week, ~ev.cold)  # cold as the week's slice defines it
         if has_text:
             wnt = without_text(week, no_text_feats)
             sc_nt, _ = week_scorer(inputs, ranker_nt, ev, cfg_nt, wnt)

@@ -25,7 +25,7 @@ from recflow.ranker.candidates import (
 )
 from recflow.ranker.features import Context, item_stats, user_context
 from recflow.ranker.log import DAY_S, PurchaseLog
-from recflow.ranker.model import Ranker, RankerConfig, feature_matrix
+from recflow.ranker.model import TEXT_FEATURES, Ranker, RankerConfig, feature_matrix
 
 Progress = Callable[[str], None]
 
@@ -198,8 +198,7 @@ def without_text(week: Week, features: tuple[str, ...]) -> Week:
     """The week as a model without text would see it: no text-only candidates, only ``features`` columns
     (``recflow_no_text``; equal to generating with the text sources off)."""
     f = week.cands.features
-    keep = (f["src_history"] + f["src_cooccur"] + f["src_popular"] + f["src_trending"] + f["src_neighbours"]
-            + f["src_new"]) > 0
+    keep = np.any([f[f"src_{s}"] > 0 for s in SOURCES if f"src_{s}" not in TEXT_FEATURES], axis=0)
     names = list(week.features)
     cols = [names.index(n) for n in features]
     cands = Candidates(week.cands.user[keep], week.cands.item[keep], {k: v[keep] for k, v in f.items()})

@@ -141,8 +141,8 @@ def _explain(model: TwoStage, log: PurchaseLog, u: int, rows: np.ndarray, sc: Sc
             picks.append(Pick(int(p), score, "similar", None, {"neighbours": 1.0}))
             continue
         trending = f["src_trending"][r] > 0
-        launched = float(f["src_new"][r] > 0) if "src_new" in f else 0.0
-        picks.append(Pick(int(p), score, "popular", None, {"trending": float(trending), "launched": launched}))
+        launched = f["src_new"][r] > 0
+        picks.append(Pick(int(p), score, "popular", None, {"trending": float(trending), "launched": float(launched)}))
     return picks
 
 

@@ -180,3 +180,22 @@ def test_retrain_refit_continues_from_the_champion_and_never_sees_the_gate_week(
 
     with pytest.raises(ValueError, match="catalogue differs"):
         inputs_for(champion, Catalogue.from_items(shop["items"].iloc[::-1]), shop["events"])
+
+
+def test_without_text_keeps_every_candidate_a_non_text_source_found(shop: dict) -> None:
+    from recflow.ranker.candidates import SOURCES
+    from recflow.ranker.model import TEXT_FEATURES
+    from training.ranker import without_text
+
+    week = shop["fit"].validation
+    f = week.cands.features
+    feats = tuple(n for n in week.features if n not in TEXT_FEATURES)
+    nt = without_text(week, feats)
+    other = [s for s in SOURCES if f"src_{s}" not in TEXT_FEATURES]
+    assert {"history", "new"} <= set(other) and "text" not in other and "cold" not in other
+    want = np.zeros(len(week.y), bool)
+    for s in other:
+        want |= f[f"src_{s}"] > 0
+    assert 0 < len(nt.y) == int(want.sum()) <= len(week.y)
+    np.testing.assert_array_equal(nt.cands.item, week.cands.item[want])
+    np.testing.assert_array_equal(nt.x, week.x[want][:, [list(week.features).index(n) for n in feats]])
