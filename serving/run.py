@@ -187,6 +187,9 @@ def _reap(pids: dict[int, str], grace_s: float) -> None:
     for pid in alive():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0  # a SIGKILLed process is gone once the kernel has torn it down
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @dataclass
