@@ -16,8 +16,8 @@ Writes benchmarks/results/serving.json. Steps:
    a sweep of rates. CPU seconds of the server, the generator and the rest of the machine, and the
    service's batch sizes, stage times and user-cache hit rate are recorded.
 5. Fuzzing: Schemathesis against the service's OpenAPI document (``/docs.json``), with the token.
-6. The same goal run for each ``--compare`` variant (by default: no user cache, exact ranking,
-   1 worker), each on its own fresh service, in the same run; then ``--repeat`` more goal runs of
+6. The same goal run for each ``--compare`` variant (by default: 1 worker, no answer prefill, no
+   answer cache, the two-tower IVF path), each on its own fresh service, in the same run; then ``--repeat`` more goal runs of
    the goal configuration (run-to-run spread: the JSON's ``goal`` says in how many runs it was met).
 7. ``mixed_feedback``: on a fresh service over a scratch copy of the home (its own online store and
    event log, so the benchmarked home's journal stays as it was), baskets of ``--feedback-basket``
@@ -640,7 +640,7 @@ def main() -> None:
     parser.add_argument("--serving", default="",
                         help="Serving settings of the goal configuration that differ from the defaults (name=value,...; "
                         "see docs/operations.md; recorded as `overrides`; default: none, the defaults).")
-    parser.add_argument("--compare", default="workers=1;answer_cache_s=0;two_stage=false,index=ann,ann_nprobe=4",
+    parser.add_argument("--compare", default="workers=1;answer_prefill_users=0;answer_cache_s=0;two_stage=false,index=ann,ann_nprobe=4",
                         help="Variants of the goal configuration, ';'-separated, each run through the same goal load on "
                         "its own fresh service in the same run ('' for none).")
     parser.add_argument("--repeat", type=int, default=2,
@@ -691,13 +691,16 @@ def main() -> None:
     result["service"] = {"settings": args.serving, "two_stage": s.two_stage, "index": s.index, "ann_nprobe": s.ann_nprobe, "workers": s.worker_count(),
                          "user_cache_size": s.user_cache_size, "online_store": settings.feast.online_store,
                          "history_length": settings.features.history_length, "torch_threads": s.torch_threads,
-                         "max_batch_size": s.max_batch_size, "batch_wait_ms": s.batch_wait_ms, "k": 10}
+                         "max_batch_size": s.max_batch_size, "batch_wait_ms": s.batch_wait_ms, "k": 10,
+                         "answer_cache_s": s.answer_cache_s, "answer_prefill_users": s.answer_prefill_users,
+                         "answer_prefill_s": s.answer_prefill_s}
     result["load_generator"] = {
         "tool": "aiohttp open loop in a separate process: fixed arrival rate, latency from each request's scheduled "
                 "send time (no coordinated omission)", "users": len(users), "user_choice": "uniform over households "
                 "with a history (all known: the model path, not the popularity fallback)",
         "shares_cpus_with_server": True,
-        "goal_runs": "each on a freshly started service (the user cache starts empty, as after a deploy)"}
+        "goal_runs": "each on a freshly started service, as after a deploy: the caches start empty but for the "
+                     "answers the answer prefill ranked before the service said ready (answer_prefill_users)"}
     goal: dict[str, Any] | None = None
     if {"goal", "sweep", "fuzz"} & set(phases):
         started = time.perf_counter()
@@ -746,6 +749,10 @@ def main() -> None:
             and mixed["feedback_errors"] == 0 and mixed["recommend_errors"] == 0
             and mixed["events_in_journal"] == mixed["events_acknowledged"])}
         result["mixed_feedback"] = mixed
+        result["feedback"] = {"events_per_s": mixed["feedback_events_per_s"], "basket": args.feedback_basket,
+                              "call_p50_ms": mixed["feedback_call_p50_ms"], "call_p99_ms": mixed["feedback_call_p99_ms"],
+                              "errors": mixed["feedback_errors"], "recommend_rps": args.mixed_recommend_rate,
+                              "recommend_p99_ms": mixed["recommend_p99_ms"], "goal_met": mixed["goal"]["met"]}
         print(f"mixed_feedback: {mixed['feedback_events_per_s']} events/s, call p50 {mixed['feedback_call_p50_ms']} "
               f"p99 {mixed['feedback_call_p99_ms']} errors {mixed['feedback_errors']}; /recommend at "
               f"{args.mixed_recommend_rate:g}/s p50 {mixed['recommend_p50_ms']} p99 {mixed['recommend_p99_ms']} "

@@ -210,10 +210,21 @@ class ServingSettings(BaseModel):
         description="Recompute a cached user's query after this long even if the row timestamps are unchanged.",
     )
     answer_cache_s: float = Field(
+        default=900.0, ge=0,
+        description="Reuse a user's two-stage answer for up to this long while their online history is unchanged (a "
+        "push or a materialisation is a miss at once; answers are as of at most this many seconds ago, and the "
+        "re-buy features move in days; 0: rank every request). Holds up to user_cache_size users.",
+    )
+    answer_prefill_users: int = Field(
+        default=10_000, ge=0,
+        description="Before a two-stage model serves, each worker ranks the default answer (default_k, no filters) of "
+        "this many most recently active users of the offline user_history table into the answer cache, so a fresh "
+        "worker does not queue on first requests (at most user_cache_size; 0: none).",
+    )
+    answer_prefill_s: float = Field(
         default=60.0, ge=0,
-        description="Reuse a user's two-stage answer for this long while their online history is unchanged (a push "
-        "is a miss at once; answers are as of at most this many seconds ago; 0: rank every request). Holds up to "
-        "user_cache_size users.",
+        description="Time budget of the answer prefill per worker and model load (what is not ranked by then is "
+        "ranked on its first request).",
     )
     torch_threads: int = Field(default=1, ge=1, description="Intra-op threads of torch and the BLAS in the service.")
     workers: int = Field(

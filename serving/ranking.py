@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -402,11 +402,14 @@ class AnswerCache:
 
     A two-stage answer is a function of the model, the user's history (item ids and timestamps,
     which every feedback push changes) and the time it is ranked as of. The key holds the request's
-    own options (k, filters); the entry holds a fingerprint of the history and the ``as_of`` it was
-    ranked at, so a push is a miss at once and a hit is exactly the offline answer as of that time,
-    never more than ``max_age_s`` earlier (the re-buy features move in days, not seconds). At most
-    ``max_users`` entries (least recently used go first; 0 or ``max_age_s`` 0 turns it off). One per
-    loaded model; not thread-safe (the runtime calls it from its one compute thread).
+    own options (:func:`answer_key`); the entry holds a fingerprint of the history and the ``as_of``
+    it was ranked at, so a push is a miss at once and a hit is exactly the offline answer as of that
+    time, never more than ``max_age_s`` earlier (the re-buy features move in days, not seconds).
+    Each entry lives between 3/4 of ``max_age_s`` and all of it (spread by its key), so answers
+    ranked together (a prefill) do not all expire in the same second. At most ``max_users``
+    entries (least recently used go first; 0 or ``max_age_s`` 0 turns it off). One per loaded
+    model; not thread-safe (the runtime fills it before the model serves, then uses it from its
+    one compute thread).
     """
 
     def __init__(self, version: str, max_users: int, max_age_s: float) -> None:
@@ -434,12 +437,16 @@ class AnswerCache:
         if not self.enabled:
             return None
         entry = self._data.get(key)
-        if entry is not None and entry[0] == fingerprint and 0 <= as_of - entry[1] <= self.max_age_s:
+        if entry is not None and entry[0] == fingerprint and 0 <= as_of - entry[1] <= self._life(key):
             self._data.move_to_end(key)
             self.hits += 1
             return entry[2]
         self.misses += 1
         return None
+
+    def _life(self, key: Hashable) -> float:
+        """How long the entry of ``key`` is reused: ``max_age_s`` times 0.75-1, fixed per key."""
+        return self.max_age_s * (0.75 + 0.25 * (hash(key) % 1024) / 1023)
 
     def put(self, key: Hashable, fingerprint: int, as_of: int, picks: list[Pick]) -> None:
         if not self.enabled:
@@ -448,3 +455,20 @@ class AnswerCache:
         self._data.move_to_end(key)
         while len(self._data) > self.max_users:
             self._data.popitem(last=False)
+
+
+def answer_key(user_id: str, k: int, exclude_purchased: bool = False, category: str | None = None) -> Hashable:
+    """The :class:`AnswerCache` key of a /recommend request's options."""
+    return (user_id, k, exclude_purchased, category)
+
+
+def online_history(features: dict[str, Any]) -> tuple[list[str], list[int]] | None:
+    """A user's online purchase history (item ids, epoch seconds; most recent first) from their
+    online feature row, or None when it is empty or malformed (ids and times of unequal length)."""
+    from recflow.modeling.features import get_feature
+
+    ids = get_feature(features, "user_history", "history_item_ids") or []
+    stamps = get_feature(features, "user_history", "history_ts") or []
+    if not ids or len(ids) != len(stamps):
+        return None
+    return list(map(str, ids)), [int(x) for x in stamps]

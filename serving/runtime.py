@@ -42,10 +42,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from recflow.event_log import EventLog, JournalSession
-from recflow.modeling.features import get_feature
 from recflow.security import redact
 from recflow.settings import Settings
-from serving import ranking, tower
+from serving import prefill, ranking, tower
 from serving.api import (
     FeedbackBatchResponse,
     FeedbackRequest,
@@ -401,8 +400,10 @@ class Runtime:
                     self.store = store
                 state = await self._run(self._loader, load_state, self.settings, self.store)
                 await self._run(self._loader, self.warm_up, state)
+                answers = await self._run(self._loader, self.prefill_answers, state)
                 await self._run(self._loader, freeze_heap)  # before ready: a full collection stalls requests
                 self.state = state
+                self._answer_cache = answers
                 self._note_fallback(state)
                 metrics()["reloads"].labels("ok").inc()
                 log.info("ready: model %s, %d items", state.version, state.n_items)
@@ -711,6 +712,33 @@ class Runtime:
         log.info("warm-up of model %s: %.2f s", state.version, seconds)
         return seconds
 
+    def prefill_answers(self, state: ServingState) -> ranking.AnswerCache | None:
+        """A new answer cache for ``state`` (a two-stage model; else None) that already holds the
+        default answers of the ``serving.answer_prefill_users`` most recently active users (at most
+        ``user_cache_size``), ranked within ``answer_prefill_s`` before ``state`` serves, so a fresh
+        worker does not queue on its first requests. A failure only costs the prefill."""
+        if state.two_stage is None:
+            return None
+        s = self.settings.serving
+        cache = ranking.AnswerCache(state.version, s.user_cache_size, s.answer_cache_s)
+        limit = min(s.answer_prefill_users, s.user_cache_size)
+        if not cache.enabled or limit == 0 or s.answer_prefill_s <= 0:
+            return cache
+        try:
+            users = prefill.recent_users(self.settings.paths.feature_table("user_history"), limit)
+            if not users:
+                log.info("answer prefill: no offline user_history table in this home, nothing to prefill")
+                return cache
+            done = prefill.prefill(cache, users, self._fetch, lambda asks: ranking.rank_two_stage(state, asks),
+                                   min(s.default_k, state.n_items), s.answer_prefill_s, batch=s.max_batch_size)
+        except Exception as exc:  # noqa: BLE001 - the model serves without a prefill
+            log.warning("answer prefill failed, serving without it: %s: %s", type(exc).__name__,
+                        redact(str(exc)[:200], self.settings))
+            return cache
+        log.info("answer prefill of model %s: %d of %d users ranked in %.1f s%s", state.version, done.answered,
+                 done.users, done.seconds, f" (stopped: {done.stopped})" if done.stopped else "")
+        return cache
+
     def require_state(self) -> ServingState:
         state = self.state
         if state is None or self.store is None:
@@ -909,14 +937,13 @@ class Runtime:
             keys: dict[int, tuple[Any, int]] = {}
             for i in with_feats:
                 j = jobs[i]
-                f = feats[j.req.user_id]  # type: ignore[index]
-                hid = get_feature(f, "user_history", "history_item_ids") or []
-                hts = get_feature(f, "user_history", "history_ts") or []
-                if hid and len(hid) == len(hts):
-                    history_of[i] = len(hid)
-                    ids, stamps, as_of = list(map(str, hid)), [int(x) for x in hts], int(j.now.timestamp())
+                hist = ranking.online_history(feats[j.req.user_id])  # type: ignore[index]
+                if hist is not None:
+                    ids, stamps = hist
+                    history_of[i] = len(ids)
+                    as_of = int(j.now.timestamp())
                     if j.req.timestamp is None:  # "now": a recent answer for the same history will do
-                        key = (j.req.user_id, ks[i], j.req.exclude_purchased, j.req.category)
+                        key = ranking.answer_key(j.req.user_id, ks[i], j.req.exclude_purchased, j.req.category)
                         fp = cache.fingerprint(ids, stamps)
                         hit = cache.get(key, fp, as_of)
                         if hit is not None:
@@ -1133,13 +1160,14 @@ class Runtime:
                     self._push_epoch += 1  # the push executor refreshes its registry and feature views
                 state = await self._run(self._loader, load_state, settings, self.store)
                 await self._run(self._loader, self.warm_up, state)
+                answers = await self._run(self._loader, self.prefill_answers, state)
             except ModelNotFound as exc:
                 metrics()["reloads"].labels("not_found").inc()
                 raise NotFound(f"{exc}; still serving {previous}", field="model_tag" if model_tag else None) from exc
             self.state = state
             self._note_fallback(state)
             self._query_cache = None  # queries of the old model, or of rows read with the old registry
-            self._answer_cache = None
+            self._answer_cache = answers
             await self._run(self._loader, freeze_heap)
             metrics()["reloads"].labels("ok").inc()
             log.info("reloaded: %s -> %s", previous, state.version)

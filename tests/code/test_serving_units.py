@@ -413,3 +413,64 @@ def test_answer_cache_hits_only_for_the_same_history_and_a_recent_answer() -> No
     off = AnswerCache("v1", max_users=10, max_age_s=0)
     off.put(key, fp, 1_000, picks)
     assert not off.enabled and off.get(key, fp, 1_000) is None and len(off) == 0
+
+
+def test_answer_cache_entries_expire_spread_over_the_last_quarter_of_max_age() -> None:
+    from serving.ranking import AnswerCache, Pick, answer_key
+
+    c = AnswerCache("v1", max_users=1000, max_age_s=100)
+    picks = [Pick(1, 1.0, "repeat", 1)]
+    lives = []
+    for n in range(200):
+        key = answer_key(f"u{n}", 10)
+        c.put(key, 7, 0, picks)
+        assert c.get(key, 7, 75) is picks and c.get(key, 7, 101) is None
+        lives.append(max(t for t in range(75, 101) if c.get(key, 7, t) is picks))
+    assert min(lives) < 85 and max(lives) > 95  # spread, not one cliff
+
+
+def test_recent_users_are_the_latest_rows_first(tmp_path) -> None:  # noqa: ANN001
+    from serving.prefill import recent_users
+
+    ts = pd.to_datetime(["2024-01-01", "2024-03-01", "2024-02-01", "2024-01-15"], utc=True)
+    pd.DataFrame({"user_id": ["a", "a", "b", "c"], "event_timestamp": ts}).to_parquet(tmp_path / "h.parquet")
+    assert recent_users(tmp_path / "h.parquet", 10) == ["a", "b", "c"]
+    assert recent_users(tmp_path / "h.parquet", 2) == ["a", "b"]
+    assert recent_users(tmp_path / "h.parquet", 0) == [] and recent_users(tmp_path / "missing.parquet", 5) == []
+
+
+def test_prefill_puts_exactly_what_a_request_would_look_up() -> None:
+    from serving.prefill import prefill
+    from serving.ranking import AnswerCache, Pick, answer_key
+
+    rows = {f"u{n}": {"user_history__history_item_ids": ["x", f"i{n}"], "user_history__history_ts": [20, 10]}
+            for n in range(5)}
+    rows["u3"] = {"user_history__history_item_ids": [], "user_history__history_ts": []}  # no history: skipped
+    fetched, ranked = [], []
+
+    def fetch(users: list[str]) -> dict:
+        fetched.append(users)
+        return {u: rows.get(u) for u in users}
+
+    def rank(asks: list) -> list:
+        ranked.extend(asks)
+        return [[Pick(n, 1.0, "repeat", 0)] for n, _ in enumerate(asks)]
+
+    cache = AnswerCache("v1", max_users=100, max_age_s=900)
+    users = [*rows, "unknown"]
+    done = prefill(cache, users, fetch, rank, k=10, budget_s=60, batch=2, clock=lambda: 1_000.0)
+    assert (done.users, done.answered, done.stopped) == (6, 4, None)
+    assert fetched == [["u0", "u1"], ["u2", "u3"], ["u4", "unknown"]]
+    assert {a.user_id for a in ranked} == {"u0", "u1", "u2", "u4"}
+    assert all(a.k == 10 and a.as_of == 1_000 and not a.exclude_history and a.rows is None for a in ranked)
+    fp = cache.fingerprint(["x", "i4"], [20, 10])
+    assert cache.get(answer_key("u4", 10), fp, 1_010) is not None  # what /recommend {"user_id": "u4"} looks up
+    assert cache.get(answer_key("u4", 5), fp, 1_010) is None  # other options are not prefilled
+    assert cache.get(answer_key("u4", 10), cache.fingerprint(["y", "x", "i4"], [30, 20, 10]), 1_010) is None
+
+    down = prefill(AnswerCache("v1", 100, 900), users, lambda u: None, rank, 10, 60)
+    assert down.answered == 0 and down.stopped == "the online store did not answer"
+    spent = prefill(AnswerCache("v1", 100, 900), users, fetch, rank, 10, budget_s=-1)
+    assert spent.answered == 0 and spent.stopped and "budget" in spent.stopped
+    off = prefill(AnswerCache("v1", 100, 0), users, fetch, rank, 10, 60)
+    assert off.answered == 0 and off.stopped == "the answer cache is off"

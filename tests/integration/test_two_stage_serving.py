@@ -66,6 +66,14 @@ def test_recommend_serves_the_two_stage_model(tiny_features, shop_model) -> None
     import httpx
 
     with start_local(settings) as svc, httpx.Client(base_url=svc.url, timeout=30) as c:
+        # The answer prefill ranked the default answer of "a" (a recent user) before the service said
+        # ready: the first request is a hit, and it is the offline scorer's answer as of about now.
+        hits, misses = _cache_count(c, "hit"), _cache_count(c, "miss")
+        pre = _post(c, "/recommend", {"user_id": "a"}).json()
+        assert (_cache_count(c, "hit"), _cache_count(c, "miss")) == (hits + 1, misses)
+        want = _offline(settings, ts, "a", pd.Timestamp.now(tz="UTC"), settings.serving.default_k)
+        assert [i["item_id"] for i in pre["items"]] == [model.item_ids[p.position] for p in want]
+
         r = _post(c, "/recommend", {"user_id": "a", "k": 4, "timestamp": NOW.isoformat()})
         assert r.status_code == 200, r.text
         body = r.json()
