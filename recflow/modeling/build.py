@@ -42,6 +42,13 @@ def tiny_tokenizer() -> Any:
     )
 
 
+def _tensor(values: Any, dtype: Any) -> torch.Tensor:
+    """``values`` as a tensor of ``dtype``; a read-only array (a memory map, an Arrow buffer) is
+    copied first, since torch cannot share it (and warns)."""
+    arr = np.asarray(values, dtype=dtype)
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
+
 def new_model(
     config: ModelConfig,
     item_ids: list[str],
@@ -59,15 +66,15 @@ def new_model(
     """
     texts, text_idx = unique_texts(item_texts)
     model = RecModel(config, n_items=len(item_ids), n_texts=len(texts))
-    model.item_text.copy_(torch.from_numpy(text_idx))
+    model.item_text.copy_(_tensor(text_idx, text_idx.dtype))
     if text_emb is not None:
         if text_emb.shape != (len(texts), config.text_dim):
             raise ValueError(f"text_emb {text_emb.shape}, expected {(len(texts), config.text_dim)}")
-        model.text_emb.copy_(torch.from_numpy(np.asarray(text_emb, dtype=np.float32)))
+        model.text_emb.copy_(_tensor(text_emb, np.float32))
     if id_rows is not None:
         if int(np.max(id_rows, initial=0)) >= config.n_ids:
             raise ValueError(f"id_rows reach {int(np.max(id_rows))} but config.n_ids is {config.n_ids}")
-        model.item_id_row.copy_(torch.from_numpy(np.asarray(id_rows, dtype=np.int64)))
+        model.item_id_row.copy_(_tensor(id_rows, np.int64))
     if popularity is not None:
         model.popularity.copy_(torch.from_numpy(np.asarray(popularity, dtype=np.float32)))
     model.set_catalogue(list(item_ids), texts)

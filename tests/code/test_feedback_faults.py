@@ -167,7 +167,7 @@ def test_start_up_waits_for_the_first_load(make_settings, monkeypatch) -> None: 
 
     def slow_load(settings: Any, store: Any) -> Any:
         time.sleep(0.5)
-        return SimpleNamespace(version="v1", n_items=2)
+        return SimpleNamespace(version="v1", n_items=2, two_stage=None)
 
     monkeypatch.setattr(rmod.Runtime, "_open_store", lambda self: (object(), None))
     monkeypatch.setattr(rmod, "OnlineUserReader", lambda store, service: None)
