@@ -41,8 +41,12 @@ def flush_event_log_task(settings: Settings) -> str | None:
 def feature_tables_task(settings: Settings) -> dict[str, Any]:
     """Canonical tables -> point-in-time feature tables (parquet)."""
     report = build_feature_tables(settings)
-    get_run_logger().info("feature tables built in %.1f s: %s", report.total_seconds, report.tables)
-    return {"rows": report.tables, "seconds": report.seconds, "total_seconds": report.total_seconds}
+    logger = get_run_logger()
+    logger.info("feature tables built in %.1f s: %s", report.total_seconds, report.tables)
+    for note in report.warnings:
+        logger.warning(note)
+    return {"rows": report.tables, "seconds": report.seconds, "total_seconds": report.total_seconds,
+            "warnings": report.warnings}
 
 
 @task(name="feast-apply", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -63,8 +63,11 @@ class FeatureSettings(BaseModel):
     """Feature computation."""
 
     history_length: int = Field(
-        default=500, ge=1, le=500,
-        description="Purchase lines kept in the recent-history list (the re-buy signal needs long histories).",
+        default=5_000, ge=1, le=50_000,
+        description="Purchase lines kept in each user's online history list (most recent first). The two-stage "
+        "ranker learns from whole histories, so a user with more lines is served with features of the latest ones "
+        "only; the feature build warns when that happens (500 lines cost 0.7% NDCG@10 on Complete Journey, whose "
+        "longest history has 4,192).",
     )
     user_windows_days: tuple[int, ...] = Field(
         default=(7, 30, 90), description="Windows of the user activity features (the Feast schema is fixed to these)."

@@ -38,6 +38,7 @@ class FeatureBuildReport:
     paths: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
 
 def connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
@@ -256,6 +257,21 @@ def _item_catalog_sql(items: Path) -> str:
     """
 
 
+def history_cut_note(con: duckdb.DuckDBPyConnection, history_length: int) -> str | None:
+    """A warning when users of the staged events have more lines than the online history keeps:
+    the two-stage ranker learns from whole histories, so those users are served with features of
+    their latest ``history_length`` lines only (training-serving skew). None when nobody is cut."""
+    cut, users, longest = con.sql(
+        f"SELECT count(*) FILTER (WHERE n > {int(history_length)}), count(*), coalesce(max(n), 0) "
+        "FROM (SELECT user_id, count(*) AS n FROM ev GROUP BY user_id)").fetchone()
+    if not cut:
+        return None
+    return (f"{cut:,} of {users:,} users ({cut / users:.1%}) have more than features.history_length="
+            f"{history_length:,} lines (the longest: {longest:,}); the ranker learns from whole histories, so "
+            "these users are served with features of their latest lines only. Raise features.history_length "
+            f"to {longest:,} to serve them exactly.")
+
+
 def build_feature_tables(settings: Settings) -> FeatureBuildReport:
     """Compute every feature table from the canonical tables and write them as parquet.
 
@@ -284,6 +300,9 @@ def build_feature_tables(settings: Settings) -> FeatureBuildReport:
         _sliding_distinct(con, key="user_id", element="category", window=w_max, name="u_cats", where="is_purchase")
         _sliding_distinct(con, key="item_id", element="user_id", window=30, name="i_buyers", where="is_purchase")
         report.seconds["stage"] = time.perf_counter() - t
+        note = history_cut_note(con, cfg.history_length)
+        if note:
+            report.warnings.append(note)
         queries = {
             "user_activity": _user_activity_sql(tuple(sorted(cfg.user_windows_days))),
             "user_history": _user_history_sql(cfg.history_length),

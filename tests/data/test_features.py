@@ -88,10 +88,17 @@ def test_history_length_is_capped(make_settings, tiny_shop) -> None:
         features=FeatureSettings(history_length=2),
     )
     ingest(s)
-    build_feature_tables(s)
+    report = build_feature_tables(s)
     hist = _table(s, "user_history")
     assert hist.history_item_ids.map(len).max() == 2
     assert _row(hist, "user_id", "a", "2024-02-21").history_item_ids.tolist() == ["z", "x"]
+    # users with longer histories are named: they are served with features of their latest lines only
+    lines = pd.read_parquet(s.paths.events).groupby("user_id").size()
+    cut = int((lines > 2).sum())
+    assert cut > 0 and len(report.warnings) == 1
+    assert report.warnings[0].startswith(f"{cut:,} of {len(lines):,} users") and f"to {lines.max():,}" in report.warnings[0]
+    s.features.history_length = int(lines.max())
+    assert build_feature_tables(s).warnings == []
 
 
 def test_item_popularity(tiny_features) -> None:
