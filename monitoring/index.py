@@ -100,6 +100,27 @@ def _key_numbers(summary: dict[str, Any]) -> str:
     return "<ul>" + "".join(rows) + "</ul>" if rows else "–"
 
 
+_SKEW_LABEL = {"ok": "NO SKEW", "skew": "PIPELINE FAULT", "no_data": "NOT CHECKED", "off": "OFF"}
+
+
+def _skew(summary: dict[str, Any]) -> str:
+    """The skew verdict, apart from drift: a pipeline fault (served features disagree with the
+    offline truth) is not a change in shoppers, and retraining does not fix it."""
+    skew = summary.get("skew")
+    if not isinstance(skew, dict) or skew.get("verdict") not in _SKEW_LABEL:
+        return "–"
+    v = str(skew["verdict"])
+    css = {"ok": "ok", "skew": "error"}.get(v, "insufficient_data")
+    lines = [f"<span class='badge small {css}'>{_esc(_SKEW_LABEL[v])}</span> {_esc(skew.get('reason', ''))}"]
+    if v == "skew":
+        per = skew.get("per_feature") or {}
+        for name in skew.get("features_mismatched", []):
+            f = per.get(name, {})
+            lines.append(f"{_esc(name)}: {_esc(_fmt(f.get('share_mismatched')))} of requests differ, "
+                         f"max |diff| {_esc(_fmt(f.get('max_abs_diff')))}")
+    return "<br>".join(lines)
+
+
 def _verdict(summary: dict[str, Any]) -> str:
     decision = summary.get("decision", {})
     verdict = decision.get("verdict")
@@ -124,7 +145,7 @@ def render_index(reports_dir: Path) -> str:
         rows.append(
             f"<tr><td class='num'><b>{_esc(run_dir.name)}</b><br><small>{when}</small></td>"
             f"<td><span class='badge {verdict}'>{_esc(_LABEL[verdict])}</span></td>"
-            f"<td>{reasons_html}</td><td>{_key_numbers(summary)}</td>"
+            f"<td>{reasons_html}</td><td>{_skew(summary)}</td><td>{_key_numbers(summary)}</td>"
             f"<td>{_links(run_dir, reports_dir, summary)}</td></tr>"
         )
     if runs:
@@ -135,7 +156,8 @@ def render_index(reports_dir: Path) -> str:
     else:
         head = "<div class='latest'>No monitor run yet. Run <code>recflow reports</code> or the monitor flow.</div>"
     table = (
-        "<table><thead><tr><th>Run (window, UTC)</th><th>Verdict</th><th>Reasons</th><th>Key numbers</th>"
+        "<table><thead><tr><th>Run (window, UTC)</th><th>Verdict</th><th>Reasons</th>"
+        "<th>Skew (served vs offline features)</th><th>Key numbers</th>"
         "<th>Reports</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
     ) if rows else ""
     return (
@@ -143,8 +165,9 @@ def render_index(reports_dir: Path) -> str:
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>recflow monitoring</title><style>{_CSS}</style></head><body>"
         "<h1>recflow monitoring</h1><div class='sub'>Drift and recommendation-quality runs, newest first. "
-        "DRIFT means a gating metric crossed its threshold (see reasons); advisory lines do not "
-        "trigger retraining.</div>"
+        "DRIFT means a gating metric crossed its threshold (see reasons): the world changed; advisory lines do not "
+        "trigger retraining. Skew is apart: PIPELINE FAULT means the service was served features that disagree "
+        "with the offline truth for the same user and time, which retraining does not fix.</div>"
         f"{head}{table}</body></html>"
     )
 

@@ -111,19 +111,22 @@ def _two_stage_reference(
             if hid and len(hid) == len(hts):
                 ranked_of[n] = len(asks)
                 asks.append(Ask(list(map(str, hid)), [int(x) for x in hts], at, k, user_id=str(f["user_id"])))
-        ranked = recommend(model, asks)
+        served: list[dict[str, float | None]] = []
+        ranked = recommend(model, asks, served)
         for n, f in enumerate(chunk):
             hid = get_feature(f, "user_history", "history_item_ids") or []
+            model_features: dict[str, float | None] = {}  # no history: the fallback ranked nothing
             if n in ranked_of:
                 positions = [p.position for p in ranked[ranked_of[n]]]
                 scores = [p.score for p in ranked[ranked_of[n]]]
+                model_features = served[ranked_of[n]]
             else:
                 positions, scores = model.side.popular[:k].tolist(), [0.0] * min(k, len(model.side.popular))
             rows.append({
                 "request_id": uuid.uuid4().hex, "ts": as_of, "endpoint": "recommend",
                 "user_id": pseudonym(str(f["user_id"]), key), "item_id": None, "k": k, "model_version": model_version,
                 "fallback": n not in ranked_of, "degraded": False, "feature_age_s": None, "latency_ms": None,
-                "features": logged_features(f, len(hid), profile=profile),
+                "features": logged_features(f, len(hid), profile=profile, model_features=model_features),
                 "item_ids": [str(model.item_ids[p]) for p in positions],
                 "scores": np.asarray(scores, np.float32).tolist(),
             })

@@ -59,6 +59,34 @@ def _purchase_paths(settings: Settings) -> list[Path]:
     return paths
 
 
+def _skew(settings: Settings, model: Any, log: pd.DataFrame, end: pd.Timestamp, key: bytes) -> dict[str, Any]:
+    """:func:`monitoring.skew.skew_report` of the window's requests against every purchase known
+    (canonical events and the feedback journal, pseudonymised like the log) before ``end``."""
+    from monitoring.skew import skew_report
+
+    rows = settings.monitoring.skew_rows
+    if rows == 0:
+        return {"verdict": "off", "reason": "monitoring.skew_rows is 0"}
+    if model is None:
+        model = _champion_two_stage(settings)
+        if model is None:
+            return {"verdict": "no_data", "reason": "the champion has no two-stage model"}
+    purchases = mdata.load_events([settings.paths.event_log, settings.paths.events], "1970-01-01", end)
+    return skew_report(model, log, pseudonymise_frame(purchases, key), max_rows=rows, seed=settings.monitoring.seed)
+
+
+def _champion_two_stage(settings: Settings) -> Any:
+    """The registry champion's two-stage model, or None (no champion, or a two-tower one)."""
+    from recflow import registry
+    from recflow.ranker import load_two_stage
+
+    pointer = registry.get_champion(settings)
+    if pointer is None:
+        return None
+    folder = registry.model_path(settings, pointer["tag"]) / registry.RANKER_DIR
+    return load_two_stage(folder) if folder.is_dir() else None
+
+
 def _serving_stats(log: pd.DataFrame) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for col in ("fallback", "degraded"):
@@ -84,6 +112,7 @@ def run_monitor(
     feedback: pd.DataFrame | None = None,
     reference_feedback: pd.DataFrame | None = None,
     train_purchases: pd.DataFrame | None = None,
+    model: Any = None,
     write_index_page: bool = True,
 ) -> MonitorResult:
     """Monitor the window ``[start, end)`` against ``reference`` and write reports + summary.
@@ -102,6 +131,8 @@ def run_monitor(
       defaults to distinct buyers in ``train_purchases``.
     - ``items``: catalogue (``item_id`` + ``monitoring.mix_level`` column) for the category mix;
       default: ``settings.paths.items`` when it exists.
+    - ``model``: the two-stage model (:class:`recflow.ranker.TwoStage`) whose item catalogue the
+      skew report maps histories with; default: the registry champion's, when it has one.
 
     Writes ``<reports>/<run_id>/{feature_drift,prediction_drift,recommendation_quality}.{html,json}``
     and ``summary.json`` (run_id = window end, e.g. ``2017-10-08T000000Z``; re-running a window
@@ -233,6 +264,11 @@ def run_monitor(
         notes.append(qual.note)
     timings["quality"] = time.perf_counter() - t
 
+    # --- skew: served features against the offline truth (its own verdict, not drift) ------------
+    t = time.perf_counter()
+    skew = _skew(settings, model, drift_log, end_ts, key)
+    timings["skew"] = time.perf_counter() - t
+
     # --- decision + summary ---------------------------------------------------------------------
     n_drift = min(len(cur_s), len(ref_s))
     n_quality = min(qual.users_with_feedback)
@@ -273,6 +309,7 @@ def run_monitor(
         "predictions": {"numerical": p_num, "categorical": p_cat, "drifted": pred.drifted_columns,
                         "per_column": pred.columns, "mix_groups": groups},
         "serving": _serving_stats(drift_log),
+        "skew": skew,
         "policy": policy.model_dump(),
         "reports": {name: {"html": f.html.name, "json": f.json.name} for name, f in reports.items()},
         "notes": notes,

@@ -190,12 +190,18 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def logged_features(features: Mapping[str, Any] | None, n_history: int, *, profile: bool = False) -> str:
+def logged_features(features: Mapping[str, Any] | None, n_history: int, *, profile: bool = False,
+                    model_features: Mapping[str, Any] | None = None) -> str:
     """JSON of the numeric serving features used (no ids, no free text); profile attributes (age,
-    income, marital status, kids ...) only with ``profile`` (``privacy.log_profile``)."""
+    income, marital status, kids ...) only with ``profile`` (``privacy.log_profile``).
+
+    ``model_features`` (the two-stage model: the user-level ranker features it ranked with, computed
+    from the online history as of the request) replace the online activity counts, which that
+    model does not read and whose windows do not slide between materialisations."""
     if not features:
         return json.dumps({"history_len": n_history})
-    out: dict[str, Any] = {n: _clean(features.get(f"user_activity__{n}")) for n in LOGGED_ACTIVITY}
+    out: dict[str, Any] = ({n: _clean(v) for n, v in model_features.items()} if model_features is not None else
+                           {n: _clean(features.get(f"user_activity__{n}")) for n in LOGGED_ACTIVITY})
     if profile:
         out.update({n: features.get(f"user_profile__{n}") for n in USER_PROFILE_FEATURES})
     hist = features.get("user_history__history_item_ids") or []

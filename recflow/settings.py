@@ -368,6 +368,10 @@ class MonitoringSettings(BaseModel):
         default=10_000, ge=100, description="Drift reports sample at most this many rows per side (recorded in summary)."
     )
     max_quality_users: int = Field(default=5_000, ge=100, description="Quality report samples at most this many users.")
+    skew_rows: int = Field(
+        default=500, ge=0,
+        description="Requests per run whose served ranker features the skew report recomputes offline (0: no skew report).",
+    )
     drift_method: str | None = Field(
         default=None, description="Evidently stat test for every column (default: Evidently picks by type and size)."
     )

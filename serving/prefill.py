@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.ranking import AnswerCache, HistoryAsk, Pick, answer_key, online_history
+from serving.ranking import AnswerCache, HistoryAsk, answer_key, online_history
 
 log = logging.getLogger("recflow.serving")
 
 Fetch = Callable[[list[str]], "dict[str, dict[str, Any]] | None"]
-Rank = Callable[[list[HistoryAsk]], list[list[Pick]]]
+Rank = Callable[[list[HistoryAsk]], list[Any]]  # one cached answer per ask
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def prefill(cache: AnswerCache, users: list[str], fetch: Fetch, rank: Rank, k: i
             fingerprints.append(cache.fingerprint(ids, stamps))
         if not asks:
             continue
-        for ask, fp, picks in zip(asks, fingerprints, rank(asks), strict=True):
-            cache.put(answer_key(ask.user_id or "", k), fp, as_of, picks)
+        for ask, fp, answer in zip(asks, fingerprints, rank(asks), strict=True):
+            cache.put(answer_key(ask.user_id or "", k), fp, as_of, answer)
         answered += len(asks)
     return PrefillResult(len(users), answered, round(time.perf_counter() - started, 3), stopped)

@@ -371,9 +371,11 @@ def search(state: ServingState, text: str, k: int, query: UserQuery | None = Non
             for p, v, kd, w in zip(picks, val, kinds, why, strict=True)]
 
 
-def rank_two_stage(state: ServingState, asks: list[HistoryAsk]) -> list[list[Pick]]:
+def rank_two_stage(state: ServingState, asks: list[HistoryAsk],
+                   features: list[dict[str, float | None]] | None = None) -> list[list[Pick]]:
     """Top-k of the two-stage model (:func:`recflow.ranker.recommend.recommend`, the scoring core the
-    offline evaluation uses) for every ask, in this state's positions, with reason sentences."""
+    offline evaluation uses) for every ask, in this state's positions, with reason sentences; a
+    ``features`` list is extended by each ask's user-level ranker features (what is logged)."""
     from recflow.ranker.recommend import Ask, reason_text, recommend
 
     ts, to_state, to_ranker = state.two_stage, state.two_stage_to_state, state.state_to_two_stage
@@ -392,7 +394,7 @@ def rank_two_stage(state: ServingState, asks: list[HistoryAsk]) -> list[list[Pic
     return [
         [Pick(int(to_state[p.position]), p.score, p.kind, None if p.reason is None else int(to_state[p.reason]),
               reason_text(p, title_of)) for p in picks]
-        for picks in recommend(ts, core)
+        for picks in recommend(ts, core, features)
     ]
 
 
@@ -418,7 +420,7 @@ class AnswerCache:
         self.max_age_s = max_age_s
         self.hits = 0
         self.misses = 0
-        self._data: OrderedDict[Hashable, tuple[int, int, list[Pick]]] = OrderedDict()
+        self._data: OrderedDict[Hashable, tuple[int, int, Any]] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
@@ -432,7 +434,7 @@ class AnswerCache:
         """A hash of the whole online history (ids and times, in order)."""
         return hash((tuple(history_ids), tuple(history_ts)))
 
-    def get(self, key: Hashable, fingerprint: int, as_of: int) -> list[Pick] | None:
+    def get(self, key: Hashable, fingerprint: int, as_of: int) -> Any:
         """The cached answer for ``key`` if its history matches and it is not older than ``max_age_s``."""
         if not self.enabled:
             return None
@@ -448,7 +450,7 @@ class AnswerCache:
         """How long the entry of ``key`` is reused: ``max_age_s`` times 0.75-1, fixed per key."""
         return self.max_age_s * (0.75 + 0.25 * (hash(key) % 1024) / 1023)
 
-    def put(self, key: Hashable, fingerprint: int, as_of: int, picks: list[Pick]) -> None:
+    def put(self, key: Hashable, fingerprint: int, as_of: int, picks: Any) -> None:
         if not self.enabled:
             return
         self._data[key] = (fingerprint, as_of, picks)

@@ -729,7 +729,11 @@ class Runtime:
             if not users:
                 log.info("answer prefill: no offline user_history table in this home, nothing to prefill")
                 return cache
-            done = prefill.prefill(cache, users, self._fetch, lambda asks: ranking.rank_two_stage(state, asks),
+            def rank(asks: list[ranking.HistoryAsk]) -> list[Any]:
+                served: list[dict[str, float | None]] = []
+                return list(zip(ranking.rank_two_stage(state, asks, served), served, strict=True))
+
+            done = prefill.prefill(cache, users, self._fetch, rank,
                                    min(s.default_k, state.n_items), s.answer_prefill_s, batch=s.max_batch_size)
         except Exception as exc:  # noqa: BLE001 - the model serves without a prefill
             log.warning("answer prefill failed, serving without it: %s: %s", type(exc).__name__,
@@ -931,7 +935,8 @@ class Runtime:
         asks: list[Any] = []
         ask_of: dict[int, int] = {}
         history_of: dict[int, int] = {}
-        cached: dict[int, list[ranking.Pick]] = {}
+        cached: dict[int, tuple[list[ranking.Pick], dict[str, float | None]]] = {}
+        served: list[dict[str, float | None]] = []  # the two-stage asks' user-level ranker features
         if two_stage:
             cache = self._answer_cache_for(state)
             keys: dict[int, tuple[Any, int]] = {}
@@ -952,9 +957,9 @@ class Runtime:
                         keys[len(asks)] = (key, fp)
                     ask_of[i] = len(asks)
                     asks.append(ranking.HistoryAsk(ids, stamps, as_of, ks[i], j.req.exclude_purchased, rows[i], j.req.user_id))
-            ranked = ranking.rank_two_stage(state, asks)
+            ranked = ranking.rank_two_stage(state, asks, served)
             for n, (key, fp) in keys.items():
-                cache.put(key, fp, asks[n].as_of, ranked[n])
+                cache.put(key, fp, asks[n].as_of, (ranked[n], served[n]))
             if cached or keys:
                 m = metrics()["user_cache"]
                 m.labels("hit").inc(len(cached))
@@ -972,10 +977,12 @@ class Runtime:
                 continue
             f = feats.get(j.req.user_id) if feats else None
             q = query_of.get(i)
+            model_feats: dict[str, float | None] | None = {} if two_stage else None  # no history: none ranked
             if i in ask_of:
                 picks, fallback = ranked[ask_of[i]], False
+                model_feats = served[ask_of[i]] if two_stage else None
             elif i in cached:
-                picks, fallback = cached[i], False
+                (picks, model_feats), fallback = cached[i], False
             else:
                 exclude = q.history_positions if (q is not None and j.req.exclude_purchased) else None
                 picks, fallback = ranking.popular(state, ks[i], rows[i], exclude), True
@@ -986,7 +993,8 @@ class Runtime:
                 "request_id": j.request_id, "user_id": j.req.user_id, "items": items, "model_version": state.version,
                 "feature_age_s": age, "fallback": fallback, "degraded": degraded,
             })
-            out[i] = _Answer(body, logged_features(f, n_history, profile=self.settings.privacy.log_profile), ks[i],
+            logged = logged_features(f, n_history, profile=self.settings.privacy.log_profile, model_features=model_feats)
+            out[i] = _Answer(body, logged, ks[i],
                              [it["item_id"] for it in items], [it["score"] for it in items], state.version,
                              fallback, degraded, age)
         t4 = time.perf_counter()

@@ -274,6 +274,31 @@ PAIR_FEATURES: tuple[str, ...] = (
 )
 
 
+USER_FEATURES: tuple[str, ...] = tuple(f for f in PAIR_FEATURES if f.startswith("u_"))
+
+
+def user_features(ctx: Context, user: np.ndarray) -> dict[str, np.ndarray]:
+    """The user-level ranker features (:data:`USER_FEATURES`) of ``user`` (codes of ``ctx.log``) as
+    of ``ctx.as_of``: part of :func:`pair_features`, and what the two-stage service logs as the
+    features it served with (the monitor's drift and skew reports read them)."""
+    us, t = ctx.users, ctx.as_of
+    user = np.asarray(user, dtype=np.int64)
+    out: dict[str, np.ndarray] = {}
+    out["u_n_lines"] = us.n_lines[user]
+    out["u_n_baskets"] = us.n_baskets[user]
+    out["u_n_items"] = us.n_items[user]
+    out["u_days_since_last"] = (t - us.last[user]) / DAY_S
+    span = (us.last[user] - us.first[user]) / DAY_S
+    out["u_span_d"] = span
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["u_basket_gap_d"] = np.where(us.n_baskets[user] > 1, span / np.maximum(us.n_baskets[user] - 1, 1), np.nan)
+    out["u_baskets_30d"] = us.baskets_30d[user]
+    out["u_repeat_share"] = us.repeat_share[user]
+    out["u_new_share_28d"] = us.new_share_28d[user]
+    assert tuple(out) == USER_FEATURES
+    return out
+
+
 def pair_features(ctx: Context, user: np.ndarray, item: np.ndarray) -> dict[str, np.ndarray]:
     """Features ``[P]`` of the pairs ``(user[k], item[k])`` (user codes of ``ctx.log``) as of ``ctx.as_of``.
 
@@ -322,17 +347,7 @@ def pair_features(ctx: Context, user: np.ndarray, item: np.ndarray) -> dict[str,
     with np.errstate(invalid="ignore", divide="ignore"):
         # trips since the last purchase against the user's trips per purchase of the item
         out["ui_trip_overdue"] = since_trips * out["ui_occasions"] / us.n_baskets[user]
-    out["u_n_lines"] = us.n_lines[user]
-    out["u_n_baskets"] = us.n_baskets[user]
-    out["u_n_items"] = us.n_items[user]
-    out["u_days_since_last"] = (t - us.last[user]) / DAY_S
-    span = (us.last[user] - us.first[user]) / DAY_S
-    out["u_span_d"] = span
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out["u_basket_gap_d"] = np.where(us.n_baskets[user] > 1, span / np.maximum(us.n_baskets[user] - 1, 1), np.nan)
-    out["u_baskets_30d"] = us.baskets_30d[user]
-    out["u_repeat_share"] = us.repeat_share[user]
-    out["u_new_share_28d"] = us.new_share_28d[user]
+    out.update(user_features(ctx, user))
     if ctx.ucat is not None and ctx.category is not None:
         keys, cnt = ctx.ucat
         n_c = int(np.max(ctx.category)) + 2

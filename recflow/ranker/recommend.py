@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from recflow.ranker.features import user_context
+from recflow.ranker.features import Context, user_context, user_features
 from recflow.ranker.log import PurchaseLog
 from recflow.ranker.model import Scored, TwoStage, score_users
 
@@ -50,25 +50,43 @@ def history_log(model: TwoStage, asks: Sequence[Ask]) -> PurchaseLog:
     return PurchaseLog.from_histories([(a.history_ids, a.history_ts) for a in asks], model.item_index, ids)
 
 
-def score_asks(model: TwoStage, asks: Sequence[Ask]) -> tuple[PurchaseLog, list[Scored], list[np.ndarray]]:
-    """Scores of every candidate of every ask; asks with the same time are scored together."""
+def score_asks(model: TwoStage, asks: Sequence[Ask]) -> tuple[PurchaseLog, list[Scored], list[np.ndarray], list[Context]]:
+    """Scores of every candidate of every ask; asks with the same time are scored together (one
+    context per time, with the users it scored)."""
     log = history_log(model, asks)
     times = np.array([a.as_of for a in asks], np.int64)
     parts: list[Scored] = []
     users_of: list[np.ndarray] = []
+    contexts: list[Context] = []
     for t in np.unique(times):
         users = np.flatnonzero(times == t)
         ctx = user_context(log, model.side.stats, int(t), model.category)
         parts.append(score_users(model.ranker, ctx, model.side, users))
         users_of.append(users)
-    return log, parts, users_of
+        contexts.append(ctx)
+    return log, parts, users_of, contexts
 
 
-def recommend(model: TwoStage, asks: Sequence[Ask]) -> list[list[Pick]]:
-    """Top ``k`` picks of every ask, best first (popular items fill up when candidates run short)."""
+def served_user_features(contexts: Sequence[Context], users_of: Sequence[np.ndarray], n: int) -> list[dict[str, float | None]]:
+    """The user-level ranker features each of ``n`` asks was ranked with (JSON-ready: NaN -> None)."""
+    out: list[dict[str, float | None]] = [{} for _ in range(n)]
+    for ctx, users in zip(contexts, users_of, strict=True):
+        values = user_features(ctx, users)
+        for name, col in values.items():
+            for u, v in zip(users.tolist(), col.tolist(), strict=True):
+                out[u][name] = None if v != v else round(float(v), 6)
+    return out
+
+
+def recommend(model: TwoStage, asks: Sequence[Ask], features: list[dict[str, float | None]] | None = None) -> list[list[Pick]]:
+    """Top ``k`` picks of every ask, best first (popular items fill up when candidates run short).
+    With a ``features`` list, it is extended by the user-level ranker features of each ask
+    (:func:`served_user_features`): what the service logs as served with."""
     if not asks:
         return []
-    log, parts, _ = score_asks(model, asks)
+    log, parts, users_of, contexts = score_asks(model, asks)
+    if features is not None:
+        features.extend(served_user_features(contexts, users_of, len(asks)))
     out: list[list[Pick]] = [[] for _ in asks]
     off = log.offsets()
     for sc in parts:

@@ -69,6 +69,8 @@ def test_monitor_without_drift_writes_everything(tmp_path) -> None:
     assert summary["predictions"]["mix_groups"]  # department mix monitored from the catalogue
     index = result.index_path.read_text()
     assert "2017-10-08T000000Z/feature_drift.html" in index
+    # no two-stage champion here: the skew report says so, apart from the drift verdict
+    assert summary["skew"]["verdict"] == "no_data" and "NOT CHECKED" in index and "PIPELINE FAULT" in index
 
 
 def test_monitor_detects_injected_drift_and_quality_drop(tmp_path) -> None:

@@ -110,6 +110,21 @@ def test_recommend_serves_the_two_stage_model(tiny_features, shop_model) -> None
         now = _post(c, "/recommend", {"user_id": "a", "k": 4}).json()
         assert (_cache_count(c, "hit"), _cache_count(c, "miss")) == (hits, misses + 1)
         assert now["items"] != first["items"]
+        after_pushes = {body["request_id"], now["request_id"]}
+
+    # The features these answers were served with equal the offline ones for the same user and time,
+    # recomputed from the purchase events (canonical + journal) by the skew report: zero skew.
+    from monitoring.data import load_request_log
+    from monitoring.skew import skew_report
+    from recflow.event_log import EventLog
+    from recflow.privacy import pseudonym_key, pseudonymise_frame
+
+    served = load_request_log(settings.paths.request_log, "1970-01-01", "2100-01-01")
+    served = served[served["request_id"].isin(after_pushes)]
+    events = pd.concat([pd.read_parquet(settings.paths.events), EventLog(settings.paths.event_log).read()])
+    purchases = pseudonymise_frame(events[events.event_type == "purchase"], pseudonym_key(settings))
+    skew = skew_report(ts, served, purchases)
+    assert skew["verdict"] == "ok" and skew["compared"] == 2 and skew["max_abs_diff"] == 0.0, skew
 
 
 def _cache_count(c, result: str) -> float:  # noqa: ANN001

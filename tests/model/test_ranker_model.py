@@ -199,3 +199,42 @@ def test_without_text_keeps_every_candidate_a_non_text_source_found(shop: dict) 
     assert 0 < len(nt.y) == int(want.sum()) <= len(week.y)
     np.testing.assert_array_equal(nt.cands.item, week.cands.item[want])
     np.testing.assert_array_equal(nt.x, week.x[want][:, [list(week.features).index(n) for n in feats]])
+
+
+def test_skew_report_is_zero_for_exact_histories_and_names_a_cut_one(shop: dict) -> None:
+    """The service's logged user features (recommend(..., features)) against the offline truth from
+    the purchase events: exact histories give no skew; histories cut to 3 lines are named."""
+    from monitoring.skew import skew_report
+    from recflow.schemas import logged_features
+
+    inputs, fitted, events = shop["inputs"], shop["fit"], shop["events"]
+    as_of = seconds(shop["protocol"].tests[0]) + 5 * 3600
+    model = final_model(inputs, fitted.ranker, as_of)
+    log = inputs.log.before(as_of)
+    off = log.offsets()
+    users = [u for u in range(log.n_users) if off[u + 1] - off[u] > 5][:30]
+
+    def requests(cut: int | None) -> pd.DataFrame:
+        asks = []
+        for u in users:
+            ids = inputs.catalogue.item_ids[log.item[off[u]:off[u + 1]]][::-1].tolist()
+            ts = log.ts[off[u]:off[u + 1]][::-1].tolist()
+            asks.append(Ask(ids[:cut], ts[:cut], as_of, 10, user_id=str(log.user_ids[u])))
+        served: list = []
+        recommend(model, asks, served)
+        row = {"user_history__history_item_ids": ["x"]}
+        return pd.DataFrame({"user_id": [str(log.user_ids[u]) for u in users],
+                             "ts": pd.to_datetime(as_of, unit="s", utc=True),
+                             "features": [logged_features(row, 1, model_features=f) for f in served]})
+
+    purchases = events[events["event_type"] == "purchase"] if "event_type" in events.columns else events
+    exact = skew_report(model, requests(None), purchases)
+    assert exact["verdict"] == "ok" and exact["compared"] == len(users) and exact["max_abs_diff"] == 0.0
+    assert exact["features_mismatched"] == [] and set(exact["per_feature"]) >= {"u_n_lines", "u_days_since_last"}
+    cut = skew_report(model, requests(3), purchases)
+    assert cut["verdict"] == "skew" and "u_n_lines" in cut["features_mismatched"]
+    assert cut["per_feature"]["u_n_lines"]["share_mismatched"] == 1.0 and cut["max_abs_diff"] > 2
+    assert "history_length" in cut["reason"] and cut["examples"][0]["served"] == 3.0
+    none = skew_report(model, pd.DataFrame({"user_id": ["a"], "ts": [pd.Timestamp("2024-01-01", tz="UTC")],
+                                            "features": ['{"purchases_7d": 1, "history_len": 1}']}), purchases)
+    assert none["verdict"] == "no_data" and none["compared"] == 0
