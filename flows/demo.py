@@ -68,6 +68,16 @@ def next_week_ndcg(settings: Settings, tags: list[str], week_start: pd.Timestamp
     return out
 
 
+def skew_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The monitors' skew reports in one: the largest served-vs-offline difference and every
+    feature that differed in any run (goal: 0 and none)."""
+    checked = [r for r in runs if r.get("verdict") in ("ok", "skew")]
+    return {"max_abs_diff": max((float(r.get("max_abs_diff") or 0.0) for r in checked), default=None),
+            "features_mismatched": sorted({f for r in checked for f in r.get("features_mismatched") or []}),
+            "requests_compared": sum(int(r.get("compared") or 0) for r in checked),
+            "runs_checked": len(checked), "verdicts": [r.get("verdict") for r in runs]}
+
+
 def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = print) -> dict[str, Any]:
     """Run the whole loop; returns (and writes to ``out``) the demo summary."""
     from flows.deploy import deploy
@@ -139,6 +149,7 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
             m = monitor(end=end.isoformat(), days=d.monitor_every_days, home=str(settings.home))
             monitors.append(m)
             say(f"[demo] monitor: {m['verdict']}: {'; '.join(m['reasons'])[:400]}")
+            say(f"[demo] skew: {m['skew']['verdict']}: {m['skew']['reason']}")
             if m["drift"]:
                 drift_on = drift_on or m["window"]
                 r = retrain(as_of=end.isoformat(), reload_url=service.url, reason=f"drift {m['window']}",
@@ -178,7 +189,8 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
                       # every retrained model, promoted or not: did retraining help on the future week?
                       "challengers": {t: scores[t] for t in challengers}},
         "retrained_beat_first_on_next_week": {t: scores[t]["ndcg@10"] > before for t in challengers},
-        "monitor_runs": [{k: m[k] for k in ("window", "verdict", "reasons", "run_dir")} for m in monitors],
+        "monitor_runs": [{k: m.get(k) for k in ("window", "verdict", "reasons", "run_dir", "skew")} for m in monitors],
+        "skew": skew_summary([m.get("skew") or {} for m in monitors]),
         "retrains": [{k: r[k] for k in ("challenger", "promoted", "gate", "window", "mode", "seconds")} for r in retrains],
         "replay": {"from": str(start.date()), "days": d.replay_days, **replay_totals, "per_day": days},
         "first_model_test_week": trained["test"].get("recflow"),

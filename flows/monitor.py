@@ -111,13 +111,19 @@ def monitor(end: str | None = None, days: int | None = None, home: str | None = 
         log.warning("DRIFT in %s: %s (event %s)", window, "; ".join(d.reasons), event_id)
     else:
         log.info("%s in %s: %s", verdict, window, "; ".join(d.reasons))
+    skew = result.summary.get("skew") or {}
+    if skew.get("verdict") == "skew":
+        log.warning("SKEW in %s: %s", window, skew.get("reason"))
     create_markdown_artifact(
         key="recflow-monitor",
         markdown=(f"# Monitor {window}: {verdict}\n\nChampion `{pointer['tag']}`.\n\n"
                   + "\n".join(f"- {r}" for r in d.reasons)
+                  + f"\n\nSkew (served vs offline features, apart from drift): {skew.get('verdict', 'n/a')}: "
+                    f"{skew.get('reason', '')}"
                   + f"\n\nReports: `{result.run_dir}` (index: `{result.index_path}`)\n"),
         description=f"recflow monitor {window}: {verdict}",
     )
     return {"window": window, "champion": pointer["tag"], "drift": d.drift, "verdict": verdict,
             "reasons": list(d.reasons), "run_dir": str(result.run_dir), "summary": str(result.summary_path),
-            "index": str(result.index_path), "event_id": event_id}
+            "index": str(result.index_path), "event_id": event_id,
+            "skew": {k: skew.get(k) for k in ("verdict", "compared", "features_mismatched", "max_abs_diff", "reason")}}

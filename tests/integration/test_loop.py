@@ -73,6 +73,12 @@ def test_closed_loop(make_settings, synthetic_shop_files, monkeypatch: pytest.Mo
     run_dir = Path(summary["monitor_runs"][0]["run_dir"])
     assert (run_dir / "summary.json").is_file() and list(run_dir.glob("*.html"))
     assert Path(summary["reports_index"]).is_file()
+    # Skew: the monitor recomputed the served ranker features offline (two-stage champion) -- none differ.
+    first_has_ranker = (registry.model_path(settings, summary["models"]["first_champion"]) / registry.RANKER_DIR).is_dir()
+    assert first_has_ranker  # the train flow's default model is two-stage
+    skew = summary["skew"]
+    assert skew["runs_checked"] == 1 and skew["requests_compared"] > 20, skew
+    assert skew["features_mismatched"] == [] and skew["max_abs_diff"] == 0.0, summary["monitor_runs"][0]["skew"]
     # The served feedback reached the event log and, through the rebuilt features, the training data.
     from recflow.event_log import EventLog
 
