@@ -36,10 +36,11 @@ def _with(settings: Settings, section: str, **values: Any) -> Settings:
     return settings.model_copy(update={section: getattr(settings, section).model_copy(update=values)})
 
 
-def next_week_ndcg(settings: Settings, tags: list[str], week_start: pd.Timestamp, say: Say) -> dict[str, dict[str, float]]:
+def next_week_ndcg(settings: Settings, tags: list[str], week_start: pd.Timestamp, say: Say) -> dict[str, dict[str, Any]]:
     """Full-catalogue metrics of registered models on ``[week_start, week_start + eval_days)``, with
     features as of ``week_start`` (the week itself comes from the held-back events): each model as
-    ``/recommend`` serves it, the two-stage ranker when it has one, else the two-tower model."""
+    ``/recommend`` serves it, the two-stage ranker when it has one, else the two-tower model.
+    ``out["_per_user"][tag]`` holds each model's per-user NDCG@10 (same users, same order)."""
     from flows.training_data import window_data
     from recflow import registry
     from recflow.features.training_set import load_events
@@ -50,7 +51,8 @@ def next_week_ndcg(settings: Settings, tags: list[str], week_start: pd.Timestamp
                        events=events, name="demo_next_week", progress=say)
     if data.test is None:
         raise ValueError(f"the data has no complete week from {week_start.date()}: replay fewer days")
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
+    per_user: dict[str, Any] = {}
     inputs = None
     for tag in dict.fromkeys(tags):
         ranker = registry.model_path(settings, tag) / registry.RANKER_DIR
@@ -60,12 +62,34 @@ def next_week_ndcg(settings: Settings, tags: list[str], week_start: pd.Timestamp
 
             ts = load_two_stage(ranker)
             inputs = inputs or inputs_for(ts, data.catalogue, events[events["event_timestamp"] < week_start])
-            out[tag] = week_metrics(inputs, ts.ranker, data.test)
+            out[tag] = week_metrics(inputs, ts.ranker, data.test, per_user=True)
         else:
-            out[tag] = evaluate_model(registry.load(settings, tag), data, data.test)
+            out[tag] = evaluate_model(registry.load(settings, tag), data, data.test, per_user=True)
+        per_user[tag] = out[tag].pop("per_user")["ndcg@10"]
         say(f"next week {week_start.date()}: {tag} ndcg@10 {out[tag]['ndcg@10']:.4f}")
     out["_users"] = {"n": float(len(data.test))}
+    out["_per_user"] = per_user
     return out
+
+
+def paired_diff(scores: dict[str, dict[str, Any]], a: str, b: str) -> dict[str, float]:
+    """Paired bootstrap (users, 1,000 resamples) of NDCG@10 of ``a`` minus ``b`` in ``scores``."""
+    from training.evaluate import paired_bootstrap
+
+    boot = paired_bootstrap(scores["_per_user"][a], scores["_per_user"][b])
+    return {k: round(float(boot[k]), 6) for k in ("mean_diff", "ci95_lo", "ci95_hi")} | {"n_users": int(boot["n_users"])}
+
+
+def gate_decision(retrain: dict[str, Any], scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One gate decision checked against the week after it: the challenger and the champion it
+    was gated against, scored on that week. The gate was right when it promoted a challenger that
+    then scored better, or rejected one that did not score better beyond its 95% interval."""
+    d = paired_diff(scores, retrain["challenger"], retrain["champion_before"])
+    promoted = bool(retrain["promoted"])
+    correct = d["mean_diff"] > 0 if promoted else not d["ci95_lo"] > 0
+    return {"decided_at": retrain["decided_at"], "challenger": retrain["challenger"],
+            "champion": retrain["champion_before"], "promoted": promoted, "next_week_diff": d["mean_diff"],
+            "ci95_lo": d["ci95_lo"], "ci95_hi": d["ci95_hi"], "n_users": d["n_users"], "correct": bool(correct)}
 
 
 def skew_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -152,9 +176,10 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
             say(f"[demo] skew: {m['skew']['verdict']}: {m['skew']['reason']}")
             if m["drift"]:
                 drift_on = drift_on or m["window"]
+                before = registry.get_champion(settings)["tag"]  # type: ignore[index]
                 r = retrain(as_of=end.isoformat(), reload_url=service.url, reason=f"drift {m['window']}",
                             home=str(settings.home))
-                retrains.append(r)
+                retrains.append({**r, "decided_at": end.isoformat(), "champion_before": before})
                 say(f"[demo] retrain: challenger {r['challenger']} {'promoted' if r['promoted'] else 'rejected'}: "
                     f"{r['gate']['reason']}")
 
@@ -169,6 +194,22 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
         build_features(skip_ingest=True, settings=settings)  # the replayed feedback into the offline features
     challengers = [r["challenger"] for r in retrains]
     scores = next_week_ndcg(settings, [first, final, *challengers], after_replay, say)
+    improvement = paired_diff(scores, final, first)
+    decisions = []
+    for r in retrains:  # each gate decision against the week after it
+        week = pd.Timestamp(r["decided_at"])
+        try:
+            week_scores = scores if week == after_replay else next_week_ndcg(
+                settings, [r["champion_before"], r["challenger"]], week, say)
+        except ValueError as exc:  # no complete week after this decision in the data
+            decisions.append({"decided_at": r["decided_at"], "challenger": r["challenger"], "promoted": r["promoted"],
+                              "correct": None, "note": str(exc)})
+            continue
+        decisions.append(gate_decision(r, week_scores))
+        g = decisions[-1]
+        say(f"[demo] gate decision {g['decided_at'][:10]}: {'promoted' if g['promoted'] else 'rejected'}; next week "
+            f"challenger - champion {g['next_week_diff']:+.4f} [{g['ci95_lo']:+.4f}, {g['ci95_hi']:+.4f}]: "
+            f"{'right' if g['correct'] else 'WRONG'}")
     lap("evaluate", t0)
     from monitoring.index import write_index
 
@@ -181,17 +222,24 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
         "ndcg_next_week_before": round(before, 6),
         "ndcg_next_week_after": round(after, 6),
         "promoted": any(r["promoted"] for r in retrains),
+        "improvement_ci95_lo": improvement["ci95_lo"],
+        "improvement": improvement,
+        "gate_decisions": decisions,
+        "gate_correct": (all(g["correct"] for g in decisions)
+                         if decisions and all(g["correct"] is not None for g in decisions) else None),
         "retraining_beat_no_retraining": after > before if final != first else None,
         "models": {"first_champion": first, "final_champion": final, "bento": bento,
                    "challengers": [r["challenger"] for r in retrains]},
         "next_week": {"start": str(after_replay.date()), "users": int(scores["_users"]["n"]),
+                      "final_minus_first": improvement,
                       "first_champion": scores[first], "final_champion": scores[final],
                       # every retrained model, promoted or not: did retraining help on the future week?
                       "challengers": {t: scores[t] for t in challengers}},
         "retrained_beat_first_on_next_week": {t: scores[t]["ndcg@10"] > before for t in challengers},
         "monitor_runs": [{k: m.get(k) for k in ("window", "verdict", "reasons", "run_dir", "skew")} for m in monitors],
         "skew": skew_summary([m.get("skew") or {} for m in monitors]),
-        "retrains": [{k: r[k] for k in ("challenger", "promoted", "gate", "window", "mode", "seconds")} for r in retrains],
+        "retrains": [{k: r[k] for k in ("challenger", "champion_before", "decided_at", "promoted", "gate", "window", "mode",
+                                        "seconds")} for r in retrains],
         "replay": {"from": str(start.date()), "days": d.replay_days, **replay_totals, "per_day": days},
         "first_model_test_week": trained["test"].get("recflow"),
         "reports_index": str(index),

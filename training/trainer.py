@@ -425,13 +425,14 @@ def model_scorer(model: RecModel, ev: EvalSet, popularity: np.ndarray) -> Scorer
     return score
 
 
-def evaluate_model(model: RecModel, data: TrainData, ev: EvalSet) -> dict[str, float]:
-    """Full-catalogue metrics of ``model`` on ``ev`` (popularity as of ``ev``'s anchor)."""
+def evaluate_model(model: RecModel, data: TrainData, ev: EvalSet, per_user: bool = False) -> dict[str, Any]:
+    """Full-catalogue metrics of ``model`` on ``ev`` (popularity as of ``ev``'s anchor; with
+    ``per_user``, also the per-user arrays)."""
     a = data.anchors.index(ev.anchor)
     was = model.training
     model.eval()
     try:
-        return evaluate(model_scorer(model, ev, data.pop_grid[a]), ev)
+        return evaluate(model_scorer(model, ev, data.pop_grid[a]), ev, per_user=per_user)
     finally:
         model.train(was)
 

@@ -159,12 +159,14 @@ def refit(inputs: Inputs, champion: Ranker, gate_week: pd.Timestamp, weeks: int,
     return fit(inputs, protocol, champion.config, progress, init=champion if incremental else None)
 
 
-def week_metrics(inputs: Inputs, ranker: Ranker, ev: EvalSet) -> dict[str, float]:
-    """Full-catalogue metrics of ``ranker`` on ``ev``, features as of the week's start."""
+def week_metrics(inputs: Inputs, ranker: Ranker, ev: EvalSet, per_user: bool = False) -> dict[str, Any]:
+    """Full-catalogue metrics of ``ranker`` on ``ev``, features as of the week's start (with
+    ``per_user``, also ``evaluate``'s per-user arrays under ``per_user``)."""
     from training.evaluate import evaluate
 
     scorer, _ = week_scorer(inputs, ranker, ev, ranker.config)
-    return {k: float(v) for k, v in evaluate(scorer, ev).items()}
+    out = evaluate(scorer, ev, per_user=per_user)
+    return {k: (v if k == "per_user" else float(v)) for k, v in out.items()}
 
 
 __all__ = ["FEATURES", "Fit", "Inputs", "config_for", "final_model", "fit", "inputs_for", "refit", "refresh", "week_metrics",

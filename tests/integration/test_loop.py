@@ -91,6 +91,16 @@ def test_closed_loop(make_settings, synthetic_shop_files, monkeypatch: pytest.Mo
         assert champion["tag"] == expected == summary["models"]["final_champion"]
     for value in (summary["ndcg_next_week_before"], summary["ndcg_next_week_after"]):
         assert 0.0 < value <= 1.0
+    # Every gate decision is checked against the week after it, with a paired bootstrap interval.
+    assert len(summary["gate_decisions"]) == len(summary["retrains"])
+    for g in summary["gate_decisions"]:
+        assert g["ci95_lo"] <= g["next_week_diff"] <= g["ci95_hi"] and isinstance(g["correct"], bool)
+        assert g["correct"] == (g["next_week_diff"] > 0 if g["promoted"] else not g["ci95_lo"] > 0)
+    assert summary["gate_correct"] == (all(g["correct"] for g in summary["gate_decisions"]) if summary["retrains"] else None)
+    imp = summary["improvement"]
+    assert summary["improvement_ci95_lo"] == imp["ci95_lo"] <= imp["mean_diff"] <= imp["ci95_hi"]
+    if not summary["promoted"]:
+        assert imp["mean_diff"] == 0.0  # the final champion is the first
 
     # A gate that cannot be met: the challenger is registered but rejected; the champion stays.
     before = registry.get_champion(settings)["tag"]
