@@ -72,7 +72,8 @@ def _skew(settings: Settings, model: Any, log: pd.DataFrame, end: pd.Timestamp, 
         if model is None:
             return {"verdict": "no_data", "reason": "the champion has no two-stage model"}
     purchases = mdata.load_events([settings.paths.event_log, settings.paths.events], "1970-01-01", end)
-    return skew_report(model, log, pseudonymise_frame(purchases, key), max_rows=rows, seed=settings.monitoring.seed)
+    return skew_report(model, log, pseudonymise_frame(purchases, key), max_rows=rows, seed=settings.monitoring.seed,
+                       history_length=settings.features.history_length)
 
 
 def _champion_two_stage(settings: Settings) -> Any:

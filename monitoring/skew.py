@@ -59,7 +59,7 @@ def _served(features: Any) -> dict[str, Any] | None:
 
 
 def skew_report(model: TwoStage, requests: pd.DataFrame, purchases: pd.DataFrame, *, max_rows: int = 500,
-                seed: int = 0, examples: int = 5) -> dict[str, Any]:
+                seed: int = 0, examples: int = 5, history_length: int | None = None) -> dict[str, Any]:
     """Compare the served user-level ranker features of ``requests`` (request-log rows: ``user_id``,
     ``ts``, ``features``) with the offline ones from ``purchases`` (``user_id`` keyed like the log,
     ``item_id``, ``event_timestamp``: every purchase known, any time), for at most ``max_rows``
@@ -99,13 +99,7 @@ def skew_report(model: TwoStage, requests: pd.DataFrame, purchases: pd.DataFrame
                           "served": None if np.isnan(s[k]) else float(s[k]),
                           "offline": None if np.isnan(o[k]) else float(o[k])})
     mismatched = [n for n in USER_FEATURES if per[n]["share_mismatched"] > 0]
-    causes = []
-    if "u_n_lines" in mismatched:
-        lines = [g.get("u_n_lines") or 0 for g in got]
-        fewer = sum(float(a) < float(b.get("u_n_lines") or 0) for a, b in zip(lines, truth, strict=True))
-        if fewer:
-            causes.append(f"{fewer} request(s) were served with fewer purchase lines than the event log holds: an "
-                          "online history cut at features.history_length, or purchases not pushed/materialised")
+    causes = _causes(got, truth, history_length) if "u_n_lines" in mismatched else []
     report = {**base, "compared": len(rows), "features_mismatched": mismatched,
               "max_abs_diff": max((per[n]["max_abs_diff"] for n in USER_FEATURES), default=0.0),
               "per_feature": per, "examples": found, "verdict": "skew" if mismatched else "ok"}
@@ -113,6 +107,29 @@ def skew_report(model: TwoStage, requests: pd.DataFrame, purchases: pd.DataFrame
                         + (f" ({'; '.join(causes)})" if causes else "")) if mismatched else \
         f"served features equal the offline truth on all {len(rows)} compared requests"
     return report
+
+
+def _causes(got: list[dict[str, Any]], truth: list[dict[str, Any]], history_length: int | None) -> list[str]:
+    """Why the served line counts differ, from the logged history length: cut at
+    ``history_length``, not (yet) online, or lines the event log does not hold."""
+    served = np.array([float(g.get("u_n_lines") or 0) for g in got])
+    offline = np.array([float(t.get("u_n_lines") or 0) for t in truth])
+    hist = np.array([float(g.get("history_len") or 0) for g in got])
+    fewer = served < offline
+    cut = fewer & (hist >= history_length) if history_length else np.zeros(len(got), bool)
+    out = []
+    if cut.any():
+        out.append(f"{int(cut.sum())} request(s) had an online history cut at features.history_length="
+                   f"{history_length:,}: raise it (the feature build says to what)")
+    late = fewer & ~cut
+    if late.any():
+        out.append(f"{int(late.sum())} request(s) were served before up to {int((offline - served)[late].max())} of the "
+                   "user's purchases were online: a push still under way or lost, or a materialisation that did not "
+                   "run (check pending feedback and push errors on /status and /metrics)")
+    more = served > offline
+    if more.any():
+        out.append(f"{int(more.sum())} request(s) were served with purchases the event log does not hold")
+    return out
 
 
 def _mean(values: np.ndarray) -> float | None:

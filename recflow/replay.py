@@ -10,6 +10,7 @@ simulated week.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,11 +98,17 @@ def _feedback_body(line: Any) -> dict[str, Any]:
 
 async def _replay_user(
     client: Any, user_events: pd.DataFrame, k: int, headers: dict[str, str], result: DayResult, gate: asyncio.Semaphore,
-    batch: bool,
+    batch: bool, last_post: dict[str, float], settle_s: float,
 ) -> None:
-    async with gate:
-        for _, basket in user_events.groupby("basket", sort=False):
-            first = basket.iloc[0]
+    for _, basket in user_events.groupby("basket", sort=False):
+        first = basket.iloc[0]
+        # A shopper's baskets are hours apart; replayed, they would be milliseconds apart, faster than
+        # the previous basket's online push lands. Wait (without holding a slot) until settle_s has
+        # passed since this user's last post, as real time would.
+        wait = settle_s - (time.perf_counter() - last_post.get(first.user_id, -math.inf))
+        if wait > 0:
+            await asyncio.sleep(wait)
+        async with gate:
             await _call(client, "/recommend", {"user_id": first.user_id, "k": k,
                                                 "timestamp": first.event_timestamp.isoformat()}, {}, result)
             bodies = [_feedback_body(line) for line in basket.itertuples(index=False)]
@@ -112,6 +119,7 @@ async def _replay_user(
             else:
                 for body in bodies:
                     await _call(client, "/feedback", body, headers, result)
+        last_post[first.user_id] = time.perf_counter()
 
 
 async def _call(client: Any, path: str, body: dict[str, Any], headers: dict[str, str], result: DayResult,
@@ -138,7 +146,8 @@ async def _call(client: Any, path: str, body: dict[str, Any], headers: dict[str,
 
 
 async def _replay_day(base_url: str, day_events: pd.DataFrame, k: int, token: str | None, concurrency: int,
-                      day: date, batch: bool) -> DayResult:
+                      day: date, batch: bool, last_post: dict[str, float] | None = None,
+                      settle_s: float = 0.0) -> DayResult:
     import httpx
 
     result = DayResult(day=day, users=day_events["user_id"].nunique(), baskets=day_events["basket"].nunique(),
@@ -149,7 +158,8 @@ async def _replay_day(base_url: str, day_events: pd.DataFrame, k: int, token: st
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
         await asyncio.gather(
-            *(_replay_user(client, g, k, headers, result, gate, batch) for _, g in day_events.groupby("user_id", sort=False))
+            *(_replay_user(client, g, k, headers, result, gate, batch, last_post if last_post is not None else {},
+                           settle_s) for _, g in day_events.groupby("user_id", sort=False))
         )
     result.seconds = time.perf_counter() - started
     return result
@@ -166,24 +176,29 @@ def replay(
     concurrency: int = 8,
     on_day: Callable[[DayResult], None] | None = None,
     batch: bool = True,
+    settle_s: float = 1.0,
 ) -> list[DayResult]:
     """Replay ``days`` days of real events from ``start`` through the service at ``base_url``.
 
     ``batch``: each basket's lines go to ``/feedback/batch`` in one call (as a checkout would post
     them); otherwise one ``/feedback`` call per line. ``token`` defaults to the home's write token
-    (``recflow.security.serving_token``)."""
+    (``recflow.security.serving_token``). ``settle_s``: the least wall time between two baskets of
+    one user (their order is kept; other users go on meanwhile), so a basket's online push has
+    landed before the same shopper asks again, as hours of real time would ensure."""
     from recflow.security import serving_token
 
     token = token or serving_token(settings)
     events = load_replay_events(settings, start, days)
     day_of = events["event_timestamp"].dt.floor("D")
     results = []
+    last_post: dict[str, float] = {}  # user -> wall time of their last post (across days)
     first = pd.Timestamp(start).date()
     for offset in range(days):
         day = first + timedelta(days=offset)
         day_events = events[day_of.dt.date == day]
         report("replay", offset, days, f"{day}: {len(day_events):,} events")
-        result = asyncio.run(_replay_day(base_url, day_events, k, token, concurrency, day, batch)) if len(day_events) else \
+        result = asyncio.run(_replay_day(base_url, day_events, k, token, concurrency, day, batch, last_post,
+                                         settle_s)) if len(day_events) else \
             DayResult(day=day)
         results.append(result)
         if on_day is not None:

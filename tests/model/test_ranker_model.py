@@ -222,19 +222,22 @@ def test_skew_report_is_zero_for_exact_histories_and_names_a_cut_one(shop: dict)
             asks.append(Ask(ids[:cut], ts[:cut], as_of, 10, user_id=str(log.user_ids[u])))
         served: list = []
         recommend(model, asks, served)
-        row = {"user_history__history_item_ids": ["x"]}
+        rows = [{"user_history__history_item_ids": list(a.history_ids)} for a in asks]  # as the online row held it
         return pd.DataFrame({"user_id": [str(log.user_ids[u]) for u in users],
                              "ts": pd.to_datetime(as_of, unit="s", utc=True),
-                             "features": [logged_features(row, 1, model_features=f) for f in served]})
+                             "features": [logged_features(r, len(r["user_history__history_item_ids"]), model_features=f)
+                                          for r, f in zip(rows, served, strict=True)]})
 
     purchases = events[events["event_type"] == "purchase"] if "event_type" in events.columns else events
     exact = skew_report(model, requests(None), purchases)
     assert exact["verdict"] == "ok" and exact["compared"] == len(users) and exact["max_abs_diff"] == 0.0
     assert exact["features_mismatched"] == [] and set(exact["per_feature"]) >= {"u_n_lines", "u_days_since_last"}
-    cut = skew_report(model, requests(3), purchases)
+    cut = skew_report(model, requests(3), purchases, history_length=3)
     assert cut["verdict"] == "skew" and "u_n_lines" in cut["features_mismatched"]
     assert cut["per_feature"]["u_n_lines"]["share_mismatched"] == 1.0 and cut["max_abs_diff"] > 2
-    assert "history_length" in cut["reason"] and cut["examples"][0]["served"] == 3.0
+    assert "cut at features.history_length=3" in cut["reason"] and cut["examples"][0]["served"] == 3.0
+    late = skew_report(model, requests(3), purchases, history_length=5_000)  # same rows, not a cut: not online yet
+    assert f"{len(users)} request(s) were served before up to" in late["reason"] and "cut at" not in late["reason"]
     none = skew_report(model, pd.DataFrame({"user_id": ["a"], "ts": [pd.Timestamp("2024-01-01", tz="UTC")],
                                             "features": ['{"purchases_7d": 1, "history_len": 1}']}), purchases)
     assert none["verdict"] == "no_data" and none["compared"] == 0
