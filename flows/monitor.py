@@ -29,7 +29,7 @@ def reference_task(settings: Settings, tag: str) -> pd.DataFrame:
     from recflow.modeling import read_metadata
 
     # pseudonymised user ids; profile attributes only with privacy.log_profile (as the service logs them)
-    kind = "profile" if settings.privacy.log_profile else "activity"
+    kind = "profile" if settings.privacy.log_profile else "visits"
     cache = settings.paths.reports / "reference" / f"{tag.replace(':', '-')}-{kind}-pseudonymised.parquet"
     if cache.exists():
         return pd.read_parquet(cache)
@@ -40,7 +40,8 @@ def reference_task(settings: Settings, tag: str) -> pd.DataFrame:
         raise ValueError(f"model {tag} has no data_window.cutoff in its metadata: it cannot define a reference week")
     as_of = pd.Timestamp(window["cutoff"])
     as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of.tz_convert("UTC")
-    users = validation_users(load_events(settings), as_of, settings.training.eval_days)
+    events = load_events(settings)
+    users = validation_users(events, as_of, settings.training.eval_days)
     if not len(users):
         raise ValueError(f"no purchases in the reference week from {as_of.date()} for model {tag}")
     ranker = folder / registry.RANKER_DIR
@@ -49,13 +50,21 @@ def reference_task(settings: Settings, tag: str) -> pd.DataFrame:
         from recflow.ranker import load_two_stage
 
         two_stage = load_two_stage(ranker)
-    ref = build_reference(settings, registry.load(settings, tag), as_of=as_of, users=users, model_version=tag,
-                          k=settings.serving.default_k, two_stage=two_stage)
+    if two_stage is not None and kind == "visits":  # one row per basket, at its time, as traffic arrives
+        from monitoring.reference import visit_reference
+        from recflow.privacy import pseudonym_key
+
+        ref = visit_reference(two_stage, events, start=as_of, days=settings.training.eval_days,
+                              k=settings.serving.default_k, model_version=tag, key=pseudonym_key(settings),
+                              max_rows=settings.monitoring.max_rows, seed=settings.monitoring.seed)
+    else:
+        ref = build_reference(settings, registry.load(settings, tag), as_of=as_of, users=users, model_version=tag,
+                              k=settings.serving.default_k, two_stage=two_stage)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + ".tmp")
     ref.to_parquet(tmp, index=False)
     os.replace(tmp, cache)
-    get_run_logger().info("reference for %s: %d users as of %s", tag, len(ref), as_of.date())
+    get_run_logger().info("reference for %s: %d requests from the week of %s", tag, len(ref), as_of.date())
     return ref
 
 

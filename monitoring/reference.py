@@ -133,6 +133,52 @@ def _two_stage_reference(
     return pd.DataFrame(rows)
 
 
+def visit_reference(model: TwoStage, events: pd.DataFrame, *, start: pd.Timestamp, days: int, k: int,
+                    model_version: str, key: bytes, max_rows: int, seed: int = 0, batch_size: int = 64) -> pd.DataFrame:
+    """Request-log rows the way traffic arrives: one ``/recommend`` per basket of ``[start, start +
+    days)``, at the basket's time, for the shopper, ranked by the two-stage core over their purchases
+    before that time (at most ``max_rows`` sampled baskets). A user who shops three times in the week
+    is three rows, at checkout moments, exactly as in the request log; a single as-of-week-start row
+    per user would weight users and "days since the last purchase" differently from the traffic, and
+    the drift tests would see that difference instead of a change in shoppers."""
+    from recflow.privacy import pseudonym
+    from recflow.ranker.log import epoch_seconds
+    from recflow.ranker.recommend import Ask, recommend
+    from recflow.schemas import logged_features
+
+    p = events[events["event_type"] == "purchase"] if "event_type" in events.columns else events
+    p = p.assign(user_id=p["user_id"].astype(str), item_id=p["item_id"].astype(str), t=epoch_seconds(p["event_timestamp"]))
+    lo, hi = int(start.value // 10**9), int((start + pd.Timedelta(days=days)).value // 10**9)
+    week = p[(p["t"] >= lo) & (p["t"] < hi)]
+    visits = week.groupby(["user_id", "t"], sort=True).size().reset_index()[["user_id", "t"]]  # a basket: one user, one time
+    if len(visits) > max_rows:
+        visits = visits.sample(n=max_rows, random_state=seed).sort_values(["user_id", "t"], kind="stable")
+    past = p[p["user_id"].isin(set(visits["user_id"])) & (p["t"] < hi)].sort_values(["user_id", "t"], kind="stable")
+    by_user = {u: (g["item_id"].to_numpy(), g["t"].to_numpy()) for u, g in past.groupby("user_id", sort=False)}
+    asks = []
+    for u, t in visits.itertuples(index=False):  # one ask per visit (bounded by max_rows)
+        ids, ts = by_user.get(u, (np.array([], dtype=object), np.array([], dtype=np.int64)))
+        n = int(np.searchsorted(ts, t, side="left"))  # purchases strictly before the visit
+        asks.append(Ask(ids[:n][::-1].tolist(), ts[:n][::-1].tolist(), int(t), k, user_id=u))
+    rows: list[dict[str, Any]] = []
+    for s in range(0, len(asks), batch_size):
+        chunk = asks[s : s + batch_size]
+        served: list[dict[str, float | None]] = []
+        ranked = recommend(model, chunk, served)
+        for a, picks, feats in zip(chunk, ranked, served, strict=True):
+            has = len(a.history_ids) > 0
+            row = {"user_history__history_item_ids": list(a.history_ids)}
+            rows.append({
+                "request_id": uuid.uuid4().hex, "ts": pd.Timestamp(a.as_of, unit="s", tz="UTC"), "endpoint": "recommend",
+                "user_id": pseudonym(str(a.user_id), key), "item_id": None, "k": k, "model_version": model_version,
+                "fallback": not has, "degraded": False, "feature_age_s": None, "latency_ms": None,
+                "features": logged_features(row, len(a.history_ids), model_features=feats if has else {}),
+                "item_ids": [str(model.item_ids[x.position]) for x in picks],
+                "scores": np.asarray([x.score for x in picks], np.float32).tolist(),
+            })
+    return pd.DataFrame(rows)
+
+
 def _plain(value: Any) -> Any:
     """Online-store-like values: lists for list features, None for missing scalars."""
     if isinstance(value, np.ndarray):

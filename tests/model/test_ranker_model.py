@@ -241,3 +241,37 @@ def test_skew_report_is_zero_for_exact_histories_and_names_a_cut_one(shop: dict)
     none = skew_report(model, pd.DataFrame({"user_id": ["a"], "ts": [pd.Timestamp("2024-01-01", tz="UTC")],
                                             "features": ['{"purchases_7d": 1, "history_len": 1}']}), purchases)
     assert none["verdict"] == "no_data" and none["compared"] == 0
+
+
+def test_visit_reference_has_one_request_per_basket_at_its_time(shop: dict) -> None:
+    """The monitoring reference as traffic arrives: a row per (user, basket time) of the week, ranked
+    on the purchases strictly before it, with the features the service would log."""
+    import json
+
+    from monitoring.reference import visit_reference
+    from recflow.privacy import pseudonym
+    from recflow.ranker.log import epoch_seconds
+
+    inputs, fitted, events = shop["inputs"], shop["fit"], shop["events"]
+    start = shop["protocol"].tests[0]
+    model = final_model(inputs, fitted.ranker, seconds(start))
+    key = b"k" * 32
+    start_ts = pd.Timestamp(start) if pd.Timestamp(start).tzinfo else pd.Timestamp(start).tz_localize("UTC")
+    ref = visit_reference(model, events, start=start_ts, days=7, k=10, model_version="v",
+                          key=key, max_rows=10_000)
+    p = events[events["event_type"] == "purchase"] if "event_type" in events.columns else events
+    t = epoch_seconds(p["event_timestamp"])
+    lo = seconds(start)
+    week = p[(t >= lo) & (t < lo + 7 * 86400)]
+    visits = week.groupby([week["user_id"].astype(str), week["event_timestamp"]]).size()
+    assert len(ref) == len(visits) and ref["ts"].min() >= start_ts
+    u, when = visits.index[len(visits) // 2]
+    row = ref[(ref["user_id"] == pseudonym(u, key)) & (ref["ts"] == pd.Timestamp(when))]
+    assert len(row) == 1
+    before = int(((p["user_id"].astype(str) == u) & (p["event_timestamp"] < when)).sum())
+    feats = json.loads(row["features"].iloc[0])
+    assert feats["history_len"] == before and (before == 0 or feats["u_n_lines"] == before)
+    assert all(len(x) == 10 for x in ref["item_ids"]) and ref["fallback"].sum() == sum(
+        json.loads(f)["history_len"] == 0 for f in ref["features"])
+    assert len(visit_reference(model, events, start=start_ts, days=7, k=10, model_version="v",
+                               key=key, max_rows=25)) == 25
