@@ -751,6 +751,7 @@ def main() -> None:
         result["mixed_feedback"] = mixed
         result["feedback"] = {"events_per_s": mixed["feedback_events_per_s"], "basket": args.feedback_basket,
                               "call_p50_ms": mixed["feedback_call_p50_ms"], "call_p99_ms": mixed["feedback_call_p99_ms"],
+                              "p99_ms": mixed["feedback_call_p99_ms"],
                               "errors": mixed["feedback_errors"], "recommend_rps": args.mixed_recommend_rate,
                               "recommend_p99_ms": mixed["recommend_p99_ms"], "goal_met": mixed["goal"]["met"]}
         print(f"mixed_feedback: {mixed['feedback_events_per_s']} events/s, call p50 {mixed['feedback_call_p50_ms']} "

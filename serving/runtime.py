@@ -720,7 +720,7 @@ class Runtime:
         if state.two_stage is None:
             return None
         s = self.settings.serving
-        cache = ranking.AnswerCache(state.version, s.user_cache_size, s.answer_cache_s)
+        cache = self._new_answer_cache(state)
         limit = min(s.answer_prefill_users, s.user_cache_size)
         if not cache.enabled or limit == 0 or s.answer_prefill_s <= 0:
             return cache
@@ -729,6 +729,7 @@ class Runtime:
             if not users:
                 log.info("answer prefill: no offline user_history table in this home, nothing to prefill")
                 return cache
+
             def rank(asks: list[ranking.HistoryAsk]) -> list[Any]:
                 served: list[dict[str, float | None]] = []
                 return list(zip(ranking.rank_two_stage(state, asks, served), served, strict=True))
@@ -844,9 +845,12 @@ class Runtime:
         """The two-stage answer cache of the loaded model (a new model starts an empty one)."""
         cache = self._answer_cache
         if cache is None or cache.version != state.version:
-            s = self.settings.serving
-            cache = self._answer_cache = ranking.AnswerCache(state.version, s.user_cache_size, s.answer_cache_s)
+            cache = self._answer_cache = self._new_answer_cache(state)
         return cache
+
+    def _new_answer_cache(self, state: ServingState) -> ranking.AnswerCache:
+        s = self.settings.serving
+        return ranking.AnswerCache(state.version, s.user_cache_size, s.answer_cache_s)
 
     def _on_batch(self, size: int, seconds: float) -> None:
         metrics()["batch"].observe(size)
