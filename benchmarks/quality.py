@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "quality.json"
 BASELINES = ("popularity", "recent_popularity", "personal_top_frequency", "decayed_frequency", "tifu_knn", "item_knn",
              "minilm_zero_shot", "new_item_popularity")
+LAUNCH_FRONTIER: tuple[tuple[int, ...], ...] = ((9,), (7, 9), (0,), (0, 2, 4, 6, 8), tuple(range(10)))
+LAUNCH_METRICS = ("ndcg@10", "ndcg@10_new", "ndcg@10_cold")
 METRICS = ("ndcg@10", "recall@20", "hitrate@10", "coverage", "ndcg@10_new", "ndcg@10_repeat", "ndcg@10_cold",
            "ndcg@10_unsold")
 
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     for w in warnings_:
         say("WARNING " + w)
 
-    cfg = config_for(inputs)
+    cfg = config_for(inputs, launch_slots=tuple(settings.training.launch_slots), launch_days=settings.training.launch_days)
     t0 = time.perf_counter()
     fitted = fit(inputs, protocol, cfg, progress=say)
     train_s = time.perf_counter() - t0
@@ -89,8 +92,6 @@ def main(argv: list[str] | None = None) -> dict:
     has_text = emb is not None
     if has_text:
         # the same weeks without the text sources and features: recflow_no_text
-        from dataclasses import replace
-
         from training.ranker import build_week, fit_ranker
 
         cfg_nt = replace(cfg, features=no_text_feats)
@@ -114,12 +115,18 @@ def main(argv: list[str] | None = None) -> dict:
     per_week: dict[str, dict[str, dict[str, float]]] = {}
     per_user: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     recall: dict[str, dict] = {}
+    launch: dict[str, list[list[float]]] = {}
     for ev, a in [(val_ev, protocol.validation), *zip(tests, protocol.tests, strict=True)]:
         t1 = time.perf_counter()
         res: dict[str, dict] = {}
         week = fitted.validation if ev is val_ev else None
         scorer, week = week_scorer(inputs, fitted.ranker, ev, cfg, week)
         res["recflow"] = evaluate(scorer, ev, per_user=True)
+        if ev is not val_ev:  # the same ranker with new-to-user positions given to launches
+            for slots in LAUNCH_FRONTIER:
+                rl = replace(fitted.ranker, config=replace(cfg, launch_slots=slots))
+                r = evaluate(week_scorer(inputs, rl, ev, cfg, week)[0], ev)
+                launch.setdefault(str(list(slots)), []).append([r[m] for m in LAUNCH_METRICS])
         recall[ev.name] = candidate_recall(week, ~ev.cold)  # cold as the week's slice defines it
         if has_text:
             wnt = without_text(week, no_text_feats)
@@ -175,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ndcg@10_cold > 0 and >= new_item_popularity": bool(comparison["cold_recflow"] > 0
                                                            and comparison["cold_recflow"] >= cold_ref),
     }
+    frontier = {k: {m: round(float(v), 6) for m, v in zip(LAUNCH_METRICS, np.mean(rows, axis=0), strict=True)}
+                for k, rows in launch.items()}
     cand = {src: {k: round(float(np.mean([recall[w][src][k] for w in test_names])), 4) for k in ("all", "repeat", "new", "cold")}
             for src in recall[test_names[0]]}
     cand["union"]["candidates_per_user"] = round(float(np.mean([recall[w]["union"]["candidates_per_user"] for w in test_names])), 1)
@@ -207,6 +216,14 @@ def main(argv: list[str] | None = None) -> dict:
         "weeks": per_week,
         "comparison": comparison,
         "candidates": cand,
+        "launch_slots": {
+            "what": "recflow with the listed 0-based positions of each user's new-to-user list given to their best "
+                    f"launches (first sold < {cfg.launch_days:g} days before the week), mean over the test weeks; "
+                    f"the served default is {list(cfg.launch_slots)}",
+            "default": {m: summary["recflow"][m] for m in LAUNCH_METRICS},
+            "new_item_popularity": {m: summary.get("new_item_popularity", {}).get(m, 0.0) for m in LAUNCH_METRICS},
+            **frontier,
+        },
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

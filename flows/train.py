@@ -145,7 +145,7 @@ def two_stage_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame
     t = settings.training
     inputs = Inputs.build(events, items, emb)
     protocol = Protocol.make(cutoff, t.ranker_train_weeks, 1, t.eval_days)
-    cfg = config_for(inputs, seed=t.seed)
+    cfg = config_for(inputs, seed=t.seed, launch_slots=tuple(t.launch_slots), launch_days=t.launch_days)
     try:
         fitted = fit(inputs, protocol, cfg, progress=_log)
     except ValueError as exc:  # too little history for weekly examples: serve the two-tower model

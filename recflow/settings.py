@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -156,6 +156,13 @@ class TrainingSettings(BaseModel):
     ranker_train_weeks: int = Field(
         default=16, ge=1, le=52, description="Weekly anchors of the ranker's training examples before the cutoff."
     )
+    launch_slots: list[Annotated[int, Field(ge=0, le=99)]] = Field(
+        default_factory=list,
+        description="Positions (0-based) of each user's new-to-user list that go to their best launches (items first "
+        "sold less than launch_days ago); e.g. [9]: the 10th new item shown is a launch. Exposure for new items at a "
+        "measured cost in next-week quality (README, quality: launch slots).",
+    )
+    launch_days: float = Field(default=14.0, gt=0, description="Age (days since first sold) below which an item is a launch.")
     seed: int = 42
     model_name: str = "recflow_two_tower"
 

@@ -56,6 +56,10 @@ class RankerConfig:
     negative_share: float = 0.15
     seed: int = 0
     threads: int = 0
+    # positions (0-based) of each user's new-to-user list kept for launches: the user's best items
+    # (in the never-bought order) among those first sold less than ``launch_days`` ago
+    launch_slots: tuple[int, ...] = ()
+    launch_days: float = 14.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,6 +71,7 @@ class RankerConfig:
         kw = dict(d)
         kw["candidates"] = CandidateConfig(**kw.get("candidates", {}))
         kw["features"] = tuple(kw.get("features", FEATURES))
+        kw["launch_slots"] = tuple(int(p) for p in kw.get("launch_slots", ()))
         return cls(**kw)
 
     @property
@@ -143,20 +148,58 @@ class Ranker:
 
         Without ``unseen`` these are :meth:`predict`. With it, each user's never-bought candidates
         keep the set of scores the main booster gave them (so the same list positions), but are
-        re-assigned to those positions in the unseen booster's order.
+        re-assigned to those positions in the unseen booster's order. With ``config.launch_slots``,
+        that order first gives the listed positions of the never-bought part to the user's best
+        launches (items first sold less than ``config.launch_days`` ago): exposure for new items.
         """
         main = self.predict(x)
-        if self.unseen is None or len(x) == 0:
+        slots = self.config.launch_slots
+        if (self.unseen is None and not slots) or len(x) == 0:
             return main
         m = np.flatnonzero(x[:, self.config.features.index("ui_bought")] == 0)
         if len(m) == 0:
             return main
         u = np.asarray(users)[m]
-        by_unseen = np.lexsort((-self._predict(self.unseen, x[m], self.config.threads), u))
+        order = -(main[m] if self.unseen is None else self._predict(self.unseen, x[m], self.config.threads))
+        if slots:
+            if "item_age_d" not in self.config.features:
+                raise ValueError("ranker launch_slots need the item_age_d feature; add it to the features or set no launch slots")
+            order = _with_launches(order, u, x[m, self.config.features.index("item_age_d")], slots, self.config.launch_days)
+        by_unseen = np.lexsort((order, u))
         by_main = np.lexsort((-main[m], u))
         out = main.copy()
         out[m[by_unseen]] = main[m[by_main]]
         return out
+
+
+def _rank_within(users: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Each row's 0-based rank by ascending ``key`` among the rows of the same user."""
+    o = np.lexsort((key, users))
+    us = users[o]
+    start = np.r_[0, np.flatnonzero(us[1:] != us[:-1]) + 1] if len(us) else np.zeros(0, np.int64)
+    r = np.empty(len(users), np.int64)
+    r[o] = np.arange(len(users)) - np.repeat(start, np.diff(np.r_[start, len(users)]))
+    return r
+
+
+def _with_launches(order: np.ndarray, users: np.ndarray, age_d: np.ndarray, slots: tuple[int, ...],
+                   days: float) -> np.ndarray:
+    """Sort keys (ascending) of never-bought rows that put each user's best ``len(slots)`` launches
+    (``age_d`` < ``days``: first sold recently; NaN = never sold) at list positions ``slots`` and the
+    other rows, in ``order``, around them. A user with fewer launches keeps their other slots."""
+    launch = np.flatnonzero(np.nan_to_num(age_d, nan=np.inf) < days)
+    key = np.empty(len(order), np.float64)
+    pos = np.asarray(sorted(set(slots)), np.float64)
+    picked = np.zeros(len(order), bool)
+    if len(launch):
+        j = _rank_within(users[launch], order[launch])
+        sel = j < len(pos)
+        picked[launch[sel]] = True
+        # the j-th picked launch lands at pos[j]: just before the (pos[j] - j)-th of the other rows
+        key[launch[sel]] = pos[j[sel]] - j[sel] - 0.5
+    rest = np.flatnonzero(~picked)
+    key[rest] = _rank_within(users[rest], order[rest])
+    return key
 
 
 @dataclass

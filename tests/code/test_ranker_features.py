@@ -128,3 +128,17 @@ def test_history_order_does_not_matter_and_unknown_items_are_dropped() -> None:
     assert a.ts.tolist() == [10, 30]
     with pytest.raises(ValueError, match="different lengths"):
         PurchaseLog.from_histories([(["x"], [1, 2])], ITEMS)
+
+
+def test_launch_slot_keys_on_a_hand_computed_case() -> None:
+    """Two users; launches are the rows with age < 14. User 0's two best launches go to positions 0
+    and 2; user 1 has one launch, which takes position 0 while their other rows close up behind it."""
+    from recflow.ranker.model import _with_launches
+
+    users = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    order = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 1.0, 2.0])  # ascending = better first
+    age = np.array([50.0, 3.0, np.nan, 5.0, 1.0, 30.0, 40.0, 2.0])  # NaN: never sold, not a launch
+    key = _with_launches(order, users, age, (0, 2), 14.0)
+    ranked = [list(np.flatnonzero(users == u)[np.argsort(key[users == u], kind="stable")]) for u in (0, 1)]
+    assert ranked[0] == [1, 0, 3, 2, 4]
+    assert ranked[1] == [7, 5, 6]
