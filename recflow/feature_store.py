@@ -80,7 +80,7 @@ def forget_user(settings: Settings, user_id: str, store: FeatureStore | None = N
     if settings.feast.online_store == "redis":
         from feast.infra.online_stores.helpers import _redis_key
 
-        client = store._get_provider().online_store._get_client(config.online_store)  # noqa: SLF001 - no public API
+        client = online_store(store)._get_client(config.online_store)  # noqa: SLF001 - no public API
         redis_key = _redis_key(config.project, key, entity_key_serialization_version=config.entity_key_serialization_version)
         return int(client.delete(redis_key))
     blob = serialize_entity_key(key, entity_key_serialization_version=config.entity_key_serialization_version)
@@ -118,10 +118,24 @@ def get_store(settings: Settings) -> FeatureStore:
     return store
 
 
+def provider(store: FeatureStore) -> Any:
+    """The store's Feast provider (``ingest_df``, ``online_store``).
+
+    Feast exposes no public accessor for it; this function and :func:`online_store` are recflow's only
+    uses of ``FeatureStore._get_provider``, and ``tests/code/test_adapters.py`` pins the behaviour relied
+    upon (``online_read`` and ``ingest_df`` round-trip a row), so an upgrade that changes it fails there."""
+    return store._get_provider()  # noqa: SLF001 - Feast exposes no public accessor
+
+
+def online_store(store: FeatureStore) -> Any:
+    """The store's online store object (``online_read``), read without Feast's per-call overhead."""
+    return provider(store).online_store
+
+
 def bound_sqlite(store: FeatureStore, timeout_s: float) -> None:
     """Give the SQLite online store's connection a busy timeout of ``timeout_s`` (Feast opens it with
     sqlite3's default and no setting of its own), so a locked store fails a call instead of holding it."""
-    online = store._get_provider().online_store  # noqa: SLF001 - Feast exposes no public accessor
+    online = online_store(store)
     get_conn = getattr(online, "_get_conn", None)
     if get_conn is not None:
         get_conn(store.config).execute(f"PRAGMA busy_timeout = {max(1, int(timeout_s * 1000))}")

@@ -33,7 +33,13 @@ HISTORY_KEEP = 20
 RANKER_DIR = "ranker"  # the two-stage model inside a registered model folder (recflow.ranker.save_two_stage)
 
 
-def _store(settings: Settings) -> Any:
+def model_store(settings: Settings) -> Any:
+    """The BentoML model store under the recflow home (``<home>/bentoml/models``), by path.
+
+    The one use of a BentoML internal (``bentoml._internal.models.model.ModelStore``): BentoML has no
+    public constructor for a store at a path other than ``BENTOML_HOME``'s, which is fixed at its
+    import. ``tests/code/test_adapters.py`` pins what recflow relies on, so an upgrade that moves it
+    fails there, not in a train run."""
     home = settings.paths.bentoml_home
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("BENTOML_HOME", str(home))
@@ -82,7 +88,7 @@ def register(
     lab = {"framework": "recflow", "feature_service": str(meta["feature_service"])} | (labels or {})
     with bentoml.models.create(
         name or settings.training.model_name, labels=lab, metadata=meta, module="recflow.modeling",
-        _model_store=_store(settings),
+        _model_store=model_store(settings),
     ) as bento_model:
         save_model(model, bento_model.path, meta)
         if two_stage is not None:
@@ -96,7 +102,7 @@ def model_path(settings: Settings, tag: str) -> Path:
     """Folder of a registered model (raises ``bentoml.exceptions.NotFound`` for an unknown tag)."""
     import bentoml
 
-    return Path(bentoml.models.get(tag, _model_store=_store(settings)).path)
+    return Path(bentoml.models.get(tag, _model_store=model_store(settings)).path)
 
 
 def load(settings: Settings, tag: str, device: str = "cpu") -> RecModel:
@@ -110,7 +116,7 @@ def list_models(settings: Settings, name: str | None = None) -> list[dict[str, A
     """Registered models (newest first): tag, creation time, metadata."""
     import bentoml
 
-    models = bentoml.models.list(name or settings.training.model_name, _model_store=_store(settings))
+    models = bentoml.models.list(name or settings.training.model_name, _model_store=model_store(settings))
     rows = [{"tag": str(m.tag), "created": str(m.info.creation_time), "metadata": dict(m.info.metadata)} for m in models]
     return sorted(rows, key=lambda r: r["created"], reverse=True)
 

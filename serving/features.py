@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from recflow.feature_store import online_store
 from recflow.schemas import LOGGED_ACTIVITY, logged_features  # noqa: F401 - re-exported for the service
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ class OnlineUserReader:
 
         self._entity_key, self._value = EntityKey, Value
         self._config = store.config
-        self._online = store._get_provider().online_store  # noqa: SLF001 - Feast exposes no public accessor
+        self._online = online_store(store)
         self._views: list[tuple[Any, list[str], list[tuple[str, str, Any]]]] = []
         join_keys: set[str] = set()
         for proj in service.feature_view_projections:

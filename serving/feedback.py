@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from recflow.feature_store import provider
 from recflow.schemas import EVENTS_SCHEMA, USER_ACTIVITY_FEATURES, USER_HISTORY_FEATURES
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ class OnlineRows:
         store = self._store
         self._entity_key, self._value = EntityKey, Value
         self._config = store.config
-        self._provider = store._get_provider()  # noqa: SLF001 - Feast exposes no public accessor
+        self._provider = provider(store)
         views = store.list_feature_views()
         self._targets = {
             push: [v for v in views if getattr(v.stream_source, "name", None) == push] for push in (HISTORY_PUSH, ACTIVITY_PUSH)

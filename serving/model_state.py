@@ -151,15 +151,12 @@ class Catalogue:
     pop_order: np.ndarray  # positions, most popular first
     pop_score: np.ndarray  # float32 [N]: purchases_30d (0 when unknown)
     _by_category: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-    _category_keys: dict[str, str] | None = field(default=None, repr=False)
 
     def category_rows(self, category: str) -> np.ndarray | None:
         """Positions of the items whose category or department equals ``category`` (case-insensitive),
         or None when no item has it."""
         key = category.strip().casefold()
         if key not in self._by_category:
-            if self._category_keys is None:
-                self._category_keys = {}
             cats = np.char.lower(np.asarray(self.categories, dtype=str))
             deps = np.char.lower(np.asarray(self.departments, dtype=str))
             rows = np.flatnonzero((cats == key) | (deps == key))

@@ -292,11 +292,11 @@ def import_model_folder(settings: Settings, folder: Path, name: str | None = Non
     """Copy a saved model folder into the BentoML model store (under the recflow home); returns its tag."""
     import shutil
 
-    os.environ.setdefault("BENTOML_HOME", str(settings.paths.bentoml_home))
     import bentoml
-    from bentoml._internal.models.model import ModelStore
 
-    store = ModelStore(settings.paths.bentoml_home / "models")  # by path: whatever BENTOML_HOME bentoml saw
+    from recflow.registry import model_store
+
+    store = model_store(settings)  # by path: whatever BENTOML_HOME bentoml saw
     name = name or settings.training.model_name
     with bentoml.models.create(name, metadata=metadata or {"source": str(folder)}, _model_store=store) as entry:
         shutil.copytree(folder, entry.path, dirs_exist_ok=True)

@@ -199,5 +199,5 @@ def test_the_sqlite_online_store_waits_at_most_the_store_timeout(make_settings) 
 
     settings = make_settings(feast={"store_timeout_s": 0.25})
     store = fs.get_store(settings)
-    conn = store._get_provider().online_store._get_conn(store.config)
+    conn = fs.online_store(store)._get_conn(store.config)
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 250
