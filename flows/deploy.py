@@ -27,14 +27,9 @@ def build_bento_task(settings: Settings, model_tag: str | None) -> str:
 @task(name="reload-service", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def reload_task(settings: Settings, url: str) -> dict[str, Any]:
     """Ask the running service at ``url`` to load the current champion (zero-downtime swap)."""
-    import httpx
+    from recflow.reload import reload_service
 
-    from recflow.security import auth_headers
-
-    headers = auth_headers(settings)
-    response = httpx.post(f"{url.rstrip('/')}/reload", json={}, headers=headers, timeout=300)
-    response.raise_for_status()
-    return response.json()
+    return reload_service(settings, url)
 
 
 @flow(name="deploy", log_prints=True)

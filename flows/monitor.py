@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from recflow.settings import Settings, load_settings
+from recflow.timeutil import to_utc
 
 
 @task(name="reference", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
@@ -38,8 +39,7 @@ def reference_task(settings: Settings, tag: str) -> pd.DataFrame:
     window = meta.get("data_window") or {}
     if "cutoff" not in window:
         raise ValueError(f"model {tag} has no data_window.cutoff in its metadata: it cannot define a reference week")
-    as_of = pd.Timestamp(window["cutoff"])
-    as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of.tz_convert("UTC")
+    as_of = to_utc(window["cutoff"])
     events = load_events(settings)
     users = validation_users(events, as_of, settings.training.eval_days)
     if not len(users):
@@ -105,8 +105,7 @@ def monitor(end: str | None = None, days: int | None = None, home: str | None = 
     pointer = registry.get_champion(settings)
     if pointer is None:
         raise FileNotFoundError(f"no champion under {settings.paths.models}: run `recflow train` first")
-    end_ts = pd.Timestamp(end) if end else pd.Timestamp.now(tz="UTC").ceil("D")
-    end_ts = end_ts.tz_localize("UTC") if end_ts.tzinfo is None else end_ts.tz_convert("UTC")
+    end_ts = to_utc(end) if end else pd.Timestamp.now(tz="UTC").ceil("D")
     start_ts = end_ts - pd.Timedelta(days=days or settings.monitoring.window_days)
     EventLog(settings.paths.event_log).flush()  # feedback becomes readable as parquet
     reference = reference_task(settings, pointer["tag"])

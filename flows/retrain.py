@@ -106,14 +106,10 @@ def promote_task(settings: Settings, tag: str, reason: str) -> dict[str, Any]:
 
 @task(name="reload-service", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def reload_task(settings: Settings, url: str) -> dict[str, Any]:
-    import httpx
+    """Ask the running service at ``url`` to load the promoted champion."""
+    from recflow.reload import reload_service
 
-    from recflow.security import auth_headers
-
-    headers = auth_headers(settings)
-    r = httpx.post(f"{url.rstrip('/')}/reload", json={}, headers=headers, timeout=300)
-    r.raise_for_status()
-    return r.json()
+    return reload_service(settings, url)
 
 
 def _same_catalogue(model: Any, data: Any) -> None:

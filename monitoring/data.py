@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recflow.schemas import EVENTS_SCHEMA, REQUEST_LOG_SCHEMA
+from recflow.timeutil import to_utc
 
 # Columns that identify something rather than describe it: never drift-tested.
 ID_COLUMNS: frozenset[str] = frozenset(
@@ -35,12 +36,6 @@ MISSING = "(missing)"
 CORRUPT_SUFFIX = ".corrupt"
 log = logging.getLogger("recflow.monitoring")
 REQUIRED_LOG_COLUMNS: tuple[str, ...] = ("user_id", "ts", "features", "item_ids", "scores")
-
-
-def to_utc(value: datetime | str | pd.Timestamp) -> pd.Timestamp:
-    """Parse ``value`` as a UTC timestamp (naive values are taken to be UTC)."""
-    ts = pd.Timestamp(value)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
 def _parquet_files(path: Path) -> list[Path]:

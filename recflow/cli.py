@@ -387,11 +387,15 @@ def rollback(
     if reload_url:
         import httpx
 
-        from recflow.security import auth_headers
+        from recflow.reload import reload_service
 
-        headers = auth_headers(settings)
-        r = httpx.post(f"{reload_url.rstrip('/')}/reload", json={}, headers=headers, timeout=120)
-        console.print(f"reload: {r.status_code} {r.text[:200]}")
+        try:
+            answer = reload_service(settings, reload_url)
+        except httpx.HTTPError as exc:
+            raise _fail(RuntimeError(f"the champion was rolled back, but {reload_url}/reload failed ({exc}); the "
+                                     "service picks the pointer up within serving.champion_poll_s, or call /reload "
+                                     "again")) from exc
+        console.print(f"reload: {answer}")
 
 
 @app.command()

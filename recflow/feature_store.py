@@ -21,6 +21,7 @@ import yaml
 
 from recflow.progress import report
 from recflow.settings import Settings, use_settings
+from recflow.timeutil import to_utc
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -207,8 +208,7 @@ class MaterializeResult:
 
 
 def _utc(ts: datetime | pd.Timestamp | str) -> datetime:
-    t = pd.Timestamp(ts)
-    return (t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")).to_pydatetime()
+    return to_utc(ts).to_pydatetime()
 
 
 def feature_time_range(settings: Settings) -> tuple[datetime, datetime]:

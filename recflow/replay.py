@@ -22,6 +22,7 @@ import pandas as pd
 
 from recflow.progress import report
 from recflow.settings import Settings
+from recflow.timeutil import to_utc
 
 MAX_BATCH = 200  # events per /feedback/batch call (the service's limit)
 
@@ -68,8 +69,7 @@ def load_replay_events(settings: Settings, start: date | datetime | str, days: i
     source = paths.holdout_events if paths.holdout_events.exists() else paths.events
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist: run `recflow features` (with --until for a holdout) first.")
-    lo = pd.Timestamp(start)
-    lo = lo.tz_localize("UTC") if lo.tzinfo is None else lo.tz_convert("UTC")
+    lo = to_utc(start)
     hi = lo + pd.Timedelta(days=days)
     events = pd.read_parquet(source, filters=[("event_timestamp", ">=", lo), ("event_timestamp", "<", hi)])
     if events.empty:

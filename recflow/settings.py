@@ -190,6 +190,11 @@ class ServingSettings(BaseModel):
         "loopback.",
     )
     default_k: int = Field(default=10, ge=1, le=100, description="k when a request gives none.")
+    reload_timeout_s: float = Field(
+        default=300.0, gt=0,
+        description="How long a client of POST /reload (deploy and retrain flows, `recflow rollback --reload-url`) "
+        "waits for the service to load and warm the new model.",
+    )
     model_path: Path | None = Field(
         default=None,
         description="Serve this model folder (written by recflow.modeling.save_model) instead of the registry's champion.",

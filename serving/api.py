@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from recflow.timeutil import as_utc
+
 MAX_K = 100
 MAX_FUTURE_S = 3600.0
 
@@ -19,7 +21,7 @@ def _aware(value: datetime | None) -> datetime | None:
     """Naive timestamps are UTC; more than an hour in the future is refused."""
     if value is None:
         return None
-    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    value = as_utc(value)
     if (value - datetime.now(UTC)).total_seconds() > MAX_FUTURE_S:
         raise ValueError("must not be more than one hour in the future")
     if value.year < 1970:
@@ -29,9 +31,7 @@ def _aware(value: datetime | None) -> datetime | None:
 
 def _utc(value: datetime | None) -> datetime | None:
     """Naive timestamps are UTC (the service checks feedback timestamps against its window: 422)."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return None if value is None else as_utc(value)
 
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recflow.modeling.config import ACTIVITY_FEATURES, POPULARITY_FEATURES, PROFILE_FEATURES
+from recflow.timeutil import to_utc  # noqa: F401 - re-exported: training modules import it from here
 
 DAY_S = 86400
 
@@ -33,11 +34,6 @@ def epoch_us(values: pd.Series | pd.DatetimeIndex | np.ndarray) -> np.ndarray:
     """UTC timestamps as int64 microseconds since the epoch (any input resolution)."""
     idx = pd.DatetimeIndex(pd.to_datetime(values, utc=True))
     return idx.as_unit("us").asi8.astype(np.int64)
-
-
-def to_utc(ts: object) -> pd.Timestamp:
-    t = pd.Timestamp(ts)  # type: ignore[arg-type]
-    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
 
 
 def default_cutoff(events: pd.DataFrame, eval_days: int = 7) -> pd.Timestamp:

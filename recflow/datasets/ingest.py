@@ -27,6 +27,7 @@ from recflow.privacy import drop_forgotten
 from recflow.progress import report
 from recflow.schemas import ITEMS_SCHEMA, USER_PROFILE_COLUMNS, USERS_SCHEMA, conform
 from recflow.settings import Settings
+from recflow.timeutil import to_utc
 
 
 def finalise_items(items: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
@@ -138,8 +139,7 @@ def ingest(settings: Settings) -> IngestReport:
     tables: dict[Path, pa.Table] = {}
     outputs = {"events": str(paths.events), "items": str(paths.items), "users": str(paths.users)}
     if cfg.until is not None:
-        until = pd.Timestamp(cfg.until)
-        until = until.tz_localize("UTC") if until.tzinfo is None else until.tz_convert("UTC")
+        until = to_utc(cfg.until)
         later = (accepted["event_timestamp"] >= until).to_numpy()
         tables[paths.holdout_events] = events_table(accepted[later])
         outputs["holdout_events"] = str(paths.holdout_events)

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recflow.schemas import EVENT_TYPES, EVENTS_SCHEMA, conform
+from recflow.timeutil import to_utc
 
 # Order matters: a row is quarantined under the first reason it meets.
 EVENT_CHECKS: tuple[str, ...] = (
@@ -176,8 +177,7 @@ def validate_events(
     for col in ("user_id", "item_id", "timestamp"):
         if col not in raw.columns:
             raise IngestError(f"interactions: required column '{col}' is missing; found {list(raw.columns)}")
-    now_ts = pd.Timestamp(now or datetime.now(UTC))
-    now_ts = now_ts.tz_localize("UTC") if now_ts.tzinfo is None else now_ts.tz_convert("UTC")
+    now_ts = to_utc(now or datetime.now(UTC))
     n = len(raw)
     idx = raw.index
     out = pd.DataFrame(index=idx)

@@ -474,3 +474,25 @@ def test_prefill_puts_exactly_what_a_request_would_look_up() -> None:
     assert spent.answered == 0 and spent.stopped and "budget" in spent.stopped
     off = prefill(AnswerCache("v1", 100, 0), users, fetch, rank, 10, 60)
     assert off.answered == 0 and off.stopped == "the answer cache is off"
+
+
+def test_reload_client_sends_the_write_token_and_the_configured_timeout(make_settings, monkeypatch) -> None:  # noqa: ANN001
+    import httpx
+
+    from recflow.reload import reload_service
+
+    settings = make_settings(serving={"token": "s3cret", "reload_timeout_s": 42.0})
+    seen: dict = {}
+
+    def fake_post(url: str, **kwargs: object) -> httpx.Response:
+        seen.update(url=url, **kwargs)
+        status = 200 if kwargs.get("json") == {} else 404
+        return httpx.Response(status, json={"ok": status == 200}, request=httpx.Request("POST", url))
+
+    monkeypatch.setattr(httpx, "post", fake_post)
+    assert reload_service(settings, "http://127.0.0.1:1/") == {"ok": True}
+    assert seen["url"] == "http://127.0.0.1:1/reload"
+    assert seen["timeout"] == 42.0
+    assert seen["headers"] == {"Authorization": "Bearer s3cret"}
+    with pytest.raises(httpx.HTTPStatusError):
+        reload_service(settings, "http://127.0.0.1:1", model_tag="recflow:missing")
