@@ -198,10 +198,7 @@ def retrain(
         "retrain": {"mode": "full" if full else "incremental", "warm_start_from": None if full else pointer["tag"],
                     "reason": reason, "recent_weeks": t.retrain_recent_weeks, "replay_weeks": t.retrain_replay_weeks,
                     "replay_share": t.retrain_replay_share, "epochs": t.retrain_epochs, "lr": t.retrain_lr},
-        "data_window": data.window,
-        "feature_service": settings.feast.serving_service,
-        "training_feature_service": settings.feast.training_service,
-        "history_length_in_store": settings.features.history_length,
+        **registry.provenance(settings, data.window),
     }
     two_stage = None
     if staged is not None:

@@ -261,6 +261,7 @@ def train(
     """
     from dataclasses import asdict
 
+    from recflow import registry
     from training.data import default_cutoff, entity_frame, split_anchors, to_utc
     from training.pipeline import markdown_table
 
@@ -323,10 +324,7 @@ def train(
         "goals": evaluation["goals"],
         "search": {"trials": trials, "max_minutes": max_minutes, "searcher": outcome.searcher,
                    "space": outcome.search_space, "best_config": asdict(outcome.config)},
-        "data_window": data.window,
-        "feature_service": settings.feast.serving_service,
-        "training_feature_service": settings.feast.training_service,
-        "history_length_in_store": settings.features.history_length,
+        **registry.provenance(settings, data.window),
         "ranker": two_stage["model"].ranker.metrics if two_stage is not None else None,
     }
     t0 = time.perf_counter()

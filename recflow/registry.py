@@ -48,6 +48,17 @@ def model_store(settings: Settings) -> Any:
     return ModelStore(home / "models")
 
 
+def provenance(settings: Settings, window: dict[str, Any]) -> dict[str, Any]:
+    """The metadata every registered model carries about what it was trained on: the data window and the
+    feature services and stored history length it expects online (shared by the train and retrain flows)."""
+    return {
+        "data_window": window,
+        "feature_service": settings.feast.serving_service,
+        "training_feature_service": settings.feast.training_service,
+        "history_length_in_store": settings.features.history_length,
+    }
+
+
 def _json_safe(obj: Any) -> Any:
     """JSON types BentoML accepts as metadata: no None (dropped from dicts, "" in lists), NaN kept as a float."""
 
