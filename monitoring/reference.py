@@ -54,7 +54,7 @@ def build_reference(
     from recflow.features.training_set import get_historical
     from recflow.modeling import build_index, user_queries
     from recflow.privacy import pseudonym, pseudonym_key
-    from recflow.schemas import logged_features
+    from recflow.schemas import logged_features, request_log_row
 
     key = pseudonym_key(settings)
     profile = settings.privacy.log_profile
@@ -77,14 +77,12 @@ def build_reference(
         order = np.take_along_axis(scores, top, 1).argsort(1)[:, ::-1]
         top = np.take_along_axis(top, order, 1)
         for f, q, t, sc in zip(chunk, queries, top, np.take_along_axis(scores, top, 1), strict=True):
-            rows.append({
-                "request_id": uuid.uuid4().hex, "ts": as_of, "endpoint": "recommend",
-                "user_id": pseudonym(str(f["user_id"]), key),
-                "item_id": None, "k": k, "model_version": model_version, "fallback": q.n_history == 0,
-                "degraded": False, "feature_age_s": None, "latency_ms": None,
-                "features": logged_features(f, q.n_history, profile=profile),
-                "item_ids": [index.item_ids[i] for i in t], "scores": sc.astype(np.float32).tolist(),
-            })
+            rows.append(request_log_row(
+                request_id=uuid.uuid4().hex, ts=as_of, user_id=pseudonym(str(f["user_id"]), key), k=k,
+                model_version=model_version, fallback=q.n_history == 0,
+                features=logged_features(f, q.n_history, profile=profile),
+                item_ids=[index.item_ids[i] for i in t], scores=sc.astype(np.float32).tolist(),
+            ))
     return pd.DataFrame(rows)
 
 
@@ -98,7 +96,7 @@ def _two_stage_reference(
     from recflow.modeling.features import get_feature
     from recflow.privacy import pseudonym
     from recflow.ranker.recommend import Ask, recommend
-    from recflow.schemas import logged_features
+    from recflow.schemas import logged_features, request_log_row
 
     at = int(as_of.value // 10**9)
     rows: list[dict[str, Any]] = []
@@ -122,14 +120,12 @@ def _two_stage_reference(
                 model_features = served[ranked_of[n]]
             else:
                 positions, scores = model.side.popular[:k].tolist(), [0.0] * min(k, len(model.side.popular))
-            rows.append({
-                "request_id": uuid.uuid4().hex, "ts": as_of, "endpoint": "recommend",
-                "user_id": pseudonym(str(f["user_id"]), key), "item_id": None, "k": k, "model_version": model_version,
-                "fallback": n not in ranked_of, "degraded": False, "feature_age_s": None, "latency_ms": None,
-                "features": logged_features(f, len(hid), profile=profile, model_features=model_features),
-                "item_ids": [str(model.item_ids[p]) for p in positions],
-                "scores": np.asarray(scores, np.float32).tolist(),
-            })
+            rows.append(request_log_row(
+                request_id=uuid.uuid4().hex, ts=as_of, user_id=pseudonym(str(f["user_id"]), key), k=k,
+                model_version=model_version, fallback=n not in ranked_of,
+                features=logged_features(f, len(hid), profile=profile, model_features=model_features),
+                item_ids=[str(model.item_ids[p]) for p in positions], scores=np.asarray(scores, np.float32).tolist(),
+            ))
     return pd.DataFrame(rows)
 
 
@@ -144,7 +140,7 @@ def visit_reference(model: TwoStage, events: pd.DataFrame, *, start: pd.Timestam
     from recflow.privacy import pseudonym
     from recflow.ranker.log import epoch_seconds
     from recflow.ranker.recommend import Ask, recommend
-    from recflow.schemas import logged_features
+    from recflow.schemas import logged_features, request_log_row
 
     p = events[events["event_type"] == "purchase"] if "event_type" in events.columns else events
     p = p.assign(user_id=p["user_id"].astype(str), item_id=p["item_id"].astype(str), t=epoch_seconds(p["event_timestamp"]))
@@ -168,14 +164,13 @@ def visit_reference(model: TwoStage, events: pd.DataFrame, *, start: pd.Timestam
         for a, picks, feats in zip(chunk, ranked, served, strict=True):
             has = len(a.history_ids) > 0
             row = {"user_history__history_item_ids": list(a.history_ids)}
-            rows.append({
-                "request_id": uuid.uuid4().hex, "ts": pd.Timestamp(a.as_of, unit="s", tz="UTC"), "endpoint": "recommend",
-                "user_id": pseudonym(str(a.user_id), key), "item_id": None, "k": k, "model_version": model_version,
-                "fallback": not has, "degraded": False, "feature_age_s": None, "latency_ms": None,
-                "features": logged_features(row, len(a.history_ids), model_features=feats if has else {}),
-                "item_ids": [str(model.item_ids[x.position]) for x in picks],
-                "scores": np.asarray([x.score for x in picks], np.float32).tolist(),
-            })
+            rows.append(request_log_row(
+                request_id=uuid.uuid4().hex, ts=pd.Timestamp(a.as_of, unit="s", tz="UTC"),
+                user_id=pseudonym(str(a.user_id), key), k=k, model_version=model_version, fallback=not has,
+                features=logged_features(row, len(a.history_ids), model_features=feats if has else {}),
+                item_ids=[str(model.item_ids[x.position]) for x in picks],
+                scores=np.asarray([x.score for x in picks], np.float32).tolist(),
+            ))
     return pd.DataFrame(rows)
 
 

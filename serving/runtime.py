@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from recflow.event_log import EventLog, JournalSession
+from recflow.schemas import request_log_row
 from recflow.security import redact
 from recflow.settings import Settings
 from serving import prefill, ranking, tower
@@ -813,14 +814,12 @@ class Runtime:
         request_id = self._request_ids.next()
         answer = await self._batcher.submit(_Job(req, request_id, now))
         if self.request_log is not None:
-            self.request_log.log({
-                "request_id": request_id, "ts": now, "endpoint": "recommend", "user_id": self.pseudonym(req.user_id),
-                "item_id": None,
-                "k": answer.k, "model_version": answer.model_version, "fallback": answer.fallback,
-                "degraded": answer.degraded, "feature_age_s": answer.feature_age_s,
-                "latency_ms": (time.perf_counter() - started) * 1e3, "features": answer.features_json,
-                "item_ids": answer.item_ids, "scores": answer.scores,
-            })
+            self.request_log.log(request_log_row(
+                request_id=request_id, ts=now, user_id=self.pseudonym(req.user_id), k=answer.k,
+                model_version=answer.model_version, fallback=answer.fallback, degraded=answer.degraded,
+                feature_age_s=answer.feature_age_s, latency_ms=(time.perf_counter() - started) * 1e3,
+                features=answer.features_json, item_ids=answer.item_ids, scores=answer.scores,
+            ))
         metrics()["latency"].labels("recommend").observe(time.perf_counter() - started)
         return answer.body
 
@@ -1044,13 +1043,13 @@ class Runtime:
     ) -> None:
         if self.request_log is None:
             return
-        self.request_log.log({
-            "request_id": request_id, "ts": ts, "endpoint": endpoint,
-            "user_id": self.pseudonym(user_id) if user_id is not None else None, "item_id": item_id,
-            "k": k, "model_version": version, "fallback": fallback, "degraded": degraded, "feature_age_s": age,
-            "latency_ms": (time.perf_counter() - started) * 1e3, "features": features,
-            "item_ids": [i.item_id for i in items], "scores": [i.score for i in items],
-        })
+        self.request_log.log(request_log_row(
+            request_id=request_id, ts=ts, endpoint=endpoint,
+            user_id=self.pseudonym(user_id) if user_id is not None else None, item_id=item_id, k=k,
+            model_version=version, fallback=fallback, degraded=degraded, feature_age_s=age,
+            latency_ms=(time.perf_counter() - started) * 1e3, features=features,
+            item_ids=[i.item_id for i in items], scores=[i.score for i in items],
+        ))
 
     # --- /similar, /search --------------------------------------------------------------------
     async def similar(self, req: SimilarRequest) -> SimilarResponse:
