@@ -133,8 +133,20 @@ def _print_ingest(report: dict[str, Any]) -> None:
             console.print(f"[yellow]{name}[/yellow] note: {note}")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"recflow {version('recflow')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(home: HomeOpt = None) -> None:
+def main(
+    home: HomeOpt = None,
+    show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print recflow's version and exit.")] = False,
+) -> None:
     """recflow: Prefect flows, a Feast feature store, a fine-tuned MiniLM two-tower model, BentoML, Evidently."""
     import warnings
 

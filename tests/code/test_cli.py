@@ -61,3 +61,15 @@ def test_reports_writes_the_index(make_settings, tmp_path) -> None:
     result = runner.invoke(app, ["--home", str(tmp_path / "r"), "reports"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "r" / "reports" / "index.html").exists()
+
+
+def test_version_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    from recflow.cli import app
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"recflow {version('recflow')}"
