@@ -110,6 +110,7 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
     from flows.retrain import retrain
     from flows.train import train
     from recflow import registry
+    from recflow.reload import reload_service
     from recflow.replay import replay
     from serving.run import start_local
 
@@ -118,16 +119,14 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
     started = time.perf_counter()
     timings: dict[str, float] = {}
     start = pd.Timestamp(d.replay_from, tz="UTC")
+    # What the demo changes, given to every flow it calls as explicit overrides (never through os.environ);
+    # the demo's token stays in memory: the demo reloads the service itself after a promotion.
+    overrides: dict[str, dict[str, Any]] = {"data": {"until": start.isoformat()}, "training": {"train_weeks": d.train_weeks},
+                                            "serving": {"request_log_rotate_s": 5.0}}
     settings = _with(settings, "data", until=start.to_pydatetime())
     settings = _with(settings, "training", train_weeks=d.train_weeks)
     settings = _with(settings, "serving", request_log_rotate_s=5.0, **({"token": d.token} if d.token else {}))
-    # Flows called with ``home`` load settings from the environment: make it match.
-    os.environ["RECFLOW_HOME"] = str(settings.home)
-    os.environ["RECFLOW_DATA__UNTIL"] = start.isoformat()
-    os.environ["RECFLOW_TRAINING__TRAIN_WEEKS"] = str(d.train_weeks)
-    if d.token:
-        os.environ["RECFLOW_SERVING__TOKEN"] = d.token.get_secret_value()
-    os.environ["RECFLOW_SERVING__REQUEST_LOG_ROTATE_S"] = "5.0"
+    flow_args: dict[str, Any] = {"home": str(settings.home), "overrides": overrides}
 
     def lap(name: str, t0: float) -> None:
         timings[name] = round(time.perf_counter() - t0, 1)
@@ -140,7 +139,7 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
 
     t0 = time.perf_counter()
     say(f"[demo] 2/6 train: {d.trials} trials, {d.max_minutes} min search, {d.train_weeks} weeks")
-    trained = train(trials=d.trials, max_minutes=d.max_minutes, home=str(settings.home))
+    trained = train(trials=d.trials, max_minutes=d.max_minutes, **flow_args)
     first = trained["tag"]
     if registry.get_champion(settings)["tag"] != first:  # type: ignore[index]
         registry.set_champion(settings, first, reason="demo: first model")
@@ -170,15 +169,16 @@ def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = p
             sv = settings.serving
             time.sleep(sv.request_log_rotate_s + sv.request_log_flush_s + 1)  # the service closes its log file
             say(f"[demo] 5/6 monitor {(end - timedelta(days=d.monitor_every_days)).date()} .. {end.date()}")
-            m = monitor(end=end.isoformat(), days=d.monitor_every_days, home=str(settings.home))
+            m = monitor(end=end.isoformat(), days=d.monitor_every_days, **flow_args)
             monitors.append(m)
             say(f"[demo] monitor: {m['verdict']}: {'; '.join(m['reasons'])[:400]}")
             say(f"[demo] skew: {m['skew']['verdict']}: {m['skew']['reason']}")
             if m["drift"]:
                 drift_on = drift_on or m["window"]
                 before = registry.get_champion(settings)["tag"]  # type: ignore[index]
-                r = retrain(as_of=end.isoformat(), reload_url=service.url, reason=f"drift {m['window']}",
-                            home=str(settings.home))
+                r = retrain(as_of=end.isoformat(), reason=f"drift {m['window']}", **flow_args)
+                if r["promoted"]:
+                    reload_service(settings, service.url)
                 retrains.append({**r, "decided_at": end.isoformat(), "champion_before": before})
                 say(f"[demo] retrain: challenger {r['challenger']} {'promoted' if r['promoted'] else 'rejected'}: "
                     f"{r['gate']['reason']}")

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from recflow.settings import Settings, load_settings
+from recflow.settings import Settings, flow_settings
 from recflow.timeutil import to_utc
 
 
@@ -91,16 +91,18 @@ def emit_drift_task(window: str, champion: str, reasons: list[str], summary: Pat
 
 
 @flow(name="monitor", log_prints=True)
-def monitor(end: str | None = None, days: int | None = None, home: str | None = None, emit: bool = True) -> dict[str, Any]:
+def monitor(end: str | None = None, days: int | None = None, home: str | None = None, emit: bool = True,
+            overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Monitor ``[end - days, end)`` (default: the last ``monitoring.window_days`` up to now) against
-    the champion's reference; write the reports; emit ``recflow.drift.detected`` on drift.
+    the champion's reference; write the reports; emit ``recflow.drift.detected`` on drift. ``home`` and
+    ``overrides`` (``{section: {field: value}}``) select the settings (:func:`recflow.settings.flow_settings`).
 
     Returns ``{window, champion, drift, verdict, reasons, run_dir, summary, index, event_id}``.
     """
     from recflow import registry
     from recflow.event_log import EventLog
 
-    settings = load_settings(**({"home": home} if home else {}))
+    settings = flow_settings(home, overrides)
     log = get_run_logger()
     pointer = registry.get_champion(settings)
     if pointer is None:

@@ -35,7 +35,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from recflow.settings import Settings, load_settings
+from recflow.settings import Settings, flow_settings
 
 
 def _log(message: str) -> None:
@@ -128,6 +128,7 @@ def retrain(
     reload_url: str | None = None,
     reason: str = "manual",
     home: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Retrain (incremental by default), gate against the champion, promote when better.
 
@@ -144,7 +145,7 @@ def retrain(
     from training.incremental import gate
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = load_settings(**({"home": home} if home else {}))
+    settings = flow_settings(home, overrides)
     t = settings.training
     log = get_run_logger()
     started = time.perf_counter()

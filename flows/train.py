@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from recflow.settings import Settings, load_settings
+from recflow.settings import Settings, flow_settings
 
 
 def _log(message: str) -> None:
@@ -245,6 +245,7 @@ def train(
     max_minutes: float | None = None,
     cutoff: str | None = None,
     home: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train, search, evaluate on the test week, register, and promote through the promotion gate.
 
@@ -266,7 +267,7 @@ def train(
     from training.pipeline import markdown_table
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = load_settings(**({"home": home} if home else {}))
+    settings = flow_settings(home, overrides)
     t = settings.training
     trials = trials or t.trials
     max_minutes = max_minutes or t.max_minutes

@@ -10,12 +10,12 @@ Nothing is read or created at import time: call :func:`load_settings`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -569,6 +569,19 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Read settings from arguments, environment and the TOML file (in that order of priority)."""
     return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def flow_settings(home: str | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
+    """The settings a flow runs with, loaded once: ``home`` and ``overrides`` (``{section: {field: value}}``,
+    JSON-able so they can be Prefect parameters) over the environment and the TOML file. Secrets do not
+    travel this way (Prefect stores flow parameters): they come from the environment, the TOML file or the
+    home's secrets folder."""
+    overrides = dict(overrides or {})
+    sections = {n for n, f in Settings.model_fields.items() if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+    unknown = sorted(set(overrides) - sections)
+    if unknown:
+        raise ValueError(f"flow overrides name unknown settings sections {unknown}; sections are {sorted(sections)}")
+    return load_settings(**({"home": home} if home else {}), **overrides)
 
 
 _active: Settings | None = None

@@ -67,3 +67,19 @@ def test_workers_default_to_the_usable_cores(monkeypatch) -> None:  # noqa: ANN0
     assert ServingSettings().worker_count() == 4  # one core per worker, at most 4
     assert ServingSettings(workers=3).worker_count() == 3
 
+
+
+def test_flow_settings_merge_overrides_over_the_environment(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import pytest
+
+    from recflow.settings import flow_settings
+
+    monkeypatch.setenv("RECFLOW_TRAINING__EPOCHS", "1")
+    monkeypatch.setenv("RECFLOW_TRAINING__TRAIN_WEEKS", "9")
+    s = flow_settings(str(tmp_path), {"training": {"train_weeks": 3}, "data": {"until": "2017-10-01T00:00:00Z"}})
+    assert s.home == tmp_path
+    assert s.training.train_weeks == 3  # the override wins over the environment
+    assert s.training.epochs == 1  # the rest of the section still comes from the environment
+    assert s.data.until is not None and s.data.until.isoformat().startswith("2017-10-01T00:00:00")
+    with pytest.raises(ValueError, match="unknown settings sections \\['trainin'\\]"):
+        flow_settings(None, {"trainin": {"epochs": 2}})

@@ -52,16 +52,17 @@ def test_closed_loop(make_settings, synthetic_shop_files, monkeypatch: pytest.Mo
     settings = make_settings()
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    # run_demo exports these for the flows it calls; monkeypatch restores them afterwards.
-    for key in ("RECFLOW_DATA__UNTIL", "RECFLOW_TRAINING__TRAIN_WEEKS", "RECFLOW_SERVING__TOKEN",
-                "RECFLOW_SERVING__REQUEST_LOG_ROTATE_S"):
-        monkeypatch.setenv(key, "")
-        monkeypatch.delenv(key)
+    import os
+
+    environ_before = dict(os.environ)
     from recflow.settings import load_settings
 
     settings = load_settings(home=settings.home)
     out = tmp_path / "demo.json"
     summary = run_demo(settings, out=out, say=lambda m: None)
+    # the demo hands its settings to the flows as overrides, never through the environment
+    assert {k: v for k, v in os.environ.items() if k.startswith("RECFLOW_")} == {
+        k: v for k, v in environ_before.items() if k.startswith("RECFLOW_")}
 
     assert json.loads(out.read_text())["wall_s"] == summary["wall_s"]
     for key in ("wall_s", "drift_detected_on", "ndcg_next_week_before", "ndcg_next_week_after", "promoted"):
