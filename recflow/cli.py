@@ -54,6 +54,9 @@ MaxBadOpt = Annotated[
 ]
 
 
+DEMO_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "demo.json"  # `recflow demo`'s default
+
+
 def _set_env(name: str, value: Any) -> None:
     if value is not None:
         os.environ[name] = str(value.resolve() if isinstance(value, Path) else value)
@@ -486,13 +489,13 @@ def demo(
     replay_days: Annotated[int | None, typer.Option(help="Days replayed (default: demo.replay_days).")] = None,
 ) -> None:
     """The closed loop on the embedded data: features, train, deploy, serve, replay, monitor, retrain, report."""
-    from flows.demo import DEFAULT_OUT, run_demo
+    from demo.closed_loop import run_demo
 
     settings = _settings()
     if replay_days:
         settings = settings.model_copy(update={"demo": settings.demo.model_copy(update={"replay_days": replay_days})})
     try:
-        summary = run_demo(settings, out=out or DEFAULT_OUT, say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
+        summary = run_demo(settings, out=out or DEMO_OUT, say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
     except (FileNotFoundError, ValueError, LookupError) as exc:
         raise _fail(exc) from exc
     models = summary["models"]

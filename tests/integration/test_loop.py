@@ -31,7 +31,7 @@ def synthetic_shop_files(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_closed_loop(make_settings, synthetic_shop_files, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # noqa: ANN001
-    from flows.demo import run_demo
+    from demo.closed_loop import run_demo
     from flows.retrain import retrain
     from recflow import registry
     from recflow.cli import app

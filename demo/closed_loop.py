@@ -8,8 +8,8 @@
    ``retrain`` flow (incremental, gated) runs, as the ``retrain/on-drift`` deployment would on the
    ``recflow.drift.detected`` event against a Prefect server, and reloads the service;
 6. after the replay: NDCG@10 of the first champion and of the final champion on the week after
-   the replay (held out, never seen by either), the on-call index page, a final table, and
-   ``benchmarks/results/demo.json`` (or ``out``).
+   the replay (held out, never seen by either), the on-call index page, a final table, and the
+   summary JSON at ``out`` (``recflow demo`` writes ``benchmarks/results/demo.json`` unless told otherwise).
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ import pandas as pd
 from recflow.settings import Settings
 
 Say = Callable[[str], None]
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "demo.json"
 
 
 def _with(settings: Settings, section: str, **values: Any) -> Settings:
@@ -102,8 +100,8 @@ def skew_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "runs_checked": len(checked), "verdicts": [r.get("verdict") for r in runs]}
 
 
-def run_demo(settings: Settings, *, out: Path | None = DEFAULT_OUT, say: Say = print) -> dict[str, Any]:
-    """Run the whole loop; returns (and writes to ``out``) the demo summary."""
+def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[str, Any]:
+    """Run the whole loop; returns the demo summary and writes it to ``out`` (None: nowhere)."""
     from flows.deploy import deploy
     from flows.features import build_features
     from flows.monitor import monitor
