@@ -467,8 +467,8 @@ def breakdown(settings, users: list[str], batch: int, n_requests: int) -> dict[s
 
     from recflow import feature_store as fs
     from serving import ranking, tower
-    from serving.features import OnlineUserReader, fetch_user_features
-    from serving.model_state import load_state
+    from serving.online_reader import OnlineUserReader, fetch_user_features
+    from serving.serving_state import load_state
 
     torch.set_num_threads(settings.serving.torch_threads)
     store = fs.get_store(settings)
@@ -539,8 +539,8 @@ def index_options(settings, state, store, service, users: list[str]) -> dict[str
     """Recall@10 against a brute-force float32 ranking (``ItemIndex.scores`` per user), and time per
     batch of 8 users, of each index option (the service's exact one included)."""
     from serving import ranking, tower
-    from serving.features import fetch_user_features
-    from serving.model_state import AnnScorer, ExactScorer
+    from serving.online_reader import fetch_user_features
+    from serving.scorers import AnnScorer, ExactScorer
 
     rng = np.random.default_rng(2)
     ids = [users[i] for i in rng.choice(len(users), size=min(400, len(users)), replace=False)]

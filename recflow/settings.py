@@ -290,7 +290,7 @@ class ServingSettings(BaseModel):
 
 
 class FeedbackSettings(BaseModel):
-    """The feedback path of the service (``/feedback``, ``/feedback/batch``; ``serving/runtime.py``)."""
+    """The feedback path of the service (``/feedback``, ``/feedback/batch``; ``serving/feedback_intake.py``)."""
 
     max_age_days: float | None = Field(
         default=7300.0, gt=0,

@@ -8,7 +8,7 @@ back after every socket read or write of a request and multiplied ``/feedback/ba
 several times, with the CPU far from saturated.
 
 A push process keeps, per recflow home, its own feature store (rebuilt when the runtime's
-``epoch`` changes, i.e. after a reload refreshed the registry), its :class:`~serving.feedback.
+``epoch`` changes, i.e. after a reload refreshed the registry), its :class:`~serving.online_push.
 OnlineRows`, a journal session (``recflow.event_log.JournalSession``, bookkeeping without fsync)
 and the served model's item categories (sent once per model: ``categories_key``). Nothing here
 runs at import time; errors are returned, not logged, so the runtime reports them.
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from recflow.event_log import JournalSession
     from recflow.settings import Settings
-    from serving.feedback import OnlineRows
+    from serving.online_push import OnlineRows
 
 
 @dataclass
@@ -53,7 +53,7 @@ def _ctx(settings: Settings, store: FeatureStore | None, epoch: int) -> _Context
     global _context
     key = (str(settings.home), epoch, id(store) if store is not None else 0)
     if _context is not None and _context.key[::2] == key[::2] and _context.key != key:  # a reload: same store
-        from serving.feedback import OnlineRows
+        from serving.online_push import OnlineRows
 
         if store is None:
             _context.store.refresh_registry()
@@ -62,7 +62,7 @@ def _ctx(settings: Settings, store: FeatureStore | None, epoch: int) -> _Context
             _context.rows.resolve()
     if _context is None or _context.key != key:
         from recflow.event_log import EventLog
-        from serving.feedback import OnlineRows
+        from serving.online_push import OnlineRows
 
         if store is None:
             from recflow import feature_store as fs
@@ -84,7 +84,7 @@ def push_pending(settings: Settings, store: FeatureStore | None, epoch: int, cat
     opens its own). ``categories``: item id -> category of the served model, needed once per
     ``categories_key``; returns None when this process lacks them (call again with them)."""
     global _categories
-    from serving import feedback
+    from serving import online_push
 
     if categories is not None:
         _categories = (categories_key, categories)
@@ -96,8 +96,8 @@ def push_pending(settings: Settings, store: FeatureStore | None, epoch: int, cat
         return PushResult()
     ids = pending["event_id"].astype(str).tolist()
     try:
-        feedback.push_events(ctx.store, pending, history_length=settings.features.history_length,
-                             category_of=_categories[1].get, lock_path=settings.paths.locks / feedback.ONLINE_PUSH_LOCK,
+        online_push.push_events(ctx.store, pending, history_length=settings.features.history_length,
+                             category_of=_categories[1].get, lock_path=settings.paths.locks / online_push.ONLINE_PUSH_LOCK,
                              lock_timeout_s=settings.feedback.push_lock_timeout_s, rows=ctx.rows)
     except Exception as exc:  # noqa: BLE001 - the events stay pending and are retried
         ctx.session.mark_pushed(ids, ok=False)

@@ -1,4 +1,4 @@
-"""Ranking over a loaded :class:`~serving.model_state.ServingState` (vectorised, no I/O).
+"""Ranking over a loaded :class:`~serving.serving_state.ServingState` (vectorised, no I/O).
 
 - :func:`rank_users`: personalised top-k for a batch of users (one matrix product with a
   certified bfloat16 prefilter and float32 re-scoring, or ANN candidates re-scored exactly), with
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from serving.model_state import ServingState
+from serving.serving_state import ServingState
 
 if TYPE_CHECKING:
     from recflow.modeling import UserQuery

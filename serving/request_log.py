@@ -16,10 +16,12 @@ raw id, plus item ids, numbers and activity features (profile attributes only wi
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,18 @@ from recflow.schemas import REQUEST_LOG_SCHEMA
 log = logging.getLogger("recflow.serving.request_log")
 IN_PROGRESS = ".inprogress"
 MAX_BUFFER = 1_000_000
+
+
+class RequestIds:
+    """Unique request ids without a system call per request: a random 64-bit prefix per process
+    and a counter (32 hex characters, like ``uuid4().hex``)."""
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
 
 
 class RequestLogWriter:

@@ -38,9 +38,9 @@ def test_feast_adapter_gives_the_provider_and_online_store_recflow_uses(make_set
     store = fs.get_store(settings)
     provider = fs.provider(store)
     online = fs.online_store(store)
-    assert callable(provider.ingest_df), "serving.feedback writes pushes with provider.ingest_df"
+    assert callable(provider.ingest_df), "serving.online_push writes pushes with provider.ingest_df"
     assert online is provider.online_store
-    assert callable(online.online_read), "serving.features reads rows with online_store.online_read"
+    assert callable(online.online_read), "serving.online_reader reads rows with online_store.online_read"
     conn = online._get_conn(store.config)  # SQLite: bound_sqlite and forget_user rely on it
     assert re.fullmatch(r"\d+", str(conn.execute("PRAGMA busy_timeout").fetchone()[0]))
 

@@ -73,16 +73,16 @@ def _runtime(make_settings, features: dict[str, dict[str, Any]]):  # noqa: ANN00
 
     _, state = _tiny_state()
     rt = Runtime(make_settings())
-    rt.state, rt.store = state, object()  # type: ignore[assignment]
-    rt._fetch = lambda users: {u: features.get(u) for u in users}  # type: ignore[method-assign]  # noqa: SLF001
+    rt.models.state, rt.online.store = state, object()  # type: ignore[assignment]
+    rt.online.fetch = lambda users: {u: features.get(u) for u in users}  # type: ignore[method-assign]
     return rt, state
 
 
 def _job(user: str, category: str | None = None):  # noqa: ANN202
     from serving.api import RecommendRequest
-    from serving.runtime import _Job
+    from serving.recommend import Job
 
-    return _Job(RecommendRequest.model_construct(user_id=user, k=5, exclude_purchased=False, category=category,
+    return Job(RecommendRequest.model_construct(user_id=user, k=5, exclude_purchased=False, category=category,
                                                  timestamp=None), f"r-{user}", datetime.now(UTC))
 
 
@@ -90,26 +90,26 @@ def test_one_bad_online_row_fails_only_its_own_request(make_settings) -> None:
     good = {"user_history__history_item_ids": ["i1", "i2"], "user_history__history_ts": [2, 1]}
     bad = {"user_history__history_item_ids": ["i1"], "user_history__history_ts": ["not-a-time"]}
     rt, _ = _runtime(make_settings, {"g1": good, "g2": good, "bad": bad})
-    answers = rt._recommend_batch([_job("g1"), _job("bad"), _job("g2")])  # noqa: SLF001
+    answers = rt.recommender.recommend_batch([_job("g1"), _job("bad"), _job("g2")])
     bodies = [json.loads(a.body) for a in answers]
     assert [b["user_id"] for b in bodies] == ["g1", "bad", "g2"]
     assert [b["fallback"] for b in bodies] == [False, True, False]
     assert [b["degraded"] for b in bodies] == [False, True, False]
     assert len(bodies[1]["items"]) == 5 and {i["reason"]["kind"] for i in bodies[1]["items"]} == {"popular"}
-    alone = rt._recommend_batch([_job("g1")])[0]  # noqa: SLF001
+    alone = rt.recommender.recommend_batch([_job("g1")])[0]  # noqa: SLF001
     assert json.loads(alone.body)["items"] == bodies[0]["items"], "the good requests were ranked as usual"
 
 
 def test_unknown_category_costs_a_set_lookup_not_a_catalogue_scan(make_settings, monkeypatch) -> None:  # noqa: ANN001
-    from serving.model_state import Catalogue
-    from serving.runtime import NotFound
+    from serving.errors import NotFound
+    from serving.serving_state import ItemCatalogue
 
     rt, _ = _runtime(make_settings, {})
     calls: list[str] = []
-    original = Catalogue.category_rows
-    monkeypatch.setattr(Catalogue, "category_rows", lambda self, c: calls.append(c) or original(self, c))
-    answers = rt._recommend_batch([_job("u", f"no such aisle {i}") for i in range(200)])  # noqa: SLF001
+    original = ItemCatalogue.category_rows
+    monkeypatch.setattr(ItemCatalogue, "category_rows", lambda self, c: calls.append(c) or original(self, c))
+    answers = rt.recommender.recommend_batch([_job("u", f"no such aisle {i}") for i in range(200)])
     assert all(isinstance(a, NotFound) and a.field == "category" for a in answers)
     assert calls == [], "an unknown category never scans the catalogue"
-    known = rt._recommend_batch([_job("u", "C")])[0]  # noqa: SLF001  (case-insensitive, as before)
+    known = rt.recommender.recommend_batch([_job("u", "C")])[0]  # (case-insensitive, as before)
     assert calls == ["C"] and len(json.loads(known.body)["items"]) == 5

@@ -26,31 +26,32 @@ def _runtime(make_settings: Any, **feedback: float) -> Any:
     settings = make_settings(feedback={"push_wait_s": 0.2, "push_timeout_s": 0.5, **feedback},
                              serving={"push_retry_s": 0.1})
     rt = Runtime(settings)
-    rt.state = SimpleNamespace(index=SimpleNamespace(position={"x": 0, "w": 1}),
+    rt.models.state = SimpleNamespace(index=SimpleNamespace(position={"x": 0, "w": 1}),
                                catalogue=SimpleNamespace(categories=["dairy", "bakery"]), version="v1",
                                source=SimpleNamespace(source="model_path"), n_items=2, ann=None,
                                scorer=SimpleNamespace(name="exact"), loaded_at="now")
-    rt.store = object()
-    rt._journal = ThreadPoolExecutor(1)
-    rt._push = ThreadPoolExecutor(1)
+    rt.online.store = object()
+    rt.feedback_path._journal = ThreadPoolExecutor(1)
+    rt.feedback_path._push = ThreadPoolExecutor(1)
     return rt
 
 
 async def _with_push_loop(rt: Any, body: Any) -> Any:
     loop = asyncio.get_running_loop()
-    rt._push_kick, rt._next_push = asyncio.Event(), loop.create_future()
-    task = loop.create_task(rt._push_loop())
+    path = rt.feedback_path
+    path._push_kick, path._next_push = asyncio.Event(), loop.create_future()
+    task = loop.create_task(path._push_loop())
     try:
         return await body()
     finally:
         task.cancel()
-        rt._journal.shutdown(wait=False)
-        rt._push.shutdown(wait=False)
+        path._journal.shutdown(wait=False)
+        path._push.shutdown(wait=False)
 
 
 def test_a_hung_online_push_never_delays_the_durable_append(make_settings, monkeypatch) -> None:  # noqa: ANN001
     from recflow.event_log import EventLog
-    from serving import feedback
+    from serving import online_push
 
     hang, entered = threading.Event(), threading.Event()
     pushed: list[list[str]] = []
@@ -61,7 +62,7 @@ def test_a_hung_online_push_never_delays_the_durable_append(make_settings, monke
         pushed.append(sorted(events["event_id"]))
         return len(events)
 
-    monkeypatch.setattr(feedback, "push_events", hung_push)
+    monkeypatch.setattr(online_push, "push_events", hung_push)
     rt = _runtime(make_settings)
 
     async def body() -> None:
@@ -81,9 +82,9 @@ def test_a_hung_online_push_never_delays_the_durable_append(make_settings, monke
         assert time.perf_counter() - t0 < 0.1 and status.ready
         hang.set()  # the store answers again: everything pending is pushed
         deadline = time.monotonic() + 10
-        while (log.pending_count() or rt.pending_feedback != 0) and time.monotonic() < deadline:
+        while (log.pending_count() or rt.feedback_path.pending_feedback != 0) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert log.pending_count() == 0 and rt.pending_feedback == 0, (log.pending_count(), rt.pending_feedback)
+        assert log.pending_count() == 0 and rt.feedback_path.pending_feedback == 0, (log.pending_count(), rt.feedback_path.pending_feedback)
         assert sorted(e for batch in pushed for e in batch) == [f"e{n}" for n in range(5)]
         assert (await rt.status()).pending_feedback == 0
 
@@ -91,9 +92,9 @@ def test_a_hung_online_push_never_delays_the_durable_append(make_settings, monke
 
 
 def test_a_quick_push_is_reported_as_pushed(make_settings, monkeypatch) -> None:  # noqa: ANN001
-    from serving import feedback
+    from serving import online_push
 
-    monkeypatch.setattr(feedback, "push_events", lambda store, events, **_: len(events))
+    monkeypatch.setattr(online_push, "push_events", lambda store, events, **_: len(events))
     rt = _runtime(make_settings)
 
     async def body() -> None:
@@ -106,10 +107,10 @@ def test_a_quick_push_is_reported_as_pushed(make_settings, monkeypatch) -> None:
 def test_idempotency_keys_reused_derived_and_conflicting(make_settings, monkeypatch) -> None:  # noqa: ANN001
     from recflow.datasets.validation import validate_events
     from recflow.event_log import EventLog
-    from serving import feedback
-    from serving.runtime import Conflict, Unprocessable
+    from serving import online_push
+    from serving.errors import Conflict, Unprocessable
 
-    monkeypatch.setattr(feedback, "push_events", lambda store, events, **_: len(events))
+    monkeypatch.setattr(online_push, "push_events", lambda store, events, **_: len(events))
     rt = _runtime(make_settings)
     ts = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 
@@ -143,36 +144,37 @@ def test_idempotency_keys_reused_derived_and_conflicting(make_settings, monkeypa
 
 
 def test_timestamps_outside_the_window_are_a_422_naming_the_field(make_settings) -> None:  # noqa: ANN001
-    from serving.runtime import Unprocessable
+    from serving.errors import Unprocessable
 
     rt = _runtime(make_settings, max_age_days=30, max_future_s=60)
     now = datetime.now(UTC)
     for ts in (datetime(1970, 1, 1, tzinfo=UTC), now - timedelta(days=31), now + timedelta(minutes=5)):
         with pytest.raises(Unprocessable) as err:
-            rt.check_feedback(FeedbackRequest(**EVENT, event_id="t", timestamp=ts), now)
+            rt.feedback_path.check_feedback(FeedbackRequest(**EVENT, event_id="t", timestamp=ts), now)
         assert err.value.status == 422 and err.value.field == "timestamp" and "feedback.max_" in err.value.message
     with pytest.raises(Unprocessable) as err:
-        rt.check_feedback(FeedbackRequest(**EVENT, event_id="t", timestamp=now + timedelta(days=2)), now, "events.1.")
+        rt.feedback_path.check_feedback(FeedbackRequest(**EVENT, event_id="t", timestamp=now + timedelta(days=2)), now, "events.1.")
     assert err.value.field == "events.1.timestamp"
     for ok in (now - timedelta(days=29), now + timedelta(seconds=30), now):
-        rt.check_feedback(FeedbackRequest(**EVENT, event_id="t", timestamp=ok), now)
+        rt.feedback_path.check_feedback(FeedbackRequest(**EVENT, event_id="t", timestamp=ok), now)
     naive = FeedbackRequest(**EVENT, event_id="t", timestamp=datetime(2999, 1, 1))  # parsed; the service refuses
     assert naive.timestamp is not None and naive.timestamp.utcoffset() == timedelta(0)
 
 
 def test_start_up_waits_for_the_first_load(make_settings, monkeypatch) -> None:  # noqa: ANN001
     """The BentoML start-up hook awaits wait_first_load: the worker accepts connections only then."""
+    from serving import model_holder
     from serving import runtime as rmod
-    from serving.model_state import ModelNotFound
+    from serving.model_source import ModelNotFound
+    from serving.store_client import StoreClient
 
     def slow_load(settings: Any, store: Any) -> Any:
         time.sleep(0.5)
         return SimpleNamespace(version="v1", n_items=2, two_stage=None)
 
-    monkeypatch.setattr(rmod.Runtime, "_open_store", lambda self: (object(), None))
-    monkeypatch.setattr(rmod, "OnlineUserReader", lambda store, service: None)
-    monkeypatch.setattr(rmod.Runtime, "warm_up", lambda self, state: 0.0)
-    monkeypatch.setattr(rmod, "load_state", slow_load)
+    monkeypatch.setattr(StoreClient, "open", lambda self: setattr(self, "store", object()))
+    monkeypatch.setattr(model_holder.ModelHolder, "warm_up", lambda self, state: 0.0)
+    monkeypatch.setattr(model_holder, "load_state", slow_load)
 
     async def start(expect_ready: bool) -> float:
         rt = rmod.Runtime(make_settings(serving={"load_retry_s": 60}))
@@ -190,7 +192,7 @@ def test_start_up_waits_for_the_first_load(make_settings, monkeypatch) -> None: 
     def no_model(settings: Any, store: Any) -> Any:
         raise ModelNotFound("no champion model yet")
 
-    monkeypatch.setattr(rmod, "load_state", no_model)
+    monkeypatch.setattr(model_holder, "load_state", no_model)
     assert asyncio.run(start(False)) < 5, "with nothing to load the worker goes live (unready) at once"
 
 

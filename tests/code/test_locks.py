@@ -24,7 +24,7 @@ def test_a_held_lock_times_out_naming_the_file_and_is_released_after(tmp_path: P
 
 def test_push_events_under_a_held_lock_fails_without_touching_the_store(tmp_path: Path) -> None:
     from recflow.locks import LockTimeout, file_lock
-    from serving.feedback import push_events
+    from serving.online_push import push_events
 
     class Untouchable:
         def __getattr__(self, name: str) -> None:

@@ -84,7 +84,7 @@ def test_request_log_rotates_by_time(tmp_path: Path) -> None:
 
 
 def test_feedback_online_update_is_ordered_capped_and_idempotent() -> None:
-    from serving.feedback import apply_events
+    from serving.online_push import apply_events
 
     current = {"user_history__history_item_ids": ["b", "a"], "user_history__history_ts": [200, 100],
                "user_activity__purchases_7d": 2, "user_activity__spend_7d": 3.0, "user_activity__interactions_30d": 2,
@@ -128,7 +128,8 @@ def test_ann_index_recall_against_exact() -> None:
 
     from recflow.modeling import ItemIndex, UserQuery
     from serving import ranking
-    from serving.model_state import AnnScorer, Catalogue, ExactScorer, ServingState
+    from serving.scorers import AnnScorer, ExactScorer
+    from serving.serving_state import ItemCatalogue, ServingState
 
     rng = np.random.default_rng(0)
     n, d = 20_000, 16
@@ -137,7 +138,7 @@ def test_ann_index_recall_against_exact() -> None:
     m = (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
     index = ItemIndex([str(i) for i in range(n)], m, (0.1 * rng.standard_normal(n)).astype(np.float32),
                       np.zeros(n, np.float32))
-    cat = Catalogue(np.full(n, None, object), np.full(n, None, object), np.full(n, None, object), {},
+    cat = ItemCatalogue(np.full(n, None, object), np.full(n, None, object), np.full(n, None, object), {},
                     np.arange(n), np.zeros(n, np.float32))
 
     def state(ann: AnnScorer | None) -> ServingState:
@@ -168,7 +169,7 @@ def test_ann_index_recall_against_exact() -> None:
 def test_model_resolution_prefers_model_path_then_champion(make_settings, tmp_path: Path) -> None:
     from recflow import registry
     from recflow.modeling import build_tiny_model, save_model
-    from serving.model_state import ModelNotFound, resolve_model
+    from serving.model_source import ModelNotFound, resolve_model
 
     settings = make_settings()
     with pytest.raises(ModelNotFound, match="no champion model yet"):
@@ -185,7 +186,7 @@ def test_model_resolution_prefers_model_path_then_champion(make_settings, tmp_pa
 
 
 def test_logged_features_hold_numbers_and_bands_only() -> None:
-    from serving.features import logged_features
+    from serving.online_reader import logged_features
 
     feats = {"user_activity__purchases_7d": 3, "user_activity__spend_7d": float("nan"), "user_profile__age": "25-34",
              "user_history__history_item_ids": ["x", "y"], "user_id": "secret-id"}
@@ -198,11 +199,12 @@ def test_logged_features_hold_numbers_and_bands_only() -> None:
 
 def _tiny_state(n_items: int = 60):  # noqa: ANN202
     from recflow.modeling import build_index, build_tiny_model
-    from serving.model_state import Catalogue, ExactScorer, ServingState
+    from serving.scorers import ExactScorer
+    from serving.serving_state import ItemCatalogue, ServingState
 
     model = build_tiny_model(n_items=n_items, seed=3)
     index = build_index(model)
-    cat = Catalogue(np.array([f"t{i}" for i in range(n_items)], object), np.array(["c"] * n_items, object),
+    cat = ItemCatalogue(np.array([f"t{i}" for i in range(n_items)], object), np.array(["c"] * n_items, object),
                     np.array(["d"] * n_items, object), {}, np.arange(n_items), np.zeros(n_items, np.float32))
     return model, ServingState(model, index, ExactScorer(index), None, cat, "v", None, "", 0.0)  # type: ignore[arg-type]
 
@@ -243,7 +245,8 @@ def test_rank_users_is_the_exact_float32_top_k_with_and_without_prefilter() -> N
 
     from recflow.modeling import ItemIndex, UserQuery
     from serving import ranking
-    from serving.model_state import Catalogue, ExactScorer, ServingState
+    from serving.scorers import ExactScorer
+    from serving.serving_state import ItemCatalogue, ServingState
 
     rng = np.random.default_rng(1)
     n, d = 5000, 16
@@ -252,7 +255,7 @@ def test_rank_users_is_the_exact_float32_top_k_with_and_without_prefilter() -> N
     m = (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
     index = ItemIndex([str(i) for i in range(n)], m, (0.3 * rng.standard_normal(n)).astype(np.float32),
                       (0.5 * rng.standard_normal(n)).astype(np.float32))
-    cat = Catalogue(np.full(n, None, object), np.full(n, None, object), np.full(n, None, object), {},
+    cat = ItemCatalogue(np.full(n, None, object), np.full(n, None, object), np.full(n, None, object), {},
                     np.arange(n), np.zeros(n, np.float32))
     state = ServingState(None, index, ExactScorer(index), None, cat, "v", None, "", 0.0)  # type: ignore[arg-type]
     assert state.scorer.approx is not None, "the prefilter passes its own error check"
@@ -289,7 +292,7 @@ def test_rank_users_is_the_exact_float32_top_k_with_and_without_prefilter() -> N
 
 
 def test_request_ids_are_unique_and_uuid_shaped() -> None:
-    from serving.runtime import RequestIds
+    from serving.request_log import RequestIds
 
     a, b = RequestIds(), RequestIds()
     ids = [a.next() for _ in range(1000)] + [b.next() for _ in range(1000)]
@@ -348,7 +351,7 @@ def test_request_log_leftovers_exclude_files_of_live_workers(tmp_path: Path) -> 
 def test_freeze_heap_takes_live_objects_out_of_the_collector() -> None:
     import gc
 
-    from serving.runtime import freeze_heap
+    from serving.model_holder import freeze_heap
 
     keep = [[i] for i in range(100_000)]  # a model's worth of small objects
     try:

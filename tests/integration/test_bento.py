@@ -104,7 +104,7 @@ def test_bento_manifest_export_and_serve(tiny_champion, tmp_path: Path) -> None:
     assert not any(r.split("==")[0] in ("ray", "ray[tune]", "prefect", "evidently") for r in requirements)
     assert manifest["image"]["python_version"] == "3.11"
     src = folder / "src"
-    for needed in ("serving/service.py", "serving/model_state.py", "recflow/settings.py", "recflow/modeling/io.py",
+    for needed in ("serving/service.py", "serving/serving_state.py", "recflow/settings.py", "recflow/modeling/io.py",
                    "feature_repo/feature_store.yaml", "feature_repo/features.py"):
         assert (src / needed).is_file(), needed
     assert not (src / "tests").exists() and not (src / "training").exists() and not list(src.rglob("*.pyc"))

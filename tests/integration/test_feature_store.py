@@ -125,7 +125,7 @@ def test_push_is_visible_online_at_once(applied) -> None:
 def test_serving_reader_equals_feast_get_online_features(applied) -> None:
     """The service's lean reader (OnlineStore.online_read per view) answers exactly what Feast's
     get_online_features does: values, types, timestamps, unknown and repeated users, after a push."""
-    from serving.features import OnlineUserReader, fetch_user_features
+    from serving.online_reader import OnlineUserReader, fetch_user_features
 
     settings, store, _ = applied
     fs.materialize(settings, *fs.default_window(settings), store=store)

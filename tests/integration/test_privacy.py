@@ -69,7 +69,7 @@ def _fill_home(settings, pseudo_of) -> None:  # noqa: ANN001
     """Data of GONE and of user "a" everywhere; user "b" stays as a control."""
     from recflow.event_log import EventLog
     from recflow.features.build import build_feature_tables
-    from serving.feedback import push_events
+    from serving.online_push import push_events
 
     elog = EventLog(settings.paths.event_log)
     events = pd.DataFrame({

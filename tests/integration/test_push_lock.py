@@ -18,7 +18,7 @@ PUSHES = 25  # one read-merge-write per event, per worker
 def _push_worker(settings: Any, worker: int, start: Any, locked: bool) -> None:
     """Push ``PUSHES`` events of user "a", one call each (as a busy worker's push loop does)."""
     from recflow import feature_store as fs
-    from serving.feedback import ONLINE_PUSH_LOCK, push_events
+    from serving.online_push import ONLINE_PUSH_LOCK, push_events
 
     store = fs.get_store(settings)
     lock = settings.paths.locks / ONLINE_PUSH_LOCK if locked else None
@@ -36,7 +36,7 @@ def _push_worker(settings: Any, worker: int, start: Any, locked: bool) -> None:
 
 def test_two_processes_pushing_one_user_lose_no_update(tiny_features) -> None:  # noqa: ANN001
     from recflow import feature_store as fs
-    from serving.feedback import _read_online
+    from serving.online_push import _read_online
 
     settings = tiny_features
     store = fs.get_store(settings)

@@ -104,7 +104,7 @@ class OnlineRows:
     ``FeatureStore.push`` resolves the push source's feature views from the registry's protos on
     every call (tens of milliseconds, more than the write). This resolves them once and then calls
     what ``push`` ends in, ``Provider.ingest_df`` (the same conversion and online write), and reads
-    with ``OnlineStore.online_read`` as ``serving.features.OnlineUserReader`` does, so the values equal
+    with ``OnlineStore.online_read`` as ``serving.online_reader.OnlineUserReader`` does, so the values equal
     :func:`_read_online`'s. When a feature service precomputes online vectors (which ``push`` would
     refresh) it falls back to ``push``. Views are resolved at the first call; rebuild it when the
     registry changes."""
