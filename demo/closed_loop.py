@@ -132,7 +132,7 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
 
     t0 = time.perf_counter()
     say(f"[demo] 1/6 features: events before {start.date()} (later ones held back for the replay)")
-    build_features(settings=settings)
+    build_features(**flow_args)
     lap("features", t0)
 
     t0 = time.perf_counter()
@@ -141,7 +141,7 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
     first = trained["tag"]
     if registry.get_champion(settings)["tag"] != first:  # type: ignore[index]
         registry.set_champion(settings, first, reason="demo: first model")
-    bento = deploy(settings=settings)["bento"]
+    bento = deploy(**flow_args)["bento"]
     lap("train_deploy", t0)
 
     monitors: list[dict[str, Any]] = []
@@ -189,7 +189,7 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
     after_replay = start + pd.Timedelta(days=d.replay_days)
     say(f"[demo] 6/6 evaluate on the held-out week from {after_replay.date()}")
     if not retrains:
-        build_features(skip_ingest=True, settings=settings)  # the replayed feedback into the offline features
+        build_features(skip_ingest=True, **flow_args)  # the replayed feedback into the offline features
     challengers = [r["challenger"] for r in retrains]
     scores = next_week_ndcg(settings, [first, final, *challengers], after_replay, say)
     improvement = paired_diff(scores, final, first)

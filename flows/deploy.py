@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from recflow.settings import Settings, load_settings
+from recflow.settings import Settings, flow_settings
 
 
 @task(name="build-bento", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -34,14 +34,16 @@ def reload_task(settings: Settings, url: str) -> dict[str, Any]:
 
 @flow(name="deploy", log_prints=True)
 def deploy(
-    settings: Settings | None = None,
     model_tag: str | None = None,
     model_path: Path | None = None,
     reload_url: str | None = None,
+    home: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Build a bento from the champion (or ``model_tag``, or the model folder ``model_path``) and print
-    its tag; with ``reload_url``, also make the running service there load the champion."""
-    settings = settings or load_settings()
+    its tag; with ``reload_url``, also make the running service there load the champion. Settings:
+    ``home`` and ``overrides`` over the environment (``recflow.settings.flow_settings``)."""
+    settings = flow_settings(home, overrides)
     if model_path is not None:
         settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"model_path": model_path})})
     tag = build_bento_task(settings, model_tag)

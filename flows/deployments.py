@@ -5,8 +5,9 @@
 - ``serve_all()``: run them in this process instead (one machine, no worker needed).
 
 Entrypoints are module paths (``flows.features.build_features``), so a worker needs only the
-installed package, not a copy of the source tree. Settings reach flow runs through the worker's
-environment (``RECFLOW_HOME``, ``RECFLOW_*``).
+installed package, not a copy of the source tree. Every deployment passes ``home`` as a flow parameter
+(``recflow --home DIR schedule``); the other settings come from the worker's environment
+(``RECFLOW_*``) and ``recflow.toml``, as for any flow (``recflow.settings.flow_settings``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ if TYPE_CHECKING:
 
 
 
-def deployments() -> list[RunnerDeployment]:
-    """Every recflow deployment with its schedule or trigger.
+def deployments(home: str | None = None) -> list[RunnerDeployment]:
+    """Every recflow deployment with its schedule or trigger; runs get ``home`` (None: the worker's
+    ``RECFLOW_HOME`` or the default).
 
     - ``build_features/hourly``: ingest, feedback, feature tables, materialisation, every hour;
     - ``monitor/daily``: drift and quality reports of the last week, every day at 06:00 UTC;
@@ -44,11 +46,13 @@ def deployments() -> list[RunnerDeployment]:
     from flows.train import train
 
     module = EntrypointType.MODULE_PATH
+    params = {"home": home} if home else {}
     return [
         build_features.to_deployment(
             name="hourly",
             interval=timedelta(hours=1),
             entrypoint_type=module,
+            parameters=params,
             tags=["recflow", "features"],
             description="Ingest, rebuild feature tables, apply the Feast repo and materialise the latest values.",
             concurrency_limit=1,
@@ -57,6 +61,7 @@ def deployments() -> list[RunnerDeployment]:
             name="daily",
             cron="0 6 * * *",
             entrypoint_type=module,
+            parameters=params,
             tags=["recflow", "monitoring"],
             description="Evidently drift and quality reports for the last week; emits recflow.drift.detected on drift.",
             concurrency_limit=1,
@@ -64,6 +69,7 @@ def deployments() -> list[RunnerDeployment]:
         retrain.to_deployment(
             name="on-drift",
             entrypoint_type=module,
+            parameters=params,
             tags=["recflow", "training"],
             description="Incremental retrain from the champion, gated; runs when the monitor reports drift.",
             triggers=[
@@ -71,7 +77,7 @@ def deployments() -> list[RunnerDeployment]:
                     name="retrain on drift",
                     expect={DRIFT_EVENT},
                     match={"prefect.resource.id": "recflow.monitor.*"},
-                    parameters={"reason": "{{ event.payload.window }}"},
+                    parameters={"reason": "{{ event.payload.window }}", **params},
                 )
             ],
             concurrency_limit=1,
@@ -80,6 +86,7 @@ def deployments() -> list[RunnerDeployment]:
             name="weekly",
             cron="0 2 * * 0",
             entrypoint_type=module,
+            parameters=params,
             tags=["recflow", "training"],
             description="Full training: Feast training set, Ray Tune search, test-week evaluation, registry; promoted only "
                         "when it beats the champion through the promotion gate.",
@@ -88,13 +95,14 @@ def deployments() -> list[RunnerDeployment]:
         deploy.to_deployment(
             name="manual",
             entrypoint_type=module,
+            parameters=params,
             tags=["recflow", "serving"],
             description="Build a bento from the champion model.",
         ),
     ]
 
 
-def deploy_all(work_pool: str) -> list[UUID]:
+def deploy_all(work_pool: str, home: str | None = None) -> list[UUID]:
     """Create or update every deployment on the Prefect server in ``PREFECT_API_URL``.
 
     Uses ``RunnerDeployment.apply`` rather than ``prefect.deploy``: in Prefect 3.8.8 the latter's
@@ -104,11 +112,11 @@ def deploy_all(work_pool: str) -> list[UUID]:
 
     with get_client(sync_client=True) as client:
         client.read_work_pool(work_pool)  # a clear ObjectNotFound if the pool does not exist
-    return [d.apply(work_pool_name=work_pool) for d in deployments()]
+    return [d.apply(work_pool_name=work_pool) for d in deployments(home)]
 
 
-def serve_all() -> None:  # pragma: no cover - blocks until interrupted
+def serve_all(home: str | None = None) -> None:  # pragma: no cover - blocks until interrupted
     """Run every deployment's schedule in this process (no server work pool or worker needed)."""
     from prefect import serve
 
-    serve(*deployments())
+    serve(*deployments(home))

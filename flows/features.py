@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from recflow import feature_store
 from recflow.datasets import ingest as ingest_source
 from recflow.features.build import build_feature_tables
-from recflow.settings import Settings, load_settings
+from recflow.settings import Settings, flow_settings
 
 
 @task(name="ingest", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -81,14 +81,16 @@ def build_features(
     start: datetime | None = None,
     end: datetime | None = None,
     skip_ingest: bool = False,
-    settings: Settings | None = None,
+    home: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Ingest the configured source, flush the feedback event log, build feature tables (canonical
     events + feedback), apply the Feast repo, materialise [start, end).
 
-    Running it twice over the same input and window leaves identical online values.
+    Running it twice over the same input and window leaves identical online values. Settings: ``home``
+    and ``overrides`` over the environment (``recflow.settings.flow_settings``).
     """
-    settings = settings or load_settings()
+    settings = flow_settings(home, overrides)
     summary: dict[str, Any] = {"home": str(settings.home)}
     if not skip_ingest:
         summary["ingest"] = ingest_task(settings)

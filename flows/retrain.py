@@ -160,7 +160,7 @@ def retrain(
         from flows.features import build_features
 
         t0 = time.perf_counter()
-        build_features(skip_ingest=True, settings=settings)  # flushes the event log first
+        build_features(skip_ingest=True, home=home, overrides=overrides)  # flushes the event log first
         lap("features", t0)
     events = load_events(settings)
     end = to_utc(as_of) if as_of else events["event_timestamp"].max().normalize() + pd.Timedelta(days=1)

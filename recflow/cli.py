@@ -7,7 +7,6 @@ starts, so every component (flows, the Feast definitions, tasks) sees the same s
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,9 +56,12 @@ MaxBadOpt = Annotated[
 DEMO_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "demo.json"  # `recflow demo`'s default
 
 
-def _set_env(name: str, value: Any) -> None:
-    if value is not None:
-        os.environ[name] = str(value.resolve() if isinstance(value, Path) else value)
+_invocation: dict[str, str | None] = {"home": None}  # the root options of this invocation (set by main)
+
+
+def _home() -> str | None:
+    """The ``--home`` of this invocation (None: ``RECFLOW_HOME`` or the default)."""
+    return _invocation["home"]
 
 
 def _data_options(
@@ -69,24 +71,25 @@ def _data_options(
     users: Path | None,
     max_bad_share: float | None,
     until: datetime | None = None,
-) -> None:
+) -> dict[str, dict[str, Any]]:
+    """The data options given on the command line, as settings overrides (``{"data": {...}}``)."""
     if interactions is not None and source is None:
         source = "generic"
-    _set_env("RECFLOW_DATA__SOURCE", source)
-    _set_env("RECFLOW_DATA__INTERACTIONS_PATH", interactions)
-    _set_env("RECFLOW_DATA__ITEMS_PATH", items)
-    _set_env("RECFLOW_DATA__USERS_PATH", users)
-    _set_env("RECFLOW_DATA__MAX_BAD_SHARE", max_bad_share)
-    _set_env("RECFLOW_DATA__UNTIL", until.isoformat() if until else None)
+    given = {"source": source, "interactions_path": interactions, "items_path": items, "users_path": users,
+             "max_bad_share": max_bad_share, "until": until.isoformat() if until else None}
+    data = {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in given.items() if v is not None}
+    return {"data": data} if data else {}
 
 
-def _settings():  # noqa: ANN202 - returns recflow.settings.Settings
+def _settings(overrides: dict[str, dict[str, Any]] | None = None):  # noqa: ANN202 - returns recflow.settings.Settings
+    """Settings of this invocation: ``--home`` and ``overrides`` over the environment and the TOML file,
+    loaded the way flows load them (``recflow.settings.flow_settings``); nothing is written to the environment."""
     from pydantic import ValidationError
 
-    from recflow.settings import load_settings
+    from recflow.settings import flow_settings
 
     try:
-        return load_settings()
+        return flow_settings(_home(), overrides)
     except (ValidationError, FileNotFoundError) as exc:
         console.print(f"[red]Invalid settings:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -156,7 +159,7 @@ def main(
     # Third-party deprecation chatter (ibis, feast) is not actionable for recflow's users.
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    _set_env("RECFLOW_HOME", home)
+    _invocation["home"] = str(home.resolve()) if home is not None else None
 
 
 @app.command()
@@ -172,8 +175,7 @@ def ingest(
     from recflow.datasets import IngestError
     from recflow.datasets import ingest as run_ingest
 
-    _data_options(source, interactions, items, users, max_bad_share, until)
-    settings = _settings()
+    settings = _settings(_data_options(source, interactions, items, users, max_bad_share, until))
     try:
         with progress_bar():
             report = run_ingest(settings)
@@ -198,13 +200,14 @@ def features(
     """Run the build_features flow: ingest, feature tables, feast apply, materialise [start, end)."""
     from recflow.datasets import IngestError
 
-    _data_options(source, interactions, items, users, max_bad_share, until)
-    settings = _settings()
+    overrides = _data_options(source, interactions, items, users, max_bad_share, until)
+    settings = _settings(overrides)
     from flows.features import build_features
 
     try:
         with progress_bar():
-            summary = build_features(start=start, end=end, skip_ingest=skip_ingest, settings=settings)
+            summary = build_features(start=start, end=end, skip_ingest=skip_ingest, home=str(settings.home),
+                                     overrides=overrides)
     except (IngestError, FileNotFoundError, ValueError) as exc:
         raise _fail(exc) from exc
     if "ingest" in summary:
@@ -254,20 +257,21 @@ def schedule(
 
     if pool and serve or not (pool or serve):
         raise _fail(ValueError("give exactly one of --pool NAME or --serve"))
+    home = str(_settings().home)  # every deployment's runs get this home as a parameter
     if serve:
-        console.print(f"Serving {len(deployments())} deployment(s); Ctrl-C stops.")
-        serve_all()
+        console.print(f"Serving {len(deployments(home))} deployment(s) for home {home}; Ctrl-C stops.")
+        serve_all(home)
         return
     from prefect.exceptions import ObjectNotFound
 
     try:
-        ids = deploy_all(pool)  # type: ignore[arg-type]
+        ids = deploy_all(pool, home)  # type: ignore[arg-type]
     except ObjectNotFound as exc:
         raise _fail(
             ValueError(f"work pool {pool!r} does not exist on the Prefect server"),
             f"Create it: prefect work-pool create {pool} --type process",
         ) from exc
-    for d, i in zip(deployments(), ids, strict=True):
+    for d, i in zip(deployments(home), ids, strict=True):
         console.print(f"deployment [bold]{d.flow_name}/{d.name}[/bold] -> {i}")
     console.print(f"Start a worker: prefect worker start --pool {pool}")
 
@@ -359,7 +363,7 @@ def deploy(
     from flows.deploy import deploy as deploy_flow
 
     try:
-        result = deploy_flow(settings=settings, model_tag=model_tag, reload_url=reload_url)
+        result = deploy_flow(model_tag=model_tag, reload_url=reload_url, home=str(settings.home))
     except (FileNotFoundError, ValueError, LookupError) as exc:
         raise _fail(exc, "Train a model first: recflow train") from exc
     sys.stdout.write(result["bento"] + "\n")

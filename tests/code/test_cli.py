@@ -29,7 +29,10 @@ def test_every_command_has_help() -> None:
 
 
 def test_ingest_generic_files(make_settings, tiny_shop, tmp_path) -> None:
+    import os
+
     make_settings()
+    env = dict(os.environ)
     result = runner.invoke(
         app,
         ["--home", str(tmp_path / "cli"), "ingest", "--interactions", str(tiny_shop["interactions"]),
@@ -37,6 +40,24 @@ def test_ingest_generic_files(make_settings, tiny_shop, tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cli" / "canonical" / "events.parquet").exists()
+    assert dict(os.environ) == env, "--home and the data options travel as settings, not through the environment"
+
+
+def test_config_shows_the_home_and_data_options_given(make_settings, tiny_shop, tmp_path) -> None:
+    make_settings()
+    result = runner.invoke(app, ["--home", str(tmp_path / "h"), "config"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["home"] == str((tmp_path / "h").resolve())
+
+
+def test_deployments_pass_the_home_to_every_flow_run(tmp_path) -> None:
+    pytest.importorskip("prefect")
+    from flows.deployments import deployments
+
+    home = str(tmp_path / "shop-home")
+    built = deployments(home)
+    assert len(built) == 5 and all(d.parameters.get("home") == home for d in built)
+    assert all("home" not in d.parameters for d in deployments())
 
 
 def test_ingest_failure_exits_nonzero_with_reason(make_settings, tmp_path) -> None:

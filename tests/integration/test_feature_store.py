@@ -147,12 +147,13 @@ def test_serving_reader_equals_feast_get_online_features(applied) -> None:
 def test_build_features_flow_twice_gives_identical_online_values(prefect_harness, tiny_settings) -> None:
     from flows.features import build_features
 
-    first = build_features(settings=tiny_settings)
+    args = {"home": str(tiny_settings.home), "overrides": {"data": tiny_settings.data.model_dump(mode="json")}}
+    first = build_features(**args)
     assert first["ingest"]["tables"]["events"]["accepted_rows"] == 10
     assert first["features"]["rows"]["user_profile"] == 3
     store = fs.get_store(tiny_settings)
     before = _online_users(tiny_settings, store)
-    second = build_features(settings=tiny_settings)
+    second = build_features(**args)
     after = _online_users(tiny_settings, store)
     assert first["materialize"] == {**second["materialize"], "seconds": first["materialize"]["seconds"]}
     pd.testing.assert_frame_equal(before, after)

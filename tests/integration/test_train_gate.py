@@ -33,7 +33,7 @@ def test_train_promotes_first_model_then_only_through_the_gate(
                        "RECFLOW_TRAINING__RANKER_TRAIN_WEEKS": "3"}.items():
         monkeypatch.setenv(key, value)
     settings = make_settings()
-    build_features(settings=settings)
+    build_features(home=str(settings.home))
     assert registry.get_champion(settings) is None
 
     first = train(trials=1, max_minutes=2, home=str(settings.home))
