@@ -1,15 +1,12 @@
 """The Feast feature store as recflow uses it: config from settings, apply, materialise, push, read.
 
-``feature_repo/`` holds the Feast definitions only. Feast imports its files as top-level modules
-(``entities``, ``features``, ...), so recflow loads them the same way: with the repo folder on
-``sys.path`` and a fresh import each time, so that the definitions always reflect the current
-settings (paths under ``RECFLOW_HOME``).
+The Feast objects are built by a function of the settings (``recflow.feature_definitions``);
+``feature_repo/`` holds ``feature_store.yaml`` and, for the plain Feast CLI, ``definitions.py``,
+which exposes the same objects.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,15 +17,12 @@ import pandas as pd
 import yaml
 
 from recflow.progress import report
-from recflow.settings import Settings, use_settings
+from recflow.settings import Settings
 from recflow.timeutil import to_utc
 
 if TYPE_CHECKING:
     from feast import FeatureStore
     from feast.repo_config import RepoConfig
-
-DEFINITION_MODULES = ("entities", "data_sources", "features", "feature_services")
-
 
 def feature_repo_path() -> Path:
     """Folder of the Feast definitions (inside the installed ``feature_repo`` package)."""
@@ -143,28 +137,10 @@ def bound_sqlite(store: FeatureStore, timeout_s: float) -> None:
 
 
 def load_definitions(settings: Settings) -> list[Any]:
-    """Import the definition modules afresh under ``settings`` and collect their Feast objects
-    (deduplicated by identity)."""
-    from feast import Entity, FeatureService, FeatureView
-    from feast.data_source import DataSource
+    """recflow's Feast objects for ``settings`` (``recflow.feature_definitions``), in apply order."""
+    from recflow.feature_definitions import build_definitions
 
-    repo = str(feature_repo_path())
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
-    for name in DEFINITION_MODULES:
-        sys.modules.pop(name, None)
-    objects: list[Any] = []
-    modules = []
-    with use_settings(settings):
-        for name in DEFINITION_MODULES:
-            modules.append(importlib.import_module(name))
-    for module in modules:
-        for value in vars(module).values():
-            if isinstance(value, Entity | DataSource | FeatureView | FeatureService) and not any(
-                value is o for o in objects
-            ):
-                objects.append(value)
-    return objects
+    return build_definitions(settings).objects()
 
 
 @dataclass

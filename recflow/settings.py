@@ -10,8 +10,7 @@ Nothing is read or created at import time: call :func:`load_settings`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -582,23 +581,3 @@ def flow_settings(home: str | None = None, overrides: Mapping[str, Mapping[str, 
     if unknown:
         raise ValueError(f"flow overrides name unknown settings sections {unknown}; sections are {sorted(sections)}")
     return load_settings(**({"home": home} if home else {}), **overrides)
-
-
-_active: Settings | None = None
-
-
-@contextmanager
-def use_settings(settings: Settings) -> Iterator[Settings]:
-    """Make ``settings`` what :func:`active_settings` returns inside the block (e.g. while Feast
-    definitions are imported), so code that cannot take arguments sees the caller's settings."""
-    global _active
-    previous, _active = _active, settings
-    try:
-        yield settings
-    finally:
-        _active = previous
-
-
-def active_settings() -> Settings:
-    """The settings installed by :func:`use_settings`, else freshly loaded ones."""
-    return _active if _active is not None else load_settings()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from recflow.feature_definitions import ITEM_INDEX_SERVICE
 from recflow.settings import Settings
 from serving.model_source import ChampionFallback, ModelSource, read_champion, read_model, resolve_model
 from serving.scorers import AnnScorer, ExactScorer
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from serving.tower import PositionLookup
 
 log = logging.getLogger("recflow.serving")
-ITEM_SERVICE = "item_index_v1"
 ITEM_READ_CHUNK = 5000
 
 
@@ -99,7 +99,7 @@ class ServingState:
 
 def read_item_features(store: FeatureStore, item_ids: list[str]) -> dict[str, list[Any]]:
     """``item_index_v1`` online features for ``item_ids`` (names without the view prefix)."""
-    fs = store.get_feature_service(ITEM_SERVICE)
+    fs = store.get_feature_service(ITEM_INDEX_SERVICE)
     out: dict[str, list[Any]] = {}
     for s in range(0, len(item_ids), ITEM_READ_CHUNK):
         chunk = item_ids[s : s + ITEM_READ_CHUNK]

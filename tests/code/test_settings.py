@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from recflow.settings import Settings, active_settings, load_settings, use_settings
+from recflow.settings import Settings, load_settings
 
 
 def test_defaults_and_derived_paths(make_settings, tmp_path: Path) -> None:
@@ -48,11 +48,25 @@ def test_invalid_value_names_the_field(make_settings, monkeypatch: pytest.Monkey
         make_settings()
 
 
-def test_use_settings_scopes_the_active_settings(make_settings, tmp_path: Path) -> None:
-    mine = make_settings(home=tmp_path / "other")
-    with use_settings(mine):
-        assert active_settings() is mine
-    assert active_settings().home != mine.home
+def test_feast_definitions_are_a_function_of_settings(make_settings, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import runpy
+
+    from recflow.feature_definitions import build_definitions
+    from recflow.feature_store import feature_repo_path
+
+    mine = make_settings(home=tmp_path / "other", feast={"user_ttl_days": 7, "serving_service": "serve_v9"})
+    defs = build_definitions(mine)
+    assert defs.user_activity_source.path == str(mine.paths.feature_table("user_activity"))
+    assert defs.user_activity.ttl.days == 7 and defs.serving.name == "serve_v9"
+    assert build_definitions(make_settings()).user_activity_source.path != defs.user_activity_source.path
+    # the plain Feast CLI's view (feature_repo/definitions.py) is the same objects, from the environment
+    monkeypatch.setenv("RECFLOW_HOME", str(tmp_path / "other"))
+    monkeypatch.setenv("RECFLOW_FEAST__USER_TTL_DAYS", "7")
+    monkeypatch.setenv("RECFLOW_FEAST__SERVING_SERVICE", "serve_v9")
+    cli = runpy.run_path(str(feature_repo_path() / "definitions.py"))
+    for obj in defs.objects():
+        twin = next(v for v in cli.values() if type(v) is type(obj) and getattr(v, "name", None) == obj.name)
+        assert twin == obj, obj.name
     assert isinstance(load_settings(), Settings)
 
 

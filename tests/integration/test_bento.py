@@ -105,7 +105,7 @@ def test_bento_manifest_export_and_serve(tiny_champion, tmp_path: Path) -> None:
     assert manifest["image"]["python_version"] == "3.11"
     src = folder / "src"
     for needed in ("serving/service.py", "serving/serving_state.py", "recflow/settings.py", "recflow/modeling/io.py",
-                   "feature_repo/feature_store.yaml", "feature_repo/features.py"):
+                   "feature_repo/feature_store.yaml", "recflow/feature_definitions.py"):
         assert (src / needed).is_file(), needed
     assert not (src / "tests").exists() and not (src / "training").exists() and not list(src.rglob("*.pyc"))
 
