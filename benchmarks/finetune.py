@@ -14,7 +14,7 @@ texts with gradients per step, ``training.encoder_lr``), both with the search's 
 :class:`training.trainer.TrainConfig` defaults, ``training.epochs`` epochs and one thread each, run
 side by side in two processes (as two Ray trials on two cores). Reported: validation-week NDCG@10 overall and on the
 new-to-user slice after the last epoch and at the best epoch, training and total seconds.
-``--search`` then times the two-tower search with the defaults (``flows.train.search_config``).
+``--search`` then times the two-tower search with the defaults (``training.tune.tune_config``).
 
 Writes ``benchmarks/results/finetune.json``.
 """
@@ -125,12 +125,11 @@ def _runs(jobs: list[tuple[str, dict[str, Any]]], data: Any, info: dict[str, Any
 
 
 def _search(settings: Any, data: Any, say: Any) -> dict[str, Any]:
-    """Wall time and winner of the two-tower search with the defaults (``flows.train.search_config``)."""
-    from flows.train import search_config
-    from training.tune import run_search
+    """Wall time and winner of the two-tower search with the defaults (``training.tune.tune_config``)."""
+    from training.tune import run_search, tune_config
 
     t = settings.training
-    tc = search_config(settings, t.trials, t.max_minutes)
+    tc = tune_config(settings, t.trials, t.max_minutes)
     tc.storage_path = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"recflow_finetune_{os.getpid()}" / "ray")
     say(f"two-tower search with the defaults ({t.trials} trials, {t.max_minutes:g} min budget)")
     t0 = time.perf_counter()
@@ -158,11 +157,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     started = time.perf_counter()
     say = lambda m: print(f"[{time.perf_counter() - started:6.0f}s] {m}", file=sys.stderr, flush=True)  # noqa: E731
-    from flows.train import search_config
+    from training.tune import tune_config
 
     settings, data, info = load(args.home, say)
     t = settings.training
-    base = search_config(settings, t.trials, t.max_minutes).base
+    base = tune_config(settings, t.trials, t.max_minutes).base
     common = {"epochs": args.epochs or t.epochs, "seed": t.seed, "history_length": base.history_length, "threads": 1,
               "log_every": 50, "device": "cpu", "max_steps": args.max_steps}
     jobs = [

@@ -52,15 +52,16 @@ def window_data_task(settings: Settings, events: pd.DataFrame, cutoff: pd.Timest
 @task(name="fit-challenger", cache_policy=NO_CACHE)
 def fit_task(settings: Settings, data: Any, champion: Any, full: bool) -> Any:
     from training.incremental import replay_sample
-    from training.trainer import TrainConfig, fit
+    from training.trainer import fit, train_config
 
     t = settings.training
-    if full:
-        cfg = TrainConfig(epochs=t.epochs, seed=t.seed, history_length=min(500, settings.features.history_length))
-        return fit(data, cfg, progress=_log)
+    if full:  # a new model, trained as `train` trains its search's base configuration
+        return fit(data, train_config(settings), progress=_log)
     kept = replay_sample(data, t.retrain_recent_weeks, t.retrain_replay_share, seed=t.seed)
     _log(f"incremental: {kept['recent']:,} recent examples + {kept['replayed']:,} replayed of {kept['older_total']:,} older")
-    cfg = TrainConfig(epochs=t.retrain_epochs, lr=t.retrain_lr, seed=t.seed)
+    # warm start from the champion: its architecture and its encoder as they are (an incremental retrain
+    # does not fine-tune MiniLM, so encoder_mode is frozen here whatever training.encoder_mode says)
+    cfg = train_config(settings, epochs=t.retrain_epochs, lr=t.retrain_lr, encoder_mode="frozen")
     return fit(data, cfg, progress=_log, init=champion)
 
 

@@ -94,33 +94,11 @@ def prepare_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame, 
     return data
 
 
-def search_config(settings: Settings, trials: int, max_minutes: float) -> Any:
-    """The two-tower search's :class:`training.tune.TuneConfig` from ``settings.training``."""
-    from training.trainer import TrainConfig
-    from training.tune import TuneConfig
-
-    t = settings.training
-    base = TrainConfig(
-        epochs=t.epochs, seed=t.seed, encoder_mode=t.encoder_mode, unfrozen_layers=t.unfrozen_layers,
-        max_fresh_texts=t.finetune_texts, encoder_lr=t.encoder_lr,
-        history_length=min(500, settings.features.history_length),
-    )
-    space = {}
-    if settings.features.history_length < 500:
-        space["history_length"] = settings.features.history_length
-    return TuneConfig(
-        trials=trials, max_minutes=max_minutes, epochs=t.epochs, cpus_per_trial=t.cpus_per_trial,
-        gpus_per_trial=t.gpus_per_trial, storage_path=str(settings.paths.ray_results), seed=t.seed,
-        searcher=t.searcher, base=base, search_space=space, unfrozen_layers=(t.unfrozen_layers,),
-        gpu_unfrozen_layers=tuple(t.gpu_unfrozen_layers),
-    )
-
-
 @task(name="tune", cache_policy=NO_CACHE)
 def tune_task(settings: Settings, data: Any, trials: int, max_minutes: float) -> Any:
-    from training.tune import run_search
+    from training.tune import run_search, tune_config
 
-    return run_search(data, search_config(settings, trials, max_minutes), progress=_log)
+    return run_search(data, tune_config(settings, trials, max_minutes), progress=_log)
 
 
 @task(name="evaluate-test-week", cache_policy=NO_CACHE)

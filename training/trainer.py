@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from training.data import profile_vocabulary
 from training.dataset import TrainData
 from training.evaluate import EvalSet, Scorer, evaluate
 from training.text_cache import TokenStates, embeddings_from_states, encode_states, upper_forward
+
+if TYPE_CHECKING:
+    from recflow.settings import Settings
 
 log = logging.getLogger("training")
 
@@ -100,6 +103,19 @@ class TrainConfig:
         if self.encoder_mode == "top_k" and self.unfrozen_layers <= 0:
             return "frozen"
         return self.encoder_mode
+
+
+def train_config(settings: Settings, **changes: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of ``settings`` (``training`` and ``features``): the one mapping from
+    settings to a training run, which the train and retrain flows and the benchmarks share; ``changes``
+    replace fields (e.g. an incremental retrain's epochs and learning rate)."""
+    t = settings.training
+    cfg = TrainConfig(
+        epochs=t.epochs, seed=t.seed, encoder_mode=t.encoder_mode, unfrozen_layers=t.unfrozen_layers,
+        max_fresh_texts=t.finetune_texts, encoder_lr=t.encoder_lr,
+        history_length=min(TrainConfig.history_length, settings.features.history_length),
+    )
+    return replace(cfg, **changes)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,7 +36,10 @@ from safetensors.torch import load_file, save_file
 
 from recflow.modeling.model import RecModel
 from training.dataset import TrainData
-from training.trainer import TrainConfig, build_model, compute_history, fit, user_dense
+from training.trainer import TrainConfig, build_model, compute_history, fit, train_config, user_dense
+
+if TYPE_CHECKING:
+    from recflow.settings import Settings
 
 log = logging.getLogger("training.tune")
 METRIC = "ndcg@10"
@@ -65,6 +68,21 @@ class TuneConfig:
     unfrozen_layers: tuple[int, ...] = (1,)  # top_k on CPU: choices of trained top layers
     trial_share: float = 0.5  # trials stop training this share of the budget after the search starts, then report
     gpu_unfrozen_layers: tuple[int, ...] = (1, 2, 3)  # top_k on a cluster with GPUs
+
+
+def tune_config(settings: Settings, trials: int | None = None, max_minutes: float | None = None) -> TuneConfig:
+    """The two-tower search's :class:`TuneConfig` from ``settings.training`` (``trials`` and
+    ``max_minutes`` default to the settings' own)."""
+    t = settings.training
+    space: dict[str, Any] = {}
+    if settings.features.history_length < TrainConfig.history_length:
+        space["history_length"] = settings.features.history_length
+    return TuneConfig(
+        trials=trials or t.trials, max_minutes=max_minutes or t.max_minutes, epochs=t.epochs,
+        cpus_per_trial=t.cpus_per_trial, gpus_per_trial=t.gpus_per_trial, storage_path=str(settings.paths.ray_results),
+        seed=t.seed, searcher=t.searcher, base=train_config(settings), search_space=space,
+        unfrozen_layers=(t.unfrozen_layers,), gpu_unfrozen_layers=tuple(t.gpu_unfrozen_layers),
+    )
 
 
 @dataclass
