@@ -71,24 +71,10 @@ def two_stage_task(settings: Settings, events: pd.DataFrame, data: Any, champion
     """The two-stage challenger and both rankers' gate-week metrics (None, with a warning, when the
     window is too short for weekly examples: the champion's ranker is then carried over refreshed)."""
     from recflow.ranker import load_two_stage
-    from training.two_stage import final_model, inputs_for, refit, seconds, week_metrics
+    from training.two_stage import retrain_and_score
 
-    t = settings.training
-    champ = load_two_stage(champion_ranker)
-    inputs = inputs_for(champ, data.catalogue, events)
-    weeks = t.ranker_train_weeks if full else t.retrain_recent_weeks
-    try:
-        fitted = refit(inputs, champ.ranker, cutoff, weeks, t.eval_days, incremental=not full, progress=_log)
-    except ValueError as exc:
-        get_run_logger().warning("two-stage challenger not trained (%s): the champion's ranker is carried over", exc)
-        return None
-    champion_metrics = week_metrics(inputs, champ.ranker, data.val)
-    challenger_metrics = week_metrics(inputs, fitted.ranker, data.val)
-    _log(f"two-stage gate week: champion NDCG@10 {champion_metrics['ndcg@10']:.4f}, "
-         f"challenger {challenger_metrics['ndcg@10']:.4f} ({'full' if full else 'incremental'}, {weeks} weeks)")
-    return {"champion": champion_metrics, "challenger": challenger_metrics, "weeks": weeks,
-            "model": final_model(inputs, fitted.ranker, seconds(end)), "seconds": fitted.seconds,
-            "ranker": fitted.ranker.metrics}
+    return retrain_and_score(load_two_stage(champion_ranker), events, data, cutoff, end, full, settings.training,
+                             progress=_log, warn=get_run_logger().warning)
 
 
 @task(name="evaluate-gate-week", cache_policy=NO_CACHE)

@@ -113,32 +113,12 @@ def evaluate_task(data: Any, events: pd.DataFrame, model: Any) -> dict[str, Any]
 @task(name="two-stage", cache_policy=NO_CACHE)
 def two_stage_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame, emb: Any, cutoff: pd.Timestamp,
                    data: Any) -> dict[str, Any] | None:
-    """Candidates + LightGBM ranker on weekly anchors before the cutoff, early-stopped on the validation
-    week; test-week metrics; the servable model with the item side as of the data end (None, with a
-    warning, when the data is too short for weekly examples)."""
-    from training.evaluate import evaluate
-    from training.protocol import Protocol, check_users
-    from training.two_stage import Inputs, config_for, final_model, fit, seconds, week_scorer
+    """The two-stage model (``training.two_stage.train_and_score``); None, with a warning, when the data
+    is too short for weekly examples (the two-tower model then serves)."""
+    from training.two_stage import train_and_score
 
-    t = settings.training
-    inputs = Inputs.build(events, items, emb)
-    protocol = Protocol.make(cutoff, t.ranker_train_weeks, 1, t.eval_days)
-    cfg = config_for(inputs, seed=t.seed, launch_slots=tuple(t.launch_slots), launch_days=t.launch_days)
-    try:
-        fitted = fit(inputs, protocol, cfg, progress=_log)
-    except ValueError as exc:  # too little history for weekly examples: serve the two-tower model
-        get_run_logger().warning("%s", exc)
-        return None
-    ev = data.test if data.test is not None else data.val
-    for warning in check_users([data.val, ev]):
-        get_run_logger().warning(warning)
-    week = fitted.validation if ev is data.val else None
-    scorer, _ = week_scorer(inputs, fitted.ranker, ev, cfg, week)
-    metrics = evaluate(scorer, ev)
-    fitted.ranker.metrics[ev.name] = {k: round(float(v), 6) for k, v in metrics.items()}
-    _log(f"two-stage {ev.name} NDCG@10 {metrics['ndcg@10']:.4f}; {fitted.ranker.metrics.get('best_iteration')} rounds")
-    end = seconds(pd.Timestamp(data.window["data_end"]))
-    return {"model": final_model(inputs, fitted.ranker, end), "metrics": metrics, "seconds": fitted.seconds}
+    return train_and_score(events, items, emb, cutoff, data, settings.training, progress=_log,
+                           warn=get_run_logger().warning)
 
 
 @task(name="evaluate-champion", cache_policy=NO_CACHE)
@@ -155,53 +135,17 @@ def champion_task(settings: Settings, data: Any, events: pd.DataFrame, items: pd
     tag = pointer["tag"]
     ev = data.test if data.test is not None else data.val
     try:
+        from recflow.ranker import load_two_stage
+        from training.pipeline import score_champion
+
         ranker_dir = registry.model_path(settings, tag) / registry.RANKER_DIR
-        if ranker_dir.is_dir():
-            from recflow.ranker import load_two_stage
-            from training.evaluate import evaluate
-            from training.two_stage import Inputs, week_scorer
-
-            ranker = load_two_stage(ranker_dir).ranker
-            scorer, _ = week_scorer(Inputs.build(events, items, emb), ranker, ev, ranker.config)
-            kind, metrics = "two-stage", evaluate(scorer, ev)
-        else:
-            from training.trainer import evaluate_model
-
-            model = registry.load(settings, tag)
-            if list(model.item_ids) != [str(i) for i in data.catalogue.item_ids]:
-                raise ValueError("its catalogue differs from the items table (items were added or removed), so the "
-                                 "two-tower models cannot be compared item by item")
-            kind, metrics = "two-tower", evaluate_model(model, data, ev)
+        ranker = load_two_stage(ranker_dir).ranker if ranker_dir.is_dir() else None
+        kind, metrics = score_champion(ranker, lambda: registry.load(settings, tag), data, events, items, emb, ev)
     except Exception as exc:  # noqa: BLE001 - reported in the flow's result; the challenger is not promoted
         get_run_logger().warning("champion %s could not be evaluated on the %s week: %s", tag, ev.name, exc)
         return {"tag": tag, "error": f"{type(exc).__name__}: {exc}"}
     _log(f"champion {tag} ({kind}) {ev.name} NDCG@10 {metrics['ndcg@10']:.4f}")
     return {"tag": tag, "kind": kind, "week": ev.name, "metrics": {k: float(v) for k, v in metrics.items()}}
-
-
-def promotion_decision(settings: Settings, champion: dict[str, Any] | None,
-                       challenger: dict[str, float]) -> dict[str, Any]:
-    """Whether the train flow promotes its model: through ``training.incremental.gate`` (the retrain
-    flow's gate) against the champion's figures on the same week; the first model of an empty
-    registry is promoted without one. Returns ``{promote, reason, gate}`` (``gate``: the gate's
-    figures, None when no gate ran)."""
-    from training.incremental import gate
-
-    t = settings.training
-    if not t.promote:
-        return {"promote": False, "reason": "training.promote=false: registered, not promoted", "gate": None}
-    if champion is None:
-        return {"promote": True, "reason": "first model of an empty registry (no champion yet): promoted without a gate",
-                "gate": None}
-    if "error" in champion:
-        return {"promote": False, "gate": None,
-                "reason": f"not promoted: the champion {champion['tag']} could not be evaluated on the test week "
-                          f"({champion['error']}), so the gate cannot compare the two; the challenger is registered"}
-    decision = gate(champion["metrics"], challenger, metric=t.promotion_metric, margin=t.promotion_margin)
-    verdict = "promoted" if decision.promote else "not promoted"
-    return {"promote": decision.promote, "gate": decision.to_dict(),
-            "reason": f"{verdict}: gate against champion {champion['tag']} ({champion['kind']}) on the "
-                      f"{champion['week']} week: {decision.reason}"}
 
 
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -242,6 +186,7 @@ def train(
 
     from recflow import registry
     from training.data import default_cutoff, entity_frame, split_anchors, to_utc
+    from training.incremental import promotion_decision
     from training.pipeline import markdown_table
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -308,7 +253,7 @@ def train(
     }
     t0 = time.perf_counter()
     champion = champion_task(settings, data, events, items, emb)
-    decision = promotion_decision(settings, champion, evaluation["results"]["recflow"])
+    decision = promotion_decision(settings.training, champion, evaluation["results"]["recflow"])
     lap("champion", t0)
     (log.info if decision["promote"] else log.warning)("promotion: %s", decision["reason"])
     metadata["promotion"] = {**decision, "champion_before": champion["tag"] if champion else None}

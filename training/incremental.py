@@ -14,13 +14,16 @@ Pure torch/numpy: no Feast, Prefect or BentoML.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from recflow.modeling.model import RecModel
 from training.dataset import TrainData
+
+if TYPE_CHECKING:
+    from recflow.settings import TrainingSettings
 
 ID_KEYED = ("id_emb.weight", "id_bias.weight", "repeat_bias.weight")
 # Buffers that describe the catalogue or the data window of the new model, never copied.
@@ -134,3 +137,25 @@ def gate(
                 ok = False
                 reasons.append(f"{g} fell {drop:.1%} (tolerance {guard_tolerance:.0%})")
     return GateDecision(bool(ok), metric, ch, cl, margin, "; ".join(reasons), dict(champion), dict(challenger))
+
+
+def promotion_decision(t: TrainingSettings, champion: dict[str, Any] | None,
+                       challenger: dict[str, float]) -> dict[str, Any]:
+    """Whether the train flow promotes its model: through :func:`gate` (the retrain flow's gate)
+    against the champion's figures on the same week; the first model of an empty registry is
+    promoted without one. Returns ``{promote, reason, gate}`` (``gate``: the gate's
+    figures, None when no gate ran)."""
+    if not t.promote:
+        return {"promote": False, "reason": "training.promote=false: registered, not promoted", "gate": None}
+    if champion is None:
+        return {"promote": True, "reason": "first model of an empty registry (no champion yet): promoted without a gate",
+                "gate": None}
+    if "error" in champion:
+        return {"promote": False, "gate": None,
+                "reason": f"not promoted: the champion {champion['tag']} could not be evaluated on the test week "
+                          f"({champion['error']}), so the gate cannot compare the two; the challenger is registered"}
+    decision = gate(champion["metrics"], challenger, metric=t.promotion_metric, margin=t.promotion_margin)
+    verdict = "promoted" if decision.promote else "not promoted"
+    return {"promote": decision.promote, "gate": decision.to_dict(),
+            "reason": f"{verdict}: gate against champion {champion['tag']} ({champion['kind']}) on the "
+                      f"{champion['week']} week: {decision.reason}"}

@@ -87,6 +87,23 @@ def evaluate_all(
     return out
 
 
+def score_champion(ranker: Any, load_model: Callable[[], RecModel], data: TrainData, events: pd.DataFrame,
+                   items: pd.DataFrame, emb: np.ndarray, ev: EvalSet) -> tuple[str, dict[str, float]]:
+    """The champion on ``ev``, scored as a challenger's headline is: with its two-stage ``ranker`` when
+    it has one (features rebuilt from ``events``), else its two-tower model (``load_model()``; same
+    catalogue only). Returns ``(kind, metrics)``; raises ValueError when the two cannot be compared."""
+    if ranker is not None:
+        from training.two_stage import Inputs, week_scorer
+
+        scorer, _ = week_scorer(Inputs.build(events, items, emb), ranker, ev, ranker.config)
+        return "two-stage", {k: float(v) for k, v in evaluate(scorer, ev).items()}
+    model = load_model()
+    if list(model.item_ids) != [str(i) for i in data.catalogue.item_ids]:
+        raise ValueError("its catalogue differs from the items table (items were added or removed), so the "
+                         "two-tower models cannot be compared item by item")
+    return "two-tower", {k: float(v) for k, v in evaluate_model(model, data, ev).items()}
+
+
 def best_baseline(results: dict[str, dict[str, float]], metric: str = "ndcg@10") -> tuple[str, float]:
     """The strongest baseline in ``results``: every entry but ``recflow`` and its variants (``recflow_*``)."""
     names = [n for n in results if n != "recflow" and not n.startswith("recflow_")]

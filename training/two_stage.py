@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,9 @@ from training.data import Catalogue
 from training.evaluate import EvalSet, Scorer
 from training.protocol import Protocol
 from training.ranker import ItemInputs, Week, build_week, fit_ranker, item_side_at
+
+if TYPE_CHECKING:
+    from recflow.settings import TrainingSettings
 
 Progress = Callable[[str], None]
 
@@ -171,3 +174,60 @@ def week_metrics(inputs: Inputs, ranker: Ranker, ev: EvalSet, per_user: bool = F
 
 __all__ = ["FEATURES", "Fit", "Inputs", "config_for", "final_model", "fit", "inputs_for", "refit", "refresh", "week_metrics",
            "week_scorer"]
+
+
+def train_and_score(events: pd.DataFrame, items: pd.DataFrame, emb: np.ndarray, cutoff: pd.Timestamp, data: Any,
+                    t: TrainingSettings, progress: Progress | None = None,
+                    warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """The train flow's two-stage model: candidates + LightGBM ranker on ``t.ranker_train_weeks``
+    weekly anchors before ``cutoff``, early-stopped on the validation week, scored on ``data``'s test
+    week (its validation week without one), and the servable model with the item side as of the data
+    end. Returns ``{model, metrics, seconds}``, or None (after ``warn``) when the data is too short for
+    weekly examples."""
+    from training.evaluate import evaluate
+    from training.protocol import check_users
+
+    say = progress or (lambda _m: None)
+    warn = warn or say
+    inputs = Inputs.build(events, items, emb)
+    protocol = Protocol.make(cutoff, t.ranker_train_weeks, 1, t.eval_days)
+    cfg = config_for(inputs, seed=t.seed, launch_slots=tuple(t.launch_slots), launch_days=t.launch_days)
+    try:
+        fitted = fit(inputs, protocol, cfg, progress=progress)
+    except ValueError as exc:  # too little history for weekly examples: serve the two-tower model
+        warn(str(exc))
+        return None
+    ev = data.test if data.test is not None else data.val
+    for warning in check_users([data.val, ev]):
+        warn(warning)
+    week = fitted.validation if ev is data.val else None
+    scorer, _ = week_scorer(inputs, fitted.ranker, ev, cfg, week)
+    metrics = evaluate(scorer, ev)
+    fitted.ranker.metrics[ev.name] = {k: round(float(v), 6) for k, v in metrics.items()}
+    say(f"two-stage {ev.name} NDCG@10 {metrics['ndcg@10']:.4f}; {fitted.ranker.metrics.get('best_iteration')} rounds")
+    end = seconds(pd.Timestamp(data.window["data_end"]))
+    return {"model": final_model(inputs, fitted.ranker, end), "metrics": metrics, "seconds": fitted.seconds}
+
+
+def retrain_and_score(champion: TwoStage, events: pd.DataFrame, data: Any, cutoff: pd.Timestamp, end: pd.Timestamp,
+                      full: bool, t: TrainingSettings, progress: Progress | None = None,
+                      warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """The retrain flow's two-stage challenger: ``champion``'s ranker refitted (incrementally on
+    ``t.retrain_recent_weeks``, or fully on ``t.ranker_train_weeks``) before ``cutoff``, and both
+    rankers' metrics on ``data``'s gate week. None (after ``warn``) when the window is too short for
+    weekly examples: the champion's ranker is then carried over."""
+    say = progress or (lambda _m: None)
+    inputs = inputs_for(champion, data.catalogue, events)
+    weeks = t.ranker_train_weeks if full else t.retrain_recent_weeks
+    try:
+        fitted = refit(inputs, champion.ranker, cutoff, weeks, t.eval_days, incremental=not full, progress=progress)
+    except ValueError as exc:
+        (warn or say)(f"two-stage challenger not trained ({exc}): the champion's ranker is carried over")
+        return None
+    champion_metrics = week_metrics(inputs, champion.ranker, data.val)
+    challenger_metrics = week_metrics(inputs, fitted.ranker, data.val)
+    say(f"two-stage gate week: champion NDCG@10 {champion_metrics['ndcg@10']:.4f}, "
+        f"challenger {challenger_metrics['ndcg@10']:.4f} ({'full' if full else 'incremental'}, {weeks} weeks)")
+    return {"champion": champion_metrics, "challenger": challenger_metrics, "weeks": weeks,
+            "model": final_model(inputs, fitted.ranker, seconds(end)), "seconds": fitted.seconds,
+            "ranker": fitted.ranker.metrics}

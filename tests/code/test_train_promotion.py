@@ -1,4 +1,4 @@
-"""flows.train.promotion_decision: the retrain flow's gate, the empty-registry exception, and the
+"""training.incremental.promotion_decision: the retrain flow's gate, the empty-registry exception, and the
 cases where no gate can run."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ M = {"ndcg@10": 0.20, "ndcg@10_new": 0.05, "recall@20": 0.1}
 
 
 def test_the_train_flow_decides_through_the_retrain_gate(make_settings) -> None:  # noqa: ANN001
-    from flows.train import promotion_decision
+    from training.incremental import promotion_decision
 
-    s = make_settings()
+    s = make_settings().training
     champ = {"tag": "m:1", "kind": "two-stage", "week": "test", "metrics": M}
     first = promotion_decision(s, None, M)
     assert first["promote"] and first["gate"] is None and "empty registry" in first["reason"]
@@ -21,5 +21,5 @@ def test_the_train_flow_decides_through_the_retrain_gate(make_settings) -> None:
     assert not guarded["promote"] and "ndcg@10_new fell" in guarded["reason"]
     broken = promotion_decision(s, {"tag": "m:1", "error": "ValueError: features differ"}, M)
     assert not broken["promote"] and broken["gate"] is None and "could not be evaluated" in broken["reason"]
-    off = promotion_decision(make_settings(training={"promote": False}), None, M)
+    off = promotion_decision(make_settings(training={"promote": False}).training, None, M)
     assert not off["promote"] and "training.promote=false" in off["reason"]
