@@ -2,7 +2,7 @@
 
 Everything runs in a scratch home under /tmp (a small synthetic shop, its features and a tiny
 champion, built here; never the real home), against ``bentoml serve`` on 127.0.0.1 and free ports
-(``serving.run.start_local``) with the Redis online store (a ``redis-server`` started here). The
+(``serving.launcher.start_local``) with the Redis online store (a ``redis-server`` started here). The
 service runs with its default settings, except where a phase says otherwise (``settings`` in its
 record). Phases, each with the bounds it must meet (``bounds_met``):
 
@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from recflow.settings import Settings
-    from serving.run import LocalService
+    from serving.launcher import LocalService
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "faults.json"
@@ -849,7 +849,7 @@ def promotion_phase(svc: LocalService, settings: Settings, full_restart: bool = 
     import httpx
 
     from recflow import registry
-    from serving.run import start_local
+    from serving.launcher import start_local
 
     before = registry.get_champion(settings)
     if not before:
@@ -896,7 +896,7 @@ def promotion_phase(svc: LocalService, settings: Settings, full_restart: bool = 
         out["restart2_load_error"] = httpx.post(f"{url}/status", json={}, timeout=10).json()["load_error"]
 
     if full_restart:  # a whole new service, with the damaged champion still promoted
-        out["restart2"] = "a new service (serving.run.start_local)"
+        out["restart2"] = "a new service (serving.launcher.start_local)"
         with start_local(settings) as fresh:
             after_restart(fresh.url)
             out["error_logged"] = "cannot be loaded" in fresh.log_text()
@@ -934,7 +934,7 @@ def run_phases(settings: Settings, *, events: int, hang_s: float, recommend_rate
     every phase on one 2-worker service with ``STORE_HANG_SETTINGS`` and ``PROMOTION_SETTINGS`` (three
     starts fewer; the promotion phase's restarts are worker restarts).
     Returns the phases' records, each with ``phase_s``."""
-    from serving.run import start_local
+    from serving.launcher import start_local
 
     out: dict[str, Any] = {}
     with redis() as (address, pid):
@@ -1020,7 +1020,7 @@ def main() -> None:
                              "note": "1/5/15-minute load of the whole machine, shared with other work"},
             "command": "python benchmarks/faults.py " + " ".join(sys.argv[1:]),
             "home": "a scratch home under /tmp: a synthetic shop (120 users, 60 items), a tiny random two-tower champion",
-            "service": {"runner": "serving.run.start_local (bentoml serve, 127.0.0.1)", "online_store": "redis",
+            "service": {"runner": "serving.launcher.start_local (bentoml serve, 127.0.0.1)", "online_store": "redis",
                         "workers": {"kill and battery": 2,
                                     "store_hang and promotion": f"the default ({settings.serving.workers}: "
                                                                 f"{settings.serving.worker_count()} here)"},

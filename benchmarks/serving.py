@@ -7,7 +7,7 @@ Writes benchmarks/results/serving.json. Steps:
    model of the production architecture and size (pretrained MiniLM item text encoder, dim 64,
    one id row per item) over the whole catalogue, saved once (item texts encoded by MiniLM,
    cached) -- the JSON says which.
-3. ``bentoml serve`` on 127.0.0.1 (``serving.run.start_local``) with the goal configuration:
+3. ``bentoml serve`` on 127.0.0.1 (``serving.launcher.start_local``) with the goal configuration:
    the default settings (``--serving`` names any that differ; the JSON's ``overrides`` records
    them), SQLite online store. With a two-stage champion ``/recommend`` runs the two-stage core.
 4. Load: an open-loop generator (aiohttp, fixed arrival rate, latency measured from each request's
@@ -338,7 +338,7 @@ def _mixed_feedback(s, settings, users_file: Path, work: Path, feedback_rate: fl
     import httpx
 
     from recflow.event_log import EventLog
-    from serving.run import start_local
+    from serving.launcher import start_local
 
     items = pd.read_parquet(settings.paths.feature_table("item_catalog"), columns=["item_id"])["item_id"].astype(str)
     items_file = work / "items.json"
@@ -615,7 +615,7 @@ def goal_load(svc, settings, users_file: Path, work: Path, rate: float, duration
 
 def fresh_goal_run(settings, users_file: Path, work: Path, rate: float, duration: float, label: str) -> dict[str, Any]:  # noqa: ANN001
     """:func:`goal_load` on a freshly started service with ``settings``."""
-    from serving.run import start_local
+    from serving.launcher import start_local
 
     with start_local(settings, timeout=600, log_path=work / f"service-{label}.log") as svc:
         return goal_load(svc, settings, users_file, work, rate, duration, label)
@@ -667,7 +667,7 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from recflow.settings import load_settings
-    from serving.run import start_local
+    from serving.launcher import start_local
 
     home = args.home.resolve()
     ensure_features(home)

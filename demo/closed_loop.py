@@ -110,7 +110,7 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
     from recflow import registry
     from recflow.reload import reload_service
     from recflow.replay import replay
-    from serving.run import start_local
+    from serving.launcher import start_local
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     d = settings.demo

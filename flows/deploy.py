@@ -1,6 +1,6 @@
 """Prefect flow ``deploy``: package the champion (or a given model) as a bento and report its tag.
 
-Thin: the work is in ``serving.run.build_bento`` (``serving/bentofile.yaml`` + the model from the
+Thin: the work is in ``serving.launcher.build_bento`` (``serving/bentofile.yaml`` + the model from the
 BentoML model store under the recflow home). Optionally asks a running service to ``/reload``.
 """
 
@@ -19,7 +19,7 @@ from recflow.settings import Settings, flow_settings
 @task(name="build-bento", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def build_bento_task(settings: Settings, model_tag: str | None) -> str:
     """Build the bento (offline, about 10 s) and return its tag."""
-    from serving.run import build_bento
+    from serving.launcher import build_bento
 
     return build_bento(settings, model_tag=model_tag)
 

@@ -1,7 +1,7 @@
 """Prefect flow ``monitor``: Evidently drift and quality reports for the last window, the policy's
 decision, and a ``recflow.drift.detected`` Prefect event when it says drift.
 
-Thin: the reports and the policy are ``monitoring.run.run_monitor``; the reference (the champion's
+Thin: the reports and the policy are ``monitoring.monitor_run.run_monitor``; the reference (the champion's
 answers for its validation week, through the serving code path) is ``monitoring.reference``. The
 ``retrain/on-drift`` deployment (``flows/deployments.py``) is triggered by the event.
 """
@@ -70,7 +70,7 @@ def reference_task(settings: Settings, tag: str) -> pd.DataFrame:
 
 @task(name="run-monitor", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def run_monitor_task(settings: Settings, reference: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> Any:
-    from monitoring.run import run_monitor
+    from monitoring.monitor_run import run_monitor
 
     return run_monitor(settings, reference=reference, start=start, end=end)
 

@@ -1,6 +1,6 @@
 """recflow monitoring: Evidently drift and quality reports, the drift policy, the on-call index page.
 
-Entry point: :func:`monitoring.run_monitor` (see :mod:`monitoring.run`). Importing this package
+Entry point: :func:`monitoring.run_monitor` (see :mod:`monitoring.monitor_run`). Importing this package
 does nothing else: names are resolved lazily, and Evidently is imported only when a report runs.
 """
 
@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from monitoring.index import write_index
+    from monitoring.monitor_run import MonitorResult, run_monitor
     from monitoring.policy import Decision, DriftPolicy, decide
-    from monitoring.run import MonitorResult, run_monitor
 
 _LAZY = {
-    "run_monitor": "monitoring.run",
-    "MonitorResult": "monitoring.run",
+    "run_monitor": "monitoring.monitor_run",
+    "MonitorResult": "monitoring.monitor_run",
     "write_index": "monitoring.index",
     "decide": "monitoring.policy",
     "Decision": "monitoring.policy",

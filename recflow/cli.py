@@ -338,7 +338,7 @@ def serve(
 ) -> None:
     """Run the BentoML recommendation service in the foreground with the champion model."""
     from recflow import registry
-    from serving.run import serve as run_serve
+    from serving.launcher import serve as run_serve
 
     settings = _settings()
     if workers is not None:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from monitoring.run import run_monitor
+from monitoring.monitor_run import run_monitor
 from monitoring.synthetic import synthetic_items, synthetic_log, synthetic_purchases
 from recflow.privacy import pseudonym_key, pseudonymise_frame
 from recflow.schemas import EVENTS_SCHEMA, REQUEST_LOG_SCHEMA, conform

@@ -49,7 +49,7 @@ def test_serving_token_prefers_the_setting_then_the_file(make_settings) -> None:
 
 
 def test_auth_disabled_only_on_loopback(make_settings) -> None:
-    from serving.run import prepare_auth
+    from serving.launcher import prepare_auth
 
     open_settings = make_settings(serving={"auth_disabled": True})
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
@@ -100,7 +100,7 @@ def test_config_masks_secrets(make_settings, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_service_env_carries_real_secret_values_and_store_timeouts(make_settings) -> None:
     from recflow.feature_store import redis_connection
-    from serving.run import service_env
+    from serving.launcher import service_env
 
     settings = make_settings(serving={"token": "w", "read_token": "r"},
                              feast={"online_store": "redis", "redis_connection_string": "h:1,password=p"})

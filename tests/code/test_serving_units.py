@@ -314,7 +314,7 @@ def test_service_env_asks_bentoml_for_the_configured_workers(tmp_path: Path, mon
     import os
 
     from recflow.settings import load_settings
-    from serving.run import service_env
+    from serving.launcher import service_env
 
     monkeypatch.setenv("BENTOML_CONFIG_OPTIONS", "api_server.traffic.timeout=5")
     base = load_settings(home=tmp_path)

@@ -78,7 +78,7 @@ def _wait_ready(client: httpx.Client, timeout: float = 120) -> None:
 
 @pytest.mark.timeout(420)
 def test_bento_manifest_export_and_serve(tiny_champion, tmp_path: Path) -> None:  # noqa: ANN001
-    from serving.run import build_bento, service_env
+    from serving.launcher import build_bento, service_env
 
     settings, model_tag = tiny_champion
     store = fs.get_store(settings)

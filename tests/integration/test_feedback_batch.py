@@ -20,7 +20,7 @@ def test_feedback_batch(tiny_champion) -> None:  # noqa: ANN001
     from recflow import feature_store as fs
     from recflow.event_log import EventLog
     from recflow.security import serving_token, token_path
-    from serving.run import start_local
+    from serving.launcher import start_local
 
     settings, _tag = tiny_champion
     assert settings.serving.token is None and not token_path(settings).exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from recflow.local_services import free_port, wait_for_port
-from serving.run import ROOT, _start_time, descendants
+from serving.launcher import ROOT, _start_time, descendants
 
 pytestmark = pytest.mark.integration
 

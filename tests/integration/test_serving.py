@@ -99,7 +99,7 @@ BAD_INPUTS = [
 def test_service_end_to_end(tiny_features, shop_model) -> None:  # noqa: ANN001
     from recflow import registry
     from recflow.event_log import EventLog
-    from serving.run import start_local, wait_ready
+    from serving.launcher import start_local, wait_ready
 
     settings = _serving(tiny_features)
     _online(settings)
@@ -265,7 +265,7 @@ def test_online_store_outage_degrades_and_feedback_is_retried(tiny_features, sho
     from recflow.event_log import EventLog
     from recflow.local_services import free_port, redis_server
     from recflow.modeling import save_model
-    from serving.run import start_local
+    from serving.launcher import start_local
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
@@ -339,7 +339,7 @@ def test_online_store_outage_degrades_and_feedback_is_retried(tiny_features, sho
 def test_every_worker_follows_the_champion_pointer(tiny_features, shop_model) -> None:  # noqa: ANN001
     """Two worker processes: a promotion and a rollback reach both without any /reload call."""
     from recflow import registry
-    from serving.run import start_local
+    from serving.launcher import start_local
 
     settings = _serving(tiny_features, workers=2, champion_poll_s=0.5)
     _online(settings)

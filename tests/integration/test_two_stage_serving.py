@@ -54,7 +54,7 @@ def _offline(settings, ts, user: str, at: pd.Timestamp, k: int):  # noqa: ANN001
 
 def test_recommend_serves_the_two_stage_model(tiny_features, shop_model) -> None:  # noqa: ANN001
     from recflow import registry
-    from serving.run import start_local
+    from serving.launcher import start_local
 
     settings = _serving(tiny_features)
     _online(settings)

@@ -324,7 +324,7 @@ def build_bento(settings: Settings, model_tag: str | None = None, version: str |
                 raise FileNotFoundError("no champion model: run `recflow train` first, or pass a model tag")
             model_tag = str(pointer["tag"])
     # A child process, so that bentoml reads BENTOML_HOME (under the recflow home) when it is first imported.
-    cmd = [sys.executable, "-m", "serving.run", "build", model_tag, *([version] if version else [])]
+    cmd = [sys.executable, "-m", "serving.launcher", "build", model_tag, *([version] if version else [])]
     done = subprocess.run(cmd, env=service_env(settings), cwd=ROOT, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"bento build failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -351,5 +351,5 @@ def _build(model_tag: str, version: str | None = None) -> str:
 
 if __name__ == "__main__":  # the child process of build_bento
     if len(sys.argv) < 3 or sys.argv[1] != "build":
-        sys.exit("usage: python -m serving.run build MODEL_TAG [VERSION]")
+        sys.exit("usage: python -m serving.launcher build MODEL_TAG [VERSION]")
     print(_build(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))
