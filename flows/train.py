@@ -15,11 +15,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from recflow.progress import report
 from recflow.settings import Settings, flow_settings
 
 
 def _log(message: str) -> None:
+    """To the run's log (Prefect API and UI) and to the CLI's progress line."""
     get_run_logger().info(message)
+    report("train", message=message)
 
 
 @task(name="load-tables", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)

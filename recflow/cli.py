@@ -152,13 +152,14 @@ def main(
     home: HomeOpt = None,
     show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                help="Print recflow's version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Also show the libraries' own logs and warnings (Prefect, Feast, Ray, ...).")] = False,
 ) -> None:
     """recflow: Prefect flows, a Feast feature store, a fine-tuned MiniLM two-tower model, BentoML, Evidently."""
-    import warnings
+    if not verbose:
+        from recflow.console import quiet_libraries
 
-    # Third-party deprecation chatter (ibis, feast) is not actionable for recflow's users.
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+        quiet_libraries()
     _invocation["home"] = str(home.resolve()) if home is not None else None
 
 
@@ -314,7 +315,8 @@ def train(
     from flows.train import train as train_flow
 
     try:
-        summary = train_flow(trials=trials, max_minutes=max_minutes, cutoff=cutoff, home=str(settings.home))
+        with progress_bar():
+            summary = train_flow(trials=trials, max_minutes=max_minutes, cutoff=cutoff, home=str(settings.home))
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(exc) from exc
     table = Table(title=f"Test week ({summary['cutoff'][:10]} cutoff): full-catalogue ranking")
@@ -428,7 +430,8 @@ def monitor(
     from flows.monitor import monitor as monitor_flow
 
     try:
-        result = monitor_flow(end=end, days=days, home=str(settings.home), emit=emit)
+        with progress_bar():
+            result = monitor_flow(end=end, days=days, home=str(settings.home), emit=emit)
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(exc) from exc
     colour = {"drift": "red", "ok": "green"}.get(result["verdict"], "yellow")
@@ -450,8 +453,9 @@ def retrain(
     from flows.retrain import retrain as retrain_flow
 
     try:
-        r = retrain_flow(full=full, as_of=as_of, refresh_features=not skip_features, reload_url=reload_url,
-                         home=str(settings.home))
+        with progress_bar():
+            r = retrain_flow(full=full, as_of=as_of, refresh_features=not skip_features, reload_url=reload_url,
+                             home=str(settings.home))
     except (FileNotFoundError, ValueError, LookupError) as exc:
         raise _fail(exc) from exc
     verdict = "[green]promoted[/green]" if r["promoted"] else "[yellow]rejected[/yellow]"

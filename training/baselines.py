@@ -134,8 +134,10 @@ def item_similarity(h: History, n: int, neighbors: int = 100) -> torch.Tensor:
     pairs = np.unique(h.basket * n + h.item)
     b, i = pairs // n, pairs % n
     nb = int(b.max()) + 1 if len(b) else 1
-    x = torch.sparse_coo_tensor(np.stack([b, i]), torch.ones(len(b)), (nb, n)).coalesce()
-    c = torch.sparse.mm(x.t().coalesce(), x).coalesce()
+    x = torch.sparse_coo_tensor(np.stack([b, i]), torch.ones(len(b)), (nb, n), check_invariants=False).coalesce()
+    with warnings.catch_warnings():  # torch's notice that sparse CSR support is in beta: not actionable here
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        c = torch.sparse.mm(x.t().coalesce(), x).coalesce()
     r, cidx = c.indices().numpy()
     v = c.values().numpy()
     diag = np.zeros(n)
@@ -148,7 +150,8 @@ def item_similarity(h: History, n: int, neighbors: int = 100) -> torch.Tensor:
     r, cidx, v = r[order], cidx[order], v[order]
     first = np.searchsorted(r, r)
     keep = (np.arange(len(r)) - first) < neighbors
-    return torch.sparse_coo_tensor(np.stack([r[keep], cidx[keep]]), torch.from_numpy(v[keep]).float(), (n, n)).coalesce()
+    return torch.sparse_coo_tensor(np.stack([r[keep], cidx[keep]]), torch.from_numpy(v[keep]).float(), (n, n),
+                                   check_invariants=False).coalesce()
 
 
 def item_knn_scorer(h: History, n: int, neighbors: int = 100) -> Scorer:

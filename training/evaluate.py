@@ -136,8 +136,9 @@ def evaluate(
     """
     n = ev.n_items
     kk = max(k, k_recall)
-    cold = torch.from_numpy(ev.cold)
-    unsold = cold if ev.unsold is None else torch.from_numpy(ev.unsold)
+    # copies: the eval set may arrive read-only (Ray's object store), which torch.from_numpy warns about
+    cold = torch.tensor(ev.cold)
+    unsold = cold if ev.unsold is None else torch.tensor(ev.unsold)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {"": 0, "_repeat": 0, "_new": 0, "_cold": 0, "_unsold": 0}
     covered = torch.zeros(n, dtype=torch.bool)

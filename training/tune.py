@@ -25,6 +25,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -197,9 +198,13 @@ def init_ray(num_cpus: int | None = None) -> bool:
 def _searcher(kind: str, seed: int) -> tuple[Any, str]:
     if kind in ("auto", "optuna"):
         try:
-            import optuna  # noqa: F401
+            quiet = logging.getLogger("optuna").getEffectiveLevel() > logging.INFO  # e.g. the CLI without --verbose
+            import optuna
             import optuna.samplers as samplers
             from ray.tune.search.optuna import OptunaSearch
+
+            if quiet:  # optuna sets its own logger to INFO when first used
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
 
             return OptunaSearch(sampler=samplers.TPESampler(seed=seed)), "optuna-tpe"
         except ImportError:
@@ -272,7 +277,9 @@ def run_search(data: TrainData, tc: TuneConfig, progress: Callable[[str], None] 
         )
         say(f"Ray Tune: {tc.trials} trial(s), {searcher_name} search, ASHA over {tc.epochs} epoch(s), "
             f"{resources} per trial, budget {tc.max_minutes:g} min")
-        grid = tuner.fit()
+        with warnings.catch_warnings():  # Ray's checkpoint sync uses pathspec's deprecated gitwildmatch patterns
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"pathspec(\..*)?")
+            grid = tuner.fit()
         trials = []
         for r in grid:
             if r.metrics_dataframe is None or r.metrics_dataframe.empty:

@@ -94,3 +94,24 @@ def test_version_prints_the_installed_version() -> None:
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.output.strip() == f"recflow {version('recflow')}"
+
+
+def test_quiet_console_sets_library_switches_unless_the_user_did(monkeypatch) -> None:  # noqa: ANN001
+    import logging
+    import warnings
+
+    from recflow.console import LIBRARY_SWITCHES, quiet_libraries
+
+    for name in LIBRARY_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "DEBUG")  # the user's own choice
+    feast = logging.getLogger("feast")
+    monkeypatch.setattr(feast, "level", logging.NOTSET)
+    with warnings.catch_warnings():
+        quiet_libraries()
+        import os
+
+        assert os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] == "DEBUG", "a user's setting wins"
+        assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+        assert feast.level == logging.WARNING
+    assert "--verbose" in runner.invoke(app, ["--help"]).output
