@@ -48,9 +48,9 @@ def load(home: str | None, say: Any) -> tuple[Any, Any, dict[str, Any]]:
     import pyarrow.parquet as pq
 
     from recflow.settings import load_settings
-    from training.data import split_anchors, to_utc
-    from training.dataset import prepare_data
+    from training.examples import split_anchors, to_utc
     from training.pipeline import default_encoder_dir, encoder_config, text_embeddings, text_states
+    from training.train_data import prepare_data
 
     s = load_settings(**({"home": home} if home else {}))
     t = s.training

@@ -86,8 +86,8 @@ def load_data(home: str | None) -> tuple[Any, str]:
 
     if home:
         from recflow.settings import load_settings
-        from training.dataset import prepare_data
         from training.pipeline import default_encoder_dir, encoder_config, text_embeddings
+        from training.train_data import prepare_data
 
         s = load_settings(home=home)
         ts = s.paths.training_sets / "quality_benchmark.parquet"

@@ -131,7 +131,7 @@ def retrain(
 
     from recflow import registry
     from recflow.features.training_set import load_events
-    from training.data import to_utc
+    from training.examples import to_utc
     from training.incremental import gate
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

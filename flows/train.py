@@ -82,8 +82,8 @@ def prepare_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame, 
                  training_set: str, cutoff: pd.Timestamp, emb: Any, states: Any = None) -> Any:
     import pyarrow.parquet as pq
 
-    from training.dataset import prepare_data
     from training.pipeline import default_encoder_dir, encoder_config
+    from training.train_data import prepare_data
 
     enc_dir = default_encoder_dir()
     data = prepare_data(
@@ -188,7 +188,7 @@ def train(
     from dataclasses import asdict
 
     from recflow import registry
-    from training.data import default_cutoff, entity_frame, split_anchors, to_utc
+    from training.examples import default_cutoff, entity_frame, split_anchors, to_utc
     from training.incremental import promotion_decision
     from training.pipeline import markdown_table
 

@@ -19,7 +19,7 @@ from recflow.settings import Settings
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-    from training.dataset import TrainData
+    from training.train_data import TrainData
 
 
 def window_data(
@@ -38,9 +38,9 @@ def window_data(
     embeddings (cached). Used by the train and retrain flows and the demo's evaluations."""
     import pyarrow.parquet as pq
 
-    from training.data import entity_frame, split_anchors, to_utc
-    from training.dataset import prepare_data
+    from training.examples import entity_frame, split_anchors, to_utc
     from training.pipeline import default_encoder_dir, encoder_config, text_embeddings
+    from training.train_data import prepare_data
 
     say = progress or (lambda _m: None)
     t = settings.training

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from training.data import Catalogue, purchases, to_utc
 from training.evaluate import EvalSet, Scorer, _csr_rows, evaluate
+from training.examples import Catalogue, purchases, to_utc
 
 TIFU_GRID: dict[str, tuple[Any, ...]] = {
     "group_size": (3, 7, 20),

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from training.data import Catalogue, UserRows, seen_before, to_utc
+from training.examples import Catalogue, UserRows, seen_before, to_utc
 
 SLICES = ("_repeat", "_new", "_cold", "_unsold")
 Scorer = Callable[[np.ndarray], torch.Tensor | np.ndarray]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from recflow.modeling.model import RecModel
-from training.dataset import TrainData
+from training.train_data import TrainData
 
 if TYPE_CHECKING:
     from recflow.settings import TrainingSettings

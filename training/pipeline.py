@@ -16,10 +16,10 @@ import pandas as pd
 from recflow.modeling.build import unique_texts
 from recflow.modeling.model import RecModel
 from training.baselines import baseline_scorers
-from training.data import Catalogue
-from training.dataset import TrainData
 from training.evaluate import EvalSet, evaluate
+from training.examples import Catalogue
 from training.text_cache import TokenStates, cached_embeddings, cached_states, minilm_path
+from training.train_data import TrainData
 from training.trainer import evaluate_model
 
 Progress = Callable[[str], None]

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from training.data import Catalogue, UserRows, to_utc, week_purchases
 from training.evaluate import EvalSet, make_evalset
+from training.examples import Catalogue, UserRows, to_utc, week_purchases
 
 MIN_TEST_USERS = 200
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training.data import purchases, to_utc
+from training.examples import purchases, to_utc
 
 WORDS = ("milk", "bread", "cheese", "apple", "soap", "juice", "rice", "beans", "coffee", "pasta", "tea", "eggs")
 
@@ -110,8 +110,8 @@ def synthetic_data(
 
     from recflow.modeling.build import TINY_BERT, tiny_tokenizer, unique_texts
     from recflow.modeling.model import TextEncoder
-    from training.data import Catalogue, entity_frame, split_anchors
-    from training.dataset import prepare_data
+    from training.examples import Catalogue, entity_frame, split_anchors
+    from training.train_data import prepare_data
 
     days = 7 * (train_weeks + 3)
     events, items = synthetic_shop(n_users=n_users, n_items=n_items, days=days, seed=seed)

@@ -49,10 +49,10 @@ from recflow.modeling.features import (
 )
 from recflow.modeling.model import RecModel
 from recflow.modeling.serving import build_index, user_tensors
-from training.data import profile_vocabulary
-from training.dataset import TrainData
 from training.evaluate import EvalSet, Scorer, evaluate
+from training.examples import profile_vocabulary
 from training.text_cache import TokenStates, embeddings_from_states, encode_states, upper_forward
+from training.train_data import TrainData
 
 if TYPE_CHECKING:
     from recflow.settings import Settings

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recflow.modeling.model import RecModel
-from training.dataset import TrainData
+from training.train_data import TrainData
 from training.trainer import TrainConfig, build_model, compute_history, fit, train_config, user_dense
 
 if TYPE_CHECKING:

@@ -17,8 +17,8 @@ import pandas as pd
 from recflow.modeling.build import unique_texts
 from recflow.ranker.log import PurchaseLog
 from recflow.ranker.model import FEATURES, TEXT_FEATURES, Ranker, RankerConfig, Scored, TwoStage, score_users
-from training.data import Catalogue
 from training.evaluate import EvalSet, Scorer
+from training.examples import Catalogue
 from training.protocol import Protocol
 from training.ranker import ItemInputs, Week, build_week, fit_ranker, item_side_at
 

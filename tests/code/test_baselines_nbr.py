@@ -21,8 +21,8 @@ from training.baselines import (
     tune_decayed_frequency,
     tune_tifu_knn,
 )
-from training.data import Catalogue, UserRows
 from training.evaluate import EvalSet, evaluate, paired_bootstrap
+from training.examples import Catalogue, UserRows
 
 ANCHOR = pd.Timestamp("2024-03-01", tz="UTC")
 N = 24  # items i0..i23; only i0..i6 are ever bought (evaluate ranks a top 20)

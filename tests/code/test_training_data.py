@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from recflow.modeling.features import history_features
-from training.data import (
+from training.examples import (
     Catalogue,
     default_cutoff,
     entity_frame,

@@ -44,7 +44,7 @@ def test_training_imports_without_feast_prefect_bentoml() -> None:
     r = _run(
         {"feast", "prefect", "bentoml", "pydantic_settings", "duckdb", "recflow.settings"},
         """
-        import training, training.data, training.dataset, training.evaluate, training.baselines
+        import training, training.examples, training.train_data, training.evaluate, training.baselines
         import training.trainer, training.tune, training.pipeline, training.text_cache, training.synthetic
         from training.tune import default_search_space
         default_search_space(gpu=False)

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from training.data import UserRows
 from training.evaluate import EvalSet, evaluate, hitrate_at_k, ndcg_at_k, recall_at_k
+from training.examples import UserRows
 
 
 def test_ndcg_recall_hitrate_by_hand() -> None:
@@ -87,8 +87,8 @@ def test_cold_since_cutoff_versus_never_sold_before_the_week() -> None:
 
 
 def test_make_evalset_cold_since() -> None:
-    from training.data import Catalogue
     from training.evaluate import make_evalset
+    from training.examples import Catalogue
 
     t = pd.Timestamp("2024-01-08", tz="UTC")
     items = pd.DataFrame({"item_id": ["i0", "i1", "i2"], "text": ["a", "b", "c"],

@@ -25,7 +25,7 @@ def shop() -> dict:
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(items["text"].nunique() + 1, 16)).astype(np.float32)
     from recflow.modeling.build import unique_texts
-    from training.data import Catalogue
+    from training.examples import Catalogue
 
     texts, _ = unique_texts(Catalogue.from_items(items).texts)
     inputs = Inputs.build(events, items, emb[: len(texts)])
@@ -176,7 +176,7 @@ def test_retrain_refit_continues_from_the_champion_and_never_sees_the_gate_week(
     ev = week_evalset("gate", shop["events"], inputs.catalogue, gate_week)
     m = week_metrics(again, inc.ranker, ev)
     assert 0 < m["ndcg@10"] <= 1 and set(m) >= {"ndcg@10", "ndcg@10_new", "recall@20"}
-    from training.data import Catalogue
+    from training.examples import Catalogue
 
     with pytest.raises(ValueError, match="catalogue differs"):
         inputs_for(champion, Catalogue.from_items(shop["items"].iloc[::-1]), shop["events"])

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from recflow.modeling.build import unique_texts
-from training.data import (
+from training.evaluate import EvalSet, make_evalset
+from training.examples import (
     Catalogue,
     UserRows,
     popularity_grid,
@@ -19,7 +20,6 @@ from training.data import (
     user_rows,
     week_purchases,
 )
-from training.evaluate import EvalSet, make_evalset
 
 if TYPE_CHECKING:
     from training.text_cache import TokenStates
