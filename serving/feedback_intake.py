@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from recflow.event_log import EventLog, JournalSession
 from recflow.settings import Settings
+from serving.aio import cancel_tasks
 from serving.api import FeedbackBatchResponse, FeedbackRequest, FeedbackResponse
 from serving.errors import BadRequest, Conflict, NotFound, NotReady, RateLimitedLog, Unprocessable
 from serving.metrics import metrics
@@ -84,11 +85,7 @@ class FeedbackHandler:
         self._tasks = [loop.create_task(self._push_loop(), name="recflow-push")]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_tasks(self._tasks)
         if self._journal is not None and self._journal_session is not None:
             with contextlib.suppress(Exception):
                 self._journal.submit(self._journal_session.close)

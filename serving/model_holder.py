@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from recflow.security import redact
 from recflow.settings import Settings
 from serving import prefill, ranking, tower
+from serving.aio import cancel_tasks
 from serving.api import ReloadResponse
 from serving.errors import BadRequest, NotFound, NotReady
 from serving.metrics import metrics
@@ -86,11 +87,7 @@ class ModelHolder:
                        loop.create_task(self._champion_loop(), name="recflow-champion-watch")]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_tasks(self._tasks)
         if self._loader is not None:
             self._loader.shutdown(wait=False, cancel_futures=True)
 
