@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
             "tuned": {"decayed_frequency_half_life_days": half_life, "tifu_knn": tifu_params},
             "ranker": fitted.ranker.metrics,
             "ranker_config": cfg.to_dict(),
-            "fine_tuned_vs_frozen": "not measured: the text features use frozen MiniLM vectors (see the README)",
+            "fine_tuned_vs_frozen": "not measured: the text features use frozen MiniLM vectors (see docs/training.md, fine-tuned against frozen)",
             "train_seconds": round(train_s, 1),
             "total_seconds": round(time.perf_counter() - started, 1),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def markdown(doc: dict) -> str:
-    """The README table: mean over the test weeks."""
+    """The quality table of docs/training.md: mean over the test weeks."""
     cols = ("ndcg@10", "recall@20", "hitrate@10", "coverage", "ndcg@10_new", "ndcg@10_repeat", "ndcg@10_cold")
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, m in sorted(doc["models"].items(), key=lambda kv: -kv[1]["ndcg@10"]):

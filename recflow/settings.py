@@ -159,7 +159,7 @@ class TrainingSettings(BaseModel):
         default_factory=list,
         description="Positions (0-based) of each user's new-to-user list that go to their best launches (items first "
         "sold less than launch_days ago); e.g. [9]: the 10th new item shown is a launch. Exposure for new items at a "
-        "measured cost in next-week quality (README, quality: launch slots).",
+        "measured cost in next-week quality (docs/training.md, launch slots).",
     )
     launch_days: float = Field(default=14.0, gt=0, description="Age (days since first sold) below which an item is a launch.")
     seed: int = 42
