@@ -52,7 +52,7 @@ def check(files: list[Path]) -> list[str]:
                     continue
                 file_part, _, anchor = target.partition("#")
                 dest = (source.parent / file_part).resolve() if file_part else source
-                where = f"{source.relative_to(ROOT)}: ({target})"
+                where = f"{source.relative_to(ROOT)}:{number}: ({target})"
                 if not dest.exists():
                     errors.append(f"{where}: no file {file_part}")
                 elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
