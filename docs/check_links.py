@@ -13,14 +13,14 @@ FENCE = re.compile(r"^\s*(```|~~~)")
 
 
 def _prose(text: str) -> list[str]:
-    """The lines outside fenced code blocks, with inline code spans blanked out for link search."""
+    """The lines of ``text``, those inside fenced code blocks blanked (so numbering stays the file's)."""
     lines, fenced = [], False
     for line in text.splitlines():
         if FENCE.match(line):
             fenced = not fenced
+            lines.append("")
             continue
-        if not fenced:
-            lines.append(line)
+        lines.append("" if fenced else line)
     return lines
 
 
