@@ -150,3 +150,24 @@ def test_logged_feedback_is_part_of_the_next_build(tiny_features) -> None:
     assert (row.purchases_7d, row.purchases_90d) == (1, 2)  # fb1, plus z on 02-20 (once)
     hist = _row(_table(tiny_features, "user_history"), "user_id", "a", "2024-04-30")
     assert hist.history_item_ids.tolist()[:2] == ["y", "z"]
+
+
+def test_user_history_built_in_user_ranges_is_the_same_table(tiny_features, monkeypatch) -> None:  # noqa: ANN001
+    from recflow.features import build
+
+    whole = pq.read_table(tiny_features.paths.feature_table("user_history"))
+    monkeypatch.setattr(build, "HISTORY_LINES_PER_PART", 3)  # a part per few lines: several user ranges
+    con = build.connect()
+    try:
+        build._stage_events(con, tiny_features.paths.events, tiny_features.paths.items, [])
+        ranges = build.user_ranges(con, 3)
+    finally:
+        con.close()
+    assert len(ranges) > 1 and ranges[0] is not None and ranges[-1][1] is None
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False)), "contiguous, in user-id order"
+    used: list[int] = []
+    original = build.user_ranges
+    monkeypatch.setattr(build, "user_ranges", lambda c: used.append(len(r := original(c))) or r)
+    build.build_feature_tables(tiny_features)
+    assert used and used[0] > 1, "the build ran user_history in several parts"
+    assert pq.read_table(tiny_features.paths.feature_table("user_history")).equals(whole)
