@@ -1,7 +1,9 @@
 """The ``recflow`` command line.
 
-Options that change settings are exported as ``RECFLOW_*`` environment variables before any work
-starts, so every component (flows, the Feast definitions, tasks) sees the same settings.
+Options that change settings (``--home``, the data options) become the overrides of this invocation
+(``recflow.settings.flow_settings``), and the flows get them as their ``home`` and ``overrides``
+parameters; nothing is written to the environment to pass settings. ``--verbose`` keeps the
+libraries' own console output (``recflow.console``).
 """
 
 from __future__ import annotations

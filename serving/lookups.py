@@ -36,6 +36,10 @@ class Lookups:
     request_ids: RequestIds
     compute: Executor | None = None
 
+    def start(self, compute: Executor) -> None:
+        """Rank on ``compute``, the thread /recommend's batches run on."""
+        self.compute = compute
+
     async def _run(self, executor: Executor | None, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 

@@ -108,7 +108,7 @@ class Runtime:
         )
         self.request_log.start()
         self.recommender.start(self._compute)
-        self.lookups.compute = self._compute
+        self.lookups.start(self._compute)
         self.models.start()
 
     async def wait_first_load(self, timeout_s: float) -> bool:
