@@ -15,7 +15,7 @@ evaluated at ``as_of``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,9 @@ from recflow.ranker.log import DAY_S, PurchaseLog
 HALF_LIVES_DAYS: tuple[float, ...] = (7.0, 30.0, 90.0, 365.0)
 TRIP_DECAYS: tuple[float, ...] = (0.9, 0.7)  # per-trip decay of the trip-decayed counts (TIFU's within-user decay)
 RECENT_TRIPS: tuple[int, ...] = (3, 10)
+HAZARD_DAYS = 7  # the horizon of the re-buy hazards: the week a recommendation is for
+HAZARD_PRIOR = 2.0  # pseudo-gaps of the item's hazard in the user's shrunk hazard
+_GAP_KEY = 2**20  # group * _GAP_KEY + gap (days): a sortable (pair or item, gap) key
 ITEM_FEATURES: tuple[str, ...] = (
     "item_pop_7d", "item_pop_30d", "item_pop_90d", "item_pop_all", "item_buyers_all", "item_buyers_30d",
     "item_trend", "item_rebuy_rate", "item_gap_median_d", "item_age_d", "item_text_pop_30d", "item_cat_pop_30d",
@@ -57,6 +60,7 @@ class UserItemStats:
     trip_decayed: np.ndarray  # [P, len(TRIP_DECAYS)]: sum over the trips with the item of decay ** (trips since)
     recent_trips: np.ndarray  # [P, len(RECENT_TRIPS)]: how many of the user's last k trips hold the item
     trips_since_last: np.ndarray  # [P]: the user's trips after the last one with the item
+    gap_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # sorted row * _GAP_KEY + gap (days)
 
     def lookup(self, key: np.ndarray) -> np.ndarray:
         """Row of each ``key`` (-1 where the user never bought the item)."""
@@ -102,7 +106,22 @@ def user_item_stats(log: PurchaseLog, as_of: int, half_lives: tuple[float, ...] 
     tdec = np.stack([np.bincount(run, weights=occ_w * r ** from_end, minlength=n) for r in TRIP_DECAYS], axis=1) if n else np.zeros((0, len(TRIP_DECAYS)))
     recent = np.stack([np.bincount(run, weights=occ_w * (from_end < k), minlength=n) for k in RECENT_TRIPS], axis=1) if n else np.zeros((0, len(RECENT_TRIPS)))
     since = np.minimum.reduceat(from_end, starts) if n else np.zeros(0)
-    return UserItemStats(key[starts] if n else key, cnt, occasions, first, last, mean, std, dec, tdec, recent, since)
+    gap_keys = np.sort(run[is_gap].astype(np.int64) * _GAP_KEY + d[is_gap].astype(np.int64))
+    return UserItemStats(key[starts] if n else key, cnt, occasions, first, last, mean, std, dec, tdec, recent, since,
+                         gap_keys)
+
+
+def gaps_from(gap_keys: np.ndarray, group: np.ndarray, days: np.ndarray, horizon: int = HAZARD_DAYS
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """For each ``(group[k], days[k])``: how many of the group's gaps (``gap_keys``, sorted
+    ``group * _GAP_KEY + gap``) are at least ``days``, and how many of those end within ``horizon``
+    days (``days <= gap < days + horizon``): the empirical hazard's denominator and numerator."""
+    g = np.asarray(group, np.int64) * _GAP_KEY
+    d = np.asarray(days, np.int64)
+    lo = np.searchsorted(gap_keys, g + d, "left")
+    hi = np.searchsorted(gap_keys, g + d + horizon, "left")
+    end = np.searchsorted(gap_keys, g + (_GAP_KEY - 1), "right")
+    return (end - lo).astype(np.float64), (hi - lo).astype(np.float64)
 
 
 @dataclass
@@ -111,6 +130,8 @@ class ItemStats:
 
     as_of: int
     columns: dict[str, np.ndarray]
+    # sorted item * _GAP_KEY + gap (days) over every user's re-buys: each item's pooled re-buy gaps
+    gap_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.columns[name]
@@ -128,11 +149,12 @@ class ItemStats:
         return pd.DataFrame(self.columns)
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, as_of: int) -> ItemStats:
+    def from_frame(cls, frame: pd.DataFrame, as_of: int, gap_keys: np.ndarray | None = None) -> ItemStats:
         missing = set(ITEM_FEATURES) - set(frame.columns)
         if missing:
             raise ValueError(f"item statistics: missing columns {sorted(missing)}")
-        return cls(int(as_of), {c: frame[c].to_numpy(dtype=np.float64) for c in ITEM_FEATURES})
+        gaps = np.zeros(0, np.int64) if gap_keys is None else np.asarray(gap_keys, np.int64)
+        return cls(int(as_of), {c: frame[c].to_numpy(dtype=np.float64) for c in ITEM_FEATURES}, gaps)
 
 
 def _group_sum(values: np.ndarray, group: np.ndarray | None) -> np.ndarray:
@@ -185,7 +207,8 @@ def item_stats(
             "item_text_pop_30d": _group_sum(pop[30], text_group),
             "item_cat_pop_30d": _group_sum(pop[30], category),
         }
-    return ItemStats(int(as_of), cols)
+    item_gaps = np.sort(ui_item[uis.gap_keys // _GAP_KEY] * _GAP_KEY + uis.gap_keys % _GAP_KEY)
+    return ItemStats(int(as_of), cols, item_gaps)
 
 
 @dataclass
@@ -267,6 +290,7 @@ PAIR_FEATURES: tuple[str, ...] = (
     "ui_overdue_item_gap", "ui_basket_share", "ui_bought",
     *(f"ui_trip_dec_{int(r * 100)}" for r in TRIP_DECAYS), *(f"ui_last{k}_share" for k in RECENT_TRIPS),
     "ui_trips_since_last", "ui_trip_overdue",
+    "ui_hazard_7d", "ui_gaps_open", "ui_hazard_7d_shrunk", "item_hazard_7d", "item_gaps_open",
     "u_n_lines", "u_n_baskets", "u_n_items", "u_days_since_last", "u_span_d", "u_basket_gap_d", "u_baskets_30d",
     "u_repeat_share", "u_new_share_28d",
     "ucat_share",
@@ -297,6 +321,29 @@ def user_features(ctx: Context, user: np.ndarray) -> dict[str, np.ndarray]:
     out["u_new_share_28d"] = us.new_share_28d[user]
     assert tuple(out) == USER_FEATURES
     return out
+
+
+def _hazards(ctx: Context, user: np.ndarray, item: np.ndarray, has: np.ndarray, rr: np.ndarray) -> dict[str, np.ndarray]:
+    """Time-aware re-buy hazards of bought pairs: with ``d`` whole days since the user last bought the
+    item, the share of the user's own re-buy gaps of it that are ``>= d`` and end within the next
+    :data:`HAZARD_DAYS` days (``ui_hazard_7d``; ``ui_gaps_open`` counts the gaps ``>= d``); the same over
+    every user's gaps of the item (``item_hazard_7d``, ``item_gaps_open``), and the user's hazard
+    shrunk towards the item's with :data:`HAZARD_PRIOR` pseudo-gaps. NaN for never-bought pairs."""
+    nan = np.full(len(user), np.nan)
+    if not len(ctx.uis.key) or not has.any():
+        return {"ui_hazard_7d": nan, "ui_gaps_open": nan.copy(), "ui_hazard_7d_shrunk": nan.copy(),
+                "item_hazard_7d": nan.copy(), "item_gaps_open": nan.copy()}
+    last_day = ctx.uis.last[rr] // DAY_S
+    d = np.where(has, np.maximum(ctx.as_of // DAY_S - last_day, 1), 1)
+    u_open, u_in = gaps_from(ctx.uis.gap_keys, rr, d)
+    i_open, i_in = gaps_from(ctx.items.gap_keys, item, d)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        item_h = (i_in + 0.1) / (i_open + 1.0)
+        own = np.where(has & (u_open > 0), u_in / u_open, np.nan)
+        shrunk = (u_in + HAZARD_PRIOR * item_h) / (u_open + HAZARD_PRIOR)
+    return {"ui_hazard_7d": own, "ui_gaps_open": np.where(has, u_open, np.nan),
+            "ui_hazard_7d_shrunk": np.where(has, shrunk, np.nan), "item_hazard_7d": np.where(has, item_h, np.nan),
+            "item_gaps_open": np.where(has, i_open, np.nan)}
 
 
 def pair_features(ctx: Context, user: np.ndarray, item: np.ndarray) -> dict[str, np.ndarray]:
@@ -347,6 +394,7 @@ def pair_features(ctx: Context, user: np.ndarray, item: np.ndarray) -> dict[str,
     with np.errstate(invalid="ignore", divide="ignore"):
         # trips since the last purchase against the user's trips per purchase of the item
         out["ui_trip_overdue"] = since_trips * out["ui_occasions"] / us.n_baskets[user]
+    out.update(_hazards(ctx, user, item, has, rr))
     out.update(user_features(ctx, user))
     if ctx.ucat is not None and ctx.category is not None:
         keys, cnt = ctx.ucat

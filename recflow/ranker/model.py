@@ -10,7 +10,7 @@ Saved layout (:func:`save_two_stage`, a folder; no pickle)::
     ranker.json         RankerConfig, feature names, metrics
     item_stats.parquet  item statistics as of the model's data end (serving's item side)
     item_ids.parquet    catalogue order of the item positions
-    arrays.npz          category codes, unique-text MiniLM vectors and each item's text row
+    arrays.npz          category codes, unique-text MiniLM vectors, each item's text row, items' pooled re-buy gaps
     similarity.npz      item-item co-purchase matrix (scipy sparse, npz)
     user_vectors.npz    every user's decayed purchase vector (the neighbour source), user_ids.parquet
 """
@@ -271,6 +271,7 @@ def save_two_stage(model: TwoStage, folder: Path) -> Path:
     if side.text_emb is not None and side.item_text is not None:
         arrays["text_emb"] = np.asarray(side.text_emb, np.float32)
         arrays["item_text"] = np.asarray(side.item_text, np.int64)
+    arrays["item_gap_keys"] = np.asarray(side.stats.gap_keys, np.int64)
     np.savez(folder / "arrays.npz", **arrays)
     if side.similarity is not None:
         sp.save_npz(folder / "similarity.npz", side.similarity.tocsr(), compressed=True)
@@ -317,9 +318,10 @@ def load_two_stage(folder: Path) -> TwoStage:
     unseen = folder / "ranker_unseen.txt"
     ranker = Ranker(RankerConfig.from_dict(meta["config"]), lgb.Booster(model_file=str(folder / "ranker.txt")),
                     meta.get("metrics", {}), lgb.Booster(model_file=str(unseen)) if unseen.exists() else None)
-    stats = ItemStats.from_frame(pd.read_parquet(folder / "item_stats.parquet"), meta["item_stats_as_of"])
     with np.load(folder / "arrays.npz") as z:
         arrays = {k: z[k] for k in z.files}
+    stats = ItemStats.from_frame(pd.read_parquet(folder / "item_stats.parquet"), meta["item_stats_as_of"],
+                                 arrays.get("item_gap_keys"))
     sim = sp.load_npz(folder / "similarity.npz").tocsr() if (folder / "similarity.npz").exists() else None
     uv = uid = None
     if (folder / "user_vectors.npz").exists():

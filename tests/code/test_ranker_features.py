@@ -142,3 +142,25 @@ def test_launch_slot_keys_on_a_hand_computed_case() -> None:
     ranked = [list(np.flatnonzero(users == u)[np.argsort(key[users == u], kind="stable")]) for u in (0, 1)]
     assert ranked[0] == [1, 0, 3, 2, 4]
     assert ranked[1] == [7, 5, 6]
+
+
+def test_rebuy_hazards_by_hand() -> None:
+    # user a buys x on days 0, 7, 14, 28 (gaps 7, 7, 14), user b on days 0 and 20 (gap 20); as of day 35
+    # a's x was last bought 7 days ago: gaps >= 7 are 7, 7, 14, of which 7 and 7 end within 7 days
+    rows = [("a", "x", d) for d in (0, 7, 14, 28)] + [("b", "x", 0), ("b", "x", 20), ("a", "y", 30)]
+    ev = pd.DataFrame({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                       "event_timestamp": pd.to_datetime([T0 + r[2] * DAY_S for r in rows], unit="s", utc=True)})
+    log = PurchaseLog.from_events(ev, ITEMS)
+    as_of = T0 + 35 * DAY_S
+    ctx = user_context(log, item_stats(log, as_of), as_of)
+    a = int(np.flatnonzero(log.user_ids == "a")[0])
+    f = pair_features(ctx, np.array([a, a]), np.array([0, 1]))
+    assert f["ui_gaps_open"][0] == 3 and f["ui_hazard_7d"][0] == pytest.approx(2 / 3)
+    # pooled over users: gaps 7, 7, 14, 20 are >= 7; two end within 7 days
+    item_h = (2 + 0.1) / (4 + 1)
+    assert f["item_gaps_open"][0] == 4 and f["item_hazard_7d"][0] == pytest.approx(item_h, rel=1e-6)
+    assert f["ui_hazard_7d_shrunk"][0] == pytest.approx((2 + 2 * item_h) / (3 + 2), rel=1e-6)
+    # y bought once: no gap of its own, NaN own hazard; a never-bought pair has no hazard at all
+    assert np.isnan(f["ui_hazard_7d"][1]) and f["ui_gaps_open"][1] == 0
+    g = pair_features(ctx, np.array([a]), np.array([2]))
+    assert all(np.isnan(g[k][0]) for k in ("ui_hazard_7d", "ui_gaps_open", "item_hazard_7d"))
