@@ -27,6 +27,8 @@ TRIP_DECAYS: tuple[float, ...] = (0.9, 0.7)  # per-trip decay of the trip-decaye
 RECENT_TRIPS: tuple[int, ...] = (3, 10)
 HAZARD_DAYS = 7  # the horizon of the re-buy hazards: the week a recommendation is for
 HAZARD_PRIOR = 2.0  # pseudo-gaps of the item's hazard in the user's shrunk hazard
+ITEM_HAZARD_SMOOTHING = (0.1, 1.0)  # (re-buys, gaps) added to an item's pooled counts: an item without gaps gets 0.1
+HAZARD_FEATURES: tuple[str, ...] = ("ui_hazard_7d", "ui_gaps_open", "ui_hazard_7d_shrunk", "item_hazard_7d", "item_gaps_open")
 _GAP_KEY = 2**20  # group * _GAP_KEY + gap (days): a sortable (pair or item, gap) key
 ITEM_FEATURES: tuple[str, ...] = (
     "item_pop_7d", "item_pop_30d", "item_pop_90d", "item_pop_all", "item_buyers_all", "item_buyers_30d",
@@ -290,7 +292,7 @@ PAIR_FEATURES: tuple[str, ...] = (
     "ui_overdue_item_gap", "ui_basket_share", "ui_bought",
     *(f"ui_trip_dec_{int(r * 100)}" for r in TRIP_DECAYS), *(f"ui_last{k}_share" for k in RECENT_TRIPS),
     "ui_trips_since_last", "ui_trip_overdue",
-    "ui_hazard_7d", "ui_gaps_open", "ui_hazard_7d_shrunk", "item_hazard_7d", "item_gaps_open",
+    *HAZARD_FEATURES,
     "u_n_lines", "u_n_baskets", "u_n_items", "u_days_since_last", "u_span_d", "u_basket_gap_d", "u_baskets_30d",
     "u_repeat_share", "u_new_share_28d",
     "ucat_share",
@@ -329,16 +331,15 @@ def _hazards(ctx: Context, user: np.ndarray, item: np.ndarray, has: np.ndarray, 
     :data:`HAZARD_DAYS` days (``ui_hazard_7d``; ``ui_gaps_open`` counts the gaps ``>= d``); the same over
     every user's gaps of the item (``item_hazard_7d``, ``item_gaps_open``), and the user's hazard
     shrunk towards the item's with :data:`HAZARD_PRIOR` pseudo-gaps. NaN for never-bought pairs."""
-    nan = np.full(len(user), np.nan)
     if not len(ctx.uis.key) or not has.any():
-        return {"ui_hazard_7d": nan, "ui_gaps_open": nan.copy(), "ui_hazard_7d_shrunk": nan.copy(),
-                "item_hazard_7d": nan.copy(), "item_gaps_open": nan.copy()}
+        return {name: np.full(len(user), np.nan) for name in HAZARD_FEATURES}
     last_day = ctx.uis.last[rr] // DAY_S
     d = np.where(has, np.maximum(ctx.as_of // DAY_S - last_day, 1), 1)
     u_open, u_in = gaps_from(ctx.uis.gap_keys, rr, d)
     i_open, i_in = gaps_from(ctx.items.gap_keys, item, d)
     with np.errstate(invalid="ignore", divide="ignore"):
-        item_h = (i_in + 0.1) / (i_open + 1.0)
+        add_in, add_open = ITEM_HAZARD_SMOOTHING
+        item_h = (i_in + add_in) / (i_open + add_open)
         own = np.where(has & (u_open > 0), u_in / u_open, np.nan)
         shrunk = (u_in + HAZARD_PRIOR * item_h) / (u_open + HAZARD_PRIOR)
     return {"ui_hazard_7d": own, "ui_gaps_open": np.where(has, u_open, np.nan),
