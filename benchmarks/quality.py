@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     for w in warnings_:
         say("WARNING " + w)
 
-    cfg = config_for(inputs, launch_slots=tuple(settings.training.launch_slots), launch_days=settings.training.launch_days)
+    cfg = config_for(inputs, bag=settings.training.ranker_bag, launch_slots=tuple(settings.training.launch_slots),
+                     launch_days=settings.training.launch_days)
     t0 = time.perf_counter()
     fitted = fit(inputs, protocol, cfg, progress=say)
     train_s = time.perf_counter() - t0

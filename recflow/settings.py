@@ -162,6 +162,10 @@ class TrainingSettings(BaseModel):
         "measured cost in next-week quality (docs/training.md, launch slots).",
     )
     launch_days: float = Field(default=14.0, gt=0, description="Age (days since first sold) below which an item is a launch.")
+    ranker_bag: int = Field(
+        default=1, ge=1, le=8, description="LightGBM boosters per ranker stage, trained with seeds seed, seed+1 ... "
+        "and averaged (docs/training.md, bagging): lower variance for about that many times the fit time.",
+    )
     seed: int = 42
     model_name: str = "recflow_two_tower"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from recflow.ranker.candidates import (
 )
 from recflow.ranker.features import Context, item_stats, user_context
 from recflow.ranker.log import DAY_S, PurchaseLog
-from recflow.ranker.model import TEXT_FEATURES, Ranker, RankerConfig, feature_matrix
+from recflow.ranker.model import TEXT_FEATURES, Ranker, RankerConfig, bagged, feature_matrix, members
 
 Progress = Callable[[str], None]
 
@@ -147,26 +147,48 @@ def fit_ranker(train: list[Week], val: Week, cfg: RankerConfig, progress: Progre
                init: Ranker | None = None) -> Ranker:
     """LightGBM on the training weeks (negatives subsampled), early-stopped on the validation week;
     with ``cfg.unseen_ranker``, a second booster on the never-bought candidates and new purchases.
-    With ``init`` (a ranker over the same features), each booster continues from ``init``'s: an
-    incremental update on new weeks rather than a fit from scratch."""
+    With ``cfg.bag`` > 1, each booster is a bag of that many, trained with seeds ``cfg.seed``,
+    ``cfg.seed + 1`` ... (own negatives, row and feature samples) and averaged.
+    With ``init`` (a ranker over the same features), each booster continues from ``init``'s (member
+    ``k`` from member ``k``): an incremental update on new weeks rather than a fit from scratch."""
     say = progress or (lambda _m: None)
-    rng = np.random.default_rng(cfg.seed)
     if init is not None and tuple(init.config.features) != tuple(cfg.features):
         raise ValueError("an incremental ranker update needs the same features as the ranker it continues from")
-    parts = [_subsample(w, cfg.negative_share, rng) for w in train]
-    booster, metrics = _train("ranker", parts, _subsample(val, 1.0, rng), cfg, say,
-                              init.booster if init is not None else None)
-    unseen = None
-    if cfg.unseen_ranker and "ui_bought" in cfg.features:
-        parts = [_subsample(w, cfg.negative_share, rng, _never_bought(w, cfg.features)) for w in train]
-        if sum(int(p[1].sum()) for p in parts) > 0:
-            unseen, m = _train("ranker (never-bought items)", parts,
-                               _subsample(val, 1.0, rng, _never_bought(val, cfg.features)), cfg, say,
-                               init.unseen if init is not None else None)
-            metrics["unseen"] = m
+    init_main = members(init.booster) if init is not None else []
+    init_unseen = members(init.unseen) if init is not None and init.unseen is not None else []
+    mains: list[object] = []
+    unseens: list[object] = []
+    metrics: dict = {}
+    for k in range(max(cfg.bag, 1)):
+        c = replace(cfg, seed=cfg.seed + k)
+        tag = f" {k + 1}/{cfg.bag}" if cfg.bag > 1 else ""
+        rng = np.random.default_rng(c.seed)
+        parts = [_subsample(w, c.negative_share, rng) for w in train]
+        booster, m = _train("ranker" + tag, parts, _subsample(val, 1.0, rng), c, say, _member(init_main, k))
+        mains.append(booster)
+        if cfg.unseen_ranker and "ui_bought" in cfg.features:
+            parts = [_subsample(w, c.negative_share, rng, _never_bought(w, c.features)) for w in train]
+            if sum(int(p[1].sum()) for p in parts) > 0:
+                unseen, mu = _train("ranker (never-bought items)" + tag, parts,
+                                    _subsample(val, 1.0, rng, _never_bought(val, c.features)), c, say,
+                                    _member(init_unseen, k))
+                unseens.append(unseen)
+                m["unseen"] = mu
+            elif k == 0:
+                say("ranker: no purchase new to a user in the training weeks; no second booster for never-bought items")
+        if k == 0:
+            metrics = m
         else:
-            say("ranker: no purchase new to a user in the training weeks; no second booster for never-bought items")
-    return Ranker(cfg, booster, metrics, unseen)
+            metrics.setdefault("bag_members", []).append(
+                {"seed": c.seed, "best_iteration": m["best_iteration"], "fit_seconds": m["fit_seconds"],
+                 **({"unseen_best_iteration": m["unseen"]["best_iteration"]} if "unseen" in m else {})})
+    unseen_booster = bagged(unseens) if len(unseens) == len(mains) else None
+    return Ranker(cfg, bagged(mains), metrics, unseen_booster)
+
+
+def _member(boosters: list[object], k: int) -> object:
+    """Member ``k`` of an initial bag to continue from (its first member when the bag is smaller; None without)."""
+    return boosters[k] if k < len(boosters) else (boosters[0] if boosters else None)
 
 
 def candidate_recall(week: Week, sold_before: np.ndarray | None = None) -> dict[str, dict[str, float]]:

@@ -191,7 +191,7 @@ def train_and_score(events: pd.DataFrame, items: pd.DataFrame, emb: np.ndarray, 
     warn = warn or say
     inputs = Inputs.build(events, items, emb)
     protocol = Protocol.make(cutoff, t.ranker_train_weeks, 1, t.eval_days)
-    cfg = config_for(inputs, seed=t.seed, launch_slots=tuple(t.launch_slots), launch_days=t.launch_days)
+    cfg = config_for(inputs, seed=t.seed, bag=t.ranker_bag, launch_slots=tuple(t.launch_slots), launch_days=t.launch_days)
     try:
         fitted = fit(inputs, protocol, cfg, progress=progress)
     except ValueError as exc:  # too little history for weekly examples: serve the two-tower model

@@ -6,7 +6,8 @@ the quality benchmark and the service call it with a :class:`~recflow.ranker.fea
 
 Saved layout (:func:`save_two_stage`, a folder; no pickle)::
 
-    ranker.txt          LightGBM model (text)
+    ranker.txt          LightGBM model (text); ranker_1.txt ... the other members of a bag
+    ranker_unseen.txt   the never-bought items' booster (ranker_unseen_1.txt ... with a bag)
     ranker.json         RankerConfig, feature names, metrics
     item_stats.parquet  item statistics as of the model's data end (serving's item side)
     item_ids.parquet    catalogue order of the item positions
@@ -55,6 +56,7 @@ class RankerConfig:
     unseen_ranker: bool = True  # a second booster orders the never-bought candidates (new-to-user quality)
     negative_share: float = 0.15
     seed: int = 0
+    bag: int = 1  # boosters per stage, seeds seed..seed+bag-1 (own negatives and row/feature samples); scores averaged
     threads: int = 0
     # positions (0-based) of each user's new-to-user list kept for launches: the user's best items
     # (in the never-bought order) among those first sold less than ``launch_days`` ago
@@ -116,6 +118,63 @@ def feature_matrix(ctx: Context, cands: Candidates, names: tuple[str, ...]) -> n
     return np.stack([cols[n] for n in names], axis=1) if len(cands) else np.zeros((0, len(names)), np.float32)
 
 
+class BoosterBag:
+    """Boosters over the same features trained with different seeds: a booster whose score is their mean.
+
+    Averaging a few seeds' boosters lowers the variance that row, feature and negative sampling put
+    into one booster (docs/training.md: bagging). Duck-types the ``lightgbm.Booster`` calls recflow uses.
+    """
+
+    def __init__(self, members: list[Any]) -> None:
+        if not members:
+            raise ValueError("a booster bag needs at least one booster")
+        self.members = list(members)
+
+    def predict(self, x: np.ndarray, num_threads: int = 0) -> np.ndarray:
+        out = np.zeros(len(x), np.float64)
+        for m in self.members:
+            out += m.predict(x, num_threads=num_threads)
+        return out / len(self.members)
+
+    def num_trees(self) -> int:
+        return sum(int(m.num_trees()) for m in self.members)
+
+    def current_iteration(self) -> int:
+        return int(self.members[0].current_iteration())
+
+    def feature_importance(self, importance_type: str = "split") -> np.ndarray:
+        return np.sum([m.feature_importance(importance_type) for m in self.members], axis=0)
+
+
+def members(booster: Any) -> list[Any]:
+    """The boosters behind ``booster``: a bag's members, or ``[booster]``."""
+    return list(booster.members) if isinstance(booster, BoosterBag) else [booster]
+
+
+def bagged(boosters: list[Any]) -> Any:
+    """One booster as is, several as a :class:`BoosterBag`."""
+    return boosters[0] if len(boosters) == 1 else BoosterBag(boosters)
+
+
+def _member_files(folder: Path, stem: str) -> list[Path]:
+    """``stem.txt`` and its bag members ``stem_1.txt``, ``stem_2.txt`` ... that exist, in order."""
+    out, k = [folder / f"{stem}.txt"], 1
+    while (folder / f"{stem}_{k}.txt").exists():
+        out.append(folder / f"{stem}_{k}.txt")
+        k += 1
+    return out
+
+
+def _save_boosters(booster: Any, folder: Path, stem: str) -> None:
+    """Write ``booster`` (or a bag) as ``stem.txt`` + ``stem_1.txt`` ...; remove stale member files."""
+    ms = members(booster) if booster is not None else []
+    for k, m in enumerate(ms):
+        m.save_model(str(folder / (f"{stem}.txt" if k == 0 else f"{stem}_{k}.txt")))
+    for path in _member_files(folder, stem)[len(ms):]:
+        if path.exists():
+            path.unlink()
+
+
 @dataclass
 class Ranker:
     """A trained booster with its config (and the metrics it was saved with).
@@ -126,9 +185,9 @@ class Ranker:
     """
 
     config: RankerConfig
-    booster: Any  # lightgbm.Booster
+    booster: Any  # lightgbm.Booster, or a BoosterBag of them
     metrics: dict[str, Any] = field(default_factory=dict)
-    unseen: Any = None  # lightgbm.Booster over the same features, or None
+    unseen: Any = None  # lightgbm.Booster (or BoosterBag) over the same features, or None
 
     @staticmethod
     def _predict(booster: Any, x: np.ndarray, threads: int) -> np.ndarray:
@@ -257,11 +316,8 @@ def save_two_stage(model: TwoStage, folder: Path) -> Path:
     """Write ``model`` under ``folder``: LightGBM text, JSON, parquet and npy/npz only (no pickle)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.ranker.booster.save_model(str(folder / "ranker.txt"))
-    if model.ranker.unseen is not None:
-        model.ranker.unseen.save_model(str(folder / "ranker_unseen.txt"))
-    elif (folder / "ranker_unseen.txt").exists():
-        (folder / "ranker_unseen.txt").unlink()
+    _save_boosters(model.ranker.booster, folder, "ranker")
+    _save_boosters(model.ranker.unseen, folder, "ranker_unseen")
     side = model.side
     side.stats.to_frame().to_parquet(folder / "item_stats.parquet", index=False)
     pd.DataFrame({"item_id": model.item_index.astype(str)}).to_parquet(folder / "item_ids.parquet", index=False)
@@ -279,7 +335,7 @@ def save_two_stage(model: TwoStage, folder: Path) -> Path:
         sp.save_npz(folder / "user_vectors.npz", side.user_vectors.tocsr(), compressed=True)
         pd.DataFrame({"user_id": np.asarray(side.user_ids).astype(str)}).to_parquet(folder / "user_ids.parquet", index=False)
     meta = {"config": model.ranker.config.to_dict(), "metrics": model.ranker.metrics, "item_stats_as_of": side.stats.as_of,
-            "format": "recflow.ranker: ranker.txt (LightGBM; ranker_unseen.txt for never-bought items) + ranker.json + item_stats.parquet + item_ids.parquet "
+            "format": "recflow.ranker: ranker.txt (LightGBM; ranker_unseen.txt for never-bought items; _1, _2 ... bag members) + ranker.json + item_stats.parquet + item_ids.parquet "
                       "+ arrays.npz + similarity.npz"}
     (folder / "ranker.json").write_text(json.dumps(meta, indent=1, default=float))
     return folder
@@ -315,9 +371,12 @@ def load_two_stage(folder: Path) -> TwoStage:
         if not (folder / name).exists():
             raise FileNotFoundError(f"{folder / name} is missing: not a recflow ranker folder (save_two_stage writes it)")
     meta = json.loads((folder / "ranker.json").read_text())
-    unseen = folder / "ranker_unseen.txt"
-    ranker = Ranker(RankerConfig.from_dict(meta["config"]), lgb.Booster(model_file=str(folder / "ranker.txt")),
-                    meta.get("metrics", {}), lgb.Booster(model_file=str(unseen)) if unseen.exists() else None)
+
+    def load(stem: str) -> Any:
+        files = _member_files(folder, stem)
+        return bagged([lgb.Booster(model_file=str(f)) for f in files]) if files[0].exists() else None
+
+    ranker = Ranker(RankerConfig.from_dict(meta["config"]), load("ranker"), meta.get("metrics", {}), load("ranker_unseen"))
     with np.load(folder / "arrays.npz") as z:
         arrays = {k: z[k] for k in z.files}
     stats = ItemStats.from_frame(pd.read_parquet(folder / "item_stats.parquet"), meta["item_stats_as_of"],

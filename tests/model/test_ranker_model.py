@@ -90,6 +90,42 @@ def test_round_trip_gives_identical_scores(shop: dict, tmp_path: Path) -> None:
     assert loaded.ranker.unseen is not None and (tmp_path / "ranker" / "ranker_unseen.txt").read_text().startswith("tree")
 
 
+def test_a_bag_averages_its_seeds_round_trips_and_continues_member_by_member(shop: dict, tmp_path: Path) -> None:
+    """bag=2: two boosters per stage with seeds seed and seed+1, scores their mean; saved as
+    ranker.txt + ranker_1.txt (and the unseen pair), loaded to identical scores; an incremental
+    refit continues each member from its counterpart; saving a single booster removes stale members."""
+    from dataclasses import replace
+
+    from recflow.ranker.model import BoosterBag, members
+    from training.two_stage import refit
+
+    inputs, protocol = shop["inputs"], shop["protocol"]
+    cfg = replace(shop["cfg"], bag=2)
+    bag = fit(inputs, protocol, cfg).ranker
+    assert isinstance(bag.booster, BoosterBag) and isinstance(bag.unseen, BoosterBag)
+    one, two = members(bag.booster)
+    assert one.params["seed"] == cfg.seed and two.params["seed"] == cfg.seed + 1
+    assert [m["seed"] for m in bag.metrics["bag_members"]] == [cfg.seed + 1]
+    week = shop["fit"].validation
+    np.testing.assert_allclose(bag.predict(week.x), (one.predict(week.x) + two.predict(week.x)) / 2)
+    assert not np.allclose(one.predict(week.x), two.predict(week.x))  # the seeds differ
+    # the first member is the single-booster fit with the same seed: bag=1 is unchanged
+    np.testing.assert_allclose(one.predict(week.x), shop["fit"].ranker.predict(week.x))
+    end = seconds(protocol.tests[-1])
+    model = final_model(inputs, bag, end)
+    folder = save_two_stage(model, tmp_path / "bag")
+    assert {p.name for p in folder.glob("ranker*.txt")} == {"ranker.txt", "ranker_1.txt", "ranker_unseen.txt",
+                                                            "ranker_unseen_1.txt"}
+    loaded = load_two_stage(folder)
+    assert len(members(loaded.ranker.booster)) == 2 and len(members(loaded.ranker.unseen)) == 2
+    np.testing.assert_array_equal(loaded.ranker.score(week.x, week.cands.user), bag.score(week.x, week.cands.user))
+    inc = refit(inputs, bag, protocol.tests[1], 2, 7, incremental=True)
+    for old, new in zip(members(bag.booster), members(inc.ranker.booster), strict=True):
+        assert new.num_trees() >= old.num_trees() and new.params["seed"] == old.params["seed"]
+    save_two_stage(final_model(inputs, shop["fit"].ranker, end), folder)
+    assert {p.name for p in folder.glob("ranker*.txt")} == {"ranker.txt", "ranker_unseen.txt"}
+
+
 def test_served_answer_equals_the_offline_scorer(shop: dict) -> None:
     """recommend() on the users' online histories gives the offline scorer's top 10 (same user, same time)."""
     inputs, fitted = shop["inputs"], shop["fit"]
