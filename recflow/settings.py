@@ -574,6 +574,53 @@ def load_settings(**overrides: object) -> Settings:
     return Settings(**overrides)  # type: ignore[arg-type]
 
 
+def snapshot(settings: Settings) -> dict[str, Any]:
+    """Every setting of ``settings`` as JSON-able values, secrets in plain text: what
+    :func:`write_snapshot` hands to a child process. Never log it."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, date | datetime):
+            return value.isoformat()
+        return value
+
+    return plain(settings.model_dump(mode="python"))
+
+
+def write_snapshot(settings: Settings, path: Path) -> Path:
+    """Write :func:`snapshot` of ``settings`` to ``path`` (mode 0600, replaced atomically): how the
+    service process gets exactly the settings ``recflow serve`` resolved, without the environment."""
+    import json
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(snapshot(settings), out)
+    os.replace(tmp, path)
+    return path
+
+
+def load_snapshot(path: Path) -> Settings:
+    """The settings written by :func:`write_snapshot` (they override the environment and the TOML file)."""
+    import json
+
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"settings file {path} is missing: start the service with `recflow serve`, "
+                                "or without a settings_file argument to read the environment and TOML file") from None
+    return load_settings(**values)
+
+
 def flow_settings(home: str | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
     """The settings a flow runs with, loaded once: ``home`` and ``overrides`` (``{section: {field: value}}``,
     JSON-able so they can be Prefect parameters) over the environment and the TOML file. Secrets do not

@@ -6,8 +6,12 @@
 - :func:`build_bento` packages the service with a model from the BentoML model store (the
   champion by default) into a bento, offline.
 
-The child gets ``RECFLOW_*`` variables from the given settings (home, Feast, serving) and
-``BENTOML_HOME`` under the recflow home, never ``~/bentoml``.
+The service process gets the settings it was started with as a file, not through the environment:
+:func:`settings_file` writes them (secrets included, mode 0600) to ``<home>/secrets/service-<port>.json``
+and ``bentoml serve --arg settings_file=...`` names it; the service loads it once
+(:func:`recflow.settings.load_snapshot`). The environment carries only the libraries' own variables
+(``BENTOML_HOME`` under the recflow home, never ``~/bentoml``; thread counts; offline switches). A built
+bento, which runs without this launcher, reads the environment and TOML file instead.
 """
 
 from __future__ import annotations
@@ -32,21 +36,11 @@ BENTOFILE = Path(__file__).resolve().parent / "bentofile.yaml"
 
 
 def service_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a service process: the caller's, plus the settings as ``RECFLOW_*`` variables."""
-    from recflow.security import reveal
-
+    """Environment for a service process: the caller's, plus the libraries' own variables (BentoML's
+    home and worker count, thread counts, offline switches). The recflow settings travel in the
+    :func:`settings_file` instead; the caller's ``RECFLOW_*`` variables are left out so that nothing
+    but that file decides them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECFLOW_")}
-    env["RECFLOW_HOME"] = str(settings.home)
-    for section in ("feast", "serving", "features"):
-        part = getattr(settings, section)
-        secret = {n for n, f in type(part).model_fields.items() if "SecretStr" in str(f.annotation)}
-        values = json.loads(part.model_dump_json(exclude=secret))
-        values.update({n: reveal(getattr(part, n)) for n in secret})  # the child needs the real values
-        for name, value in values.items():
-            if value is None:
-                continue
-            key = f"RECFLOW_{section.upper()}__{name.upper()}"
-            env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
     env["BENTOML_HOME"] = str(settings.paths.bentoml_home)
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,8 +56,39 @@ def service_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
     return env
 
 
-def _command(host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
+def bento_env(settings: Settings) -> dict[str, str]:
+    """Environment for a built bento served on its own (``bentoml serve <bento>``, a container): the
+    :func:`service_env` variables plus the home, Feast, serving and feature settings as ``RECFLOW_*``
+    variables, secrets in plain text. A container's settings arrive this way (or in its TOML file);
+    ``recflow serve`` uses the :func:`settings_file` instead."""
+    from recflow.security import reveal
+
+    env = service_env(settings)
+    env["RECFLOW_HOME"] = str(settings.home)
+    for section in ("feast", "serving", "features"):
+        part = getattr(settings, section)
+        secret = {n for n, f in type(part).model_fields.items() if "SecretStr" in str(f.annotation)}
+        values = json.loads(part.model_dump_json(exclude=secret))
+        values.update({n: reveal(getattr(part, n)) for n in secret})
+        for name, value in values.items():
+            if value is not None:
+                key = f"RECFLOW_{section.upper()}__{name.upper()}"
+                env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return env
+
+
+def settings_file(settings: Settings, port: int) -> Path:
+    """Write the settings a service on ``port`` runs with to ``<home>/secrets/service-<port>.json``
+    (folder 0700, file 0600; secrets in plain text, which is why it lives there)."""
+    from recflow.security import secrets_dir
+    from recflow.settings import write_snapshot
+
+    return write_snapshot(settings, secrets_dir(settings) / f"service-{port}.json")
+
+
+def _command(host: str, port: int, settings_path: Path) -> list[str]:
+    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port),
+            "--arg", f"settings_file={settings_path}"]
 
 
 def prepare_auth(settings: Settings, host: str) -> str:
@@ -90,7 +115,11 @@ def serve(settings: Settings, port: int | None = None, host: str | None = None,
     settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"host": host})})
     say(prepare_auth(settings, host))
     settings.paths.bentoml_home.mkdir(parents=True, exist_ok=True)
-    return run_forwarding_signals(_command(host, port), env=service_env(settings), cwd=ROOT)
+    path = settings_file(settings, port)
+    try:
+        return run_forwarding_signals(_command(host, port, path), env=service_env(settings), cwd=ROOT)
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def run_forwarding_signals(cmd: list[str], *, env: dict[str, str], cwd: Path, grace_s: float = 20.0) -> int:
@@ -254,7 +283,8 @@ def start_local(
     log_path = log_path or settings.home / f"serve-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(_command("127.0.0.1", port), env=service_env(settings, extra_env), cwd=ROOT,
+        path = settings_file(settings, port)
+        proc = subprocess.Popen(_command("127.0.0.1", port, path), env=service_env(settings, extra_env), cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         service = LocalService(f"http://127.0.0.1:{port}", port, proc, log_path)
         try:
@@ -267,6 +297,7 @@ def start_local(
             raise
         finally:
             _stop(proc)
+            path.unlink(missing_ok=True)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

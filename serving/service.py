@@ -30,9 +30,11 @@ failed (no champion yet) it is live and ``/readyz`` answers 503 until a later at
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import bentoml
+from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response
 
 from recflow.security import redact
@@ -90,6 +92,12 @@ def _log_setup() -> None:
         ours.propagate = False
 
 
+class ServiceArgs(BaseModel):
+    """The service's BentoML arguments (``bentoml serve ... --arg settings_file=PATH``)."""
+
+    settings_file: str | None = None
+
+
 @bentoml.service(
     name="recflow",
     workers=1,
@@ -106,9 +114,12 @@ class Recommender:
     """Personalised recommendations from online Feast features and the champion two-tower model."""
 
     def __init__(self) -> None:
-        from recflow.settings import load_settings
+        from recflow.settings import load_settings, load_snapshot
 
-        self.runtime = Runtime(load_settings())
+        # `recflow serve` names the settings it resolved (`--arg settings_file=...`, a 0600 file); a bento
+        # served on its own reads the environment and the TOML file
+        args = bentoml.use_arguments(ServiceArgs)
+        self.runtime = Runtime(load_snapshot(Path(args.settings_file)) if args.settings_file else load_settings())
 
     @bentoml.on_startup
     async def _start(self) -> None:

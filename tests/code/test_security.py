@@ -98,16 +98,34 @@ def test_config_masks_secrets(make_settings, monkeypatch: pytest.MonkeyPatch) ->
     assert shown["serving"]["token"] == "**********" and shown["feast"]["redis_connection_string"] == "**********"
 
 
-def test_service_env_carries_real_secret_values_and_store_timeouts(make_settings) -> None:
-    from recflow.feature_store import redis_connection
-    from serving.launcher import service_env
+def test_the_service_gets_its_settings_in_a_private_file_not_the_environment(make_settings, monkeypatch) -> None:  # noqa: ANN001
+    """`recflow serve` writes the resolved settings, real secrets included, to <home>/secrets (0600) and
+    names the file on the command line; the child's environment carries no RECFLOW_* variable, and the
+    file loads back to the same settings even when the environment says otherwise."""
+    import stat
 
-    settings = make_settings(serving={"token": "w", "read_token": "r"},
+    from recflow.feature_store import redis_connection
+    from recflow.settings import load_snapshot
+    from serving.launcher import _command, bento_env, service_env, settings_file
+
+    settings = make_settings(serving={"token": "w", "read_token": "r", "default_k": 7},
                              feast={"online_store": "redis", "redis_connection_string": "h:1,password=p"})
+    monkeypatch.setenv("RECFLOW_SERVING__DEFAULT_K", "99")
+    path = settings_file(settings, 4321)
+    assert path.parent == settings.paths.secrets and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    loaded = load_snapshot(path)
+    assert loaded == settings and loaded.serving.default_k == 7
+    assert loaded.serving.token.get_secret_value() == "w" and loaded.serving.read_token.get_secret_value() == "r"
+    assert loaded.feast.redis_connection_string.get_secret_value() == "h:1,password=p"
     env = service_env(settings)
-    assert env["RECFLOW_SERVING__TOKEN"] == "w" and env["RECFLOW_SERVING__READ_TOKEN"] == "r"
-    assert env["RECFLOW_FEAST__REDIS_CONNECTION_STRING"] == "h:1,password=p"
-    assert "RECFLOW_SERVING__TOKEN" not in service_env(make_settings()), "a generated token stays in its file"
+    assert not [k for k in env if k.startswith("RECFLOW_")] and env["BENTOML_HOME"] == str(settings.paths.bentoml_home)
+    cmd = _command("127.0.0.1", 4321, path)
+    assert cmd[-2:] == ["--arg", f"settings_file={path}"] and not any("=w" in c or "password" in c for c in cmd)
+    # a bento on its own (a container) is configured by its environment: real values there
+    benv = bento_env(settings)
+    assert benv["RECFLOW_SERVING__TOKEN"] == "w" and benv["RECFLOW_FEAST__REDIS_CONNECTION_STRING"] == "h:1,password=p"
+    assert "RECFLOW_SERVING__TOKEN" not in bento_env(make_settings()), "a generated token stays in its file"
     assert redis_connection(settings) == "h:1,password=p,socket_timeout=2.0,socket_connect_timeout=2.0"
     own = make_settings(feast={"redis_connection_string": "h:1,socket_timeout=9"})
     assert redis_connection(own) == "h:1,socket_timeout=9,socket_connect_timeout=2.0"

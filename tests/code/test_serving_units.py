@@ -326,7 +326,10 @@ def test_service_env_asks_bentoml_for_the_configured_workers(tmp_path: Path, mon
     three = one.model_copy(update={"serving": one.serving.model_copy(update={"workers": 3})})
     env = service_env(three)
     assert env["BENTOML_CONFIG_OPTIONS"] == "api_server.traffic.timeout=5 services.recflow.workers=3"
-    assert env["RECFLOW_SERVING__WORKERS"] == "3"
+    from recflow.settings import load_snapshot
+    from serving.launcher import settings_file
+
+    assert load_snapshot(settings_file(three, 3000)).serving.workers == 3  # and the service's own settings say so
 
 
 def test_request_log_leftovers_exclude_files_of_live_workers(tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ def _wait_ready(client: httpx.Client, timeout: float = 120) -> None:
 
 @pytest.mark.timeout(420)
 def test_bento_manifest_export_and_serve(tiny_champion, tmp_path: Path) -> None:  # noqa: ANN001
-    from serving.launcher import build_bento, service_env
+    from serving.launcher import bento_env, build_bento
 
     settings, model_tag = tiny_champion
     store = fs.get_store(settings)
@@ -110,7 +110,7 @@ def test_bento_manifest_export_and_serve(tiny_champion, tmp_path: Path) -> None:
     assert not (src / "tests").exists() and not (src / "training").exists() and not list(src.rglob("*.pyc"))
 
     # The exported archive carries the model: weights with the text encoder, and the tokenizer.
-    env = service_env(settings)
+    env = bento_env(settings)  # a bento on its own (a container) is configured by its environment
     archive = tmp_path / "recflow.bento"
     _bentoml(env, "export", bento_tag, str(archive))
     model_name, model_version = model_tag.split(":")
