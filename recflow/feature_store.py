@@ -75,7 +75,7 @@ def forget_user(settings: Settings, user_id: str, store: FeatureStore | None = N
     if settings.feast.online_store == "redis":
         from feast.infra.online_stores.helpers import _redis_key
 
-        client = online_store(store)._get_client(config.online_store)  # noqa: SLF001 - no public API
+        client = redis_client(store)
         redis_key = _redis_key(config.project, key, entity_key_serialization_version=config.entity_key_serialization_version)
         return int(client.delete(redis_key))
     blob = serialize_entity_key(key, entity_key_serialization_version=config.entity_key_serialization_version)
@@ -120,6 +120,12 @@ def provider(store: FeatureStore) -> Any:
     uses of ``FeatureStore._get_provider``, and ``tests/code/test_adapters.py`` pins the behaviour relied
     upon (``online_read`` and ``ingest_df`` round-trip a row), so an upgrade that changes it fails there."""
     return store._get_provider()  # noqa: SLF001 - Feast exposes no public accessor
+
+
+def redis_client(store: FeatureStore) -> Any:
+    """The ``redis.Redis`` client of a store whose online store is Redis (the one its reads and writes
+    use, with the connection string's timeouts), through the online store's own ``_get_client``."""
+    return online_store(store)._get_client(store.config.online_store)  # noqa: SLF001 - no public API
 
 
 def online_store(store: FeatureStore) -> Any:

@@ -332,8 +332,14 @@ class FeedbackSettings(BaseModel):
     )
     push_lock_timeout_s: float = Field(
         default=2.0, gt=0,
-        description="Longest wait for <home>/locks/online-push.lock, which serialises the workers' read-merge-write "
-        "of a user's online row on one machine; past it the push counts as failed and its events stay pending.",
+        description="Longest wait for the push lock, which serialises the workers' read-merge-write of users' online "
+        "rows (<home>/locks/online-push.lock on one machine; with the Redis online store a Redis lock shared by every "
+        "machine); past it the push counts as failed and its events stay pending.",
+    )
+    push_lock_lease_s: float = Field(
+        default=30.0, gt=0,
+        description="Redis push lock: it expires this long after it was taken (a dead holder frees it); a push "
+        "that outlives it counts as failed and is retried (pushes are idempotent).",
     )
     journal_timeout_s: float = Field(
         default=5.0, gt=0,

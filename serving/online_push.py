@@ -9,9 +9,10 @@ rows from the log: history gets the item (most recent first, capped at
 ``features.history_length``); activity counts and spend grow (windows do not slide online); the
 distinct item/category counts grow when the item/category is new to the user's history. An event
 already in the user's online history (same item and second) is not applied again, so retries are
-idempotent. Several workers of one machine serialise their read-merge-write on
-``<home>/locks/online-push.lock`` (``push_events(lock_path=...)``), so none overwrites another's
-update. The pushed rows are stamped with the event time, or one second after the stored row
+idempotent. Writers serialise their read-merge-write, so none overwrites another's update: the
+workers of one machine on ``<home>/locks/online-push.lock`` (``push_events(lock_path=...)``), and,
+with the Redis online store, the workers of every machine on a Redis lock next to the rows
+(``push_events(lock=...)``, :func:`serving.pusher.push_lock`). The pushed rows are stamped with the event time, or one second after the stored row
 when that is later (the Redis store ignores rows that are not newer).
 
 Cost: the service turns requests into journal records without a data frame per event
@@ -23,6 +24,7 @@ feature views once and reads and writes them through the online store's own call
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -263,23 +265,26 @@ def push_events(
     lock_path: Path | None = None,
     lock_timeout_s: float = 2.0,
     rows: OnlineRows | None = None,
+    lock: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> int:
     """Apply accepted ``events`` (canonical columns) to their users' online rows and push them.
 
     With ``lock_path`` the read-merge-write runs under an exclusive ``flock`` on that file
     (``recflow.locks``), so workers of one machine pushing the same user never overwrite each
     other's update; the lock is waited for at most ``lock_timeout_s`` (then ``LockTimeout``).
+    ``lock`` (a factory of a context manager, e.g. a Redis lock shared by several machines) is used
+    instead of ``lock_path`` when given.
     ``rows``: the :class:`OnlineRows` of ``store`` (built here when not given). Returns how many
     users were updated. Raises whatever the store raises: the caller keeps the events pending in
     the log and retries.
     """
     if events.empty:
         return 0
-    if lock_path is None:
+    if lock is None and lock_path is None:
         return _merge_and_push(rows or OnlineRows(store), events, history_length, category_of)
     from recflow.locks import file_lock
 
-    with file_lock(lock_path, lock_timeout_s):
+    with lock() if lock is not None else file_lock(lock_path, lock_timeout_s):  # type: ignore[arg-type]
         return _merge_and_push(rows or OnlineRows(store), events, history_length, category_of)
 
 

@@ -17,6 +17,8 @@ runs at import time; errors are returned, not logged, so the runtime reports the
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +78,26 @@ def _ctx(settings: Settings, store: FeatureStore | None, epoch: int) -> _Context
     return _context
 
 
+def push_lock(settings: Settings, store: FeatureStore) -> Callable[[], AbstractContextManager[Any]]:
+    """The lock the online read-merge-write runs under: with the Redis online store a Redis lock
+    next to the rows (``recflow:<project>:online-push``), which serialises the workers of every
+    machine sharing that Redis; otherwise ``<home>/locks/online-push.lock``, the machine's workers.
+    Both wait at most ``feedback.push_lock_timeout_s``; the Redis lock's lease is
+    ``feedback.push_lock_lease_s``."""
+    from recflow import locks
+
+    fb = settings.feedback
+    if settings.feast.online_store == "redis":
+        from recflow.feature_store import redis_client
+
+        name = f"recflow:{store.config.project}:online-push"
+        return lambda: locks.redis_lock(redis_client(store), name, fb.push_lock_timeout_s, fb.push_lock_lease_s)
+    from serving.online_push import ONLINE_PUSH_LOCK
+
+    path = settings.paths.locks / ONLINE_PUSH_LOCK
+    return lambda: locks.file_lock(path, fb.push_lock_timeout_s)
+
+
 def push_pending(settings: Settings, store: FeatureStore | None, epoch: int, categories_key: str,
                  categories: dict[str, str | None] | None, limit: int = 5000) -> PushResult | None:
     """Push up to ``limit`` pending events online and record the outcome in the journal.
@@ -97,8 +119,7 @@ def push_pending(settings: Settings, store: FeatureStore | None, epoch: int, cat
     ids = pending["event_id"].astype(str).tolist()
     try:
         online_push.push_events(ctx.store, pending, history_length=settings.features.history_length,
-                             category_of=_categories[1].get, lock_path=settings.paths.locks / online_push.ONLINE_PUSH_LOCK,
-                             lock_timeout_s=settings.feedback.push_lock_timeout_s, rows=ctx.rows)
+                             category_of=_categories[1].get, lock=push_lock(settings, ctx.store), rows=ctx.rows)
     except Exception as exc:  # noqa: BLE001 - the events stay pending and are retried
         ctx.session.mark_pushed(ids, ok=False)
         return PushResult(set(ids), f"{type(exc).__name__}: {str(exc)[:200]}")
