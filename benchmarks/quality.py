@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     from training.pipeline import text_embeddings
     from training.protocol import Protocol, check_users, week_evalset
     from training.ranker import candidate_recall, without_text
-    from training.two_stage import Inputs, config_for, fit, week_scorer
+    from training.two_stage import Inputs, config_for, fit, ranker_search_args, week_scorer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--home", default=None, help="recflow home (default: RECFLOW_HOME / settings)")
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_for(inputs, bag=settings.training.ranker_bag, launch_slots=tuple(settings.training.launch_slots),
                      launch_days=settings.training.launch_days)
     t0 = time.perf_counter()
-    fitted = fit(inputs, protocol, cfg, progress=say)
+    fitted = fit(inputs, protocol, cfg, progress=say,
+                 search=ranker_search_args(settings.training, str(settings.paths.ray_results)))
     train_s = time.perf_counter() - t0
     say(f"recflow ranker: {json.dumps(fitted.ranker.metrics)}")
     no_text_feats = tuple(f for f in cfg.features if f not in TEXT_FEATURES)

@@ -121,7 +121,7 @@ def two_stage_task(settings: Settings, events: pd.DataFrame, items: pd.DataFrame
     from training.two_stage import train_and_score
 
     return train_and_score(events, items, emb, cutoff, data, settings.training, progress=_log,
-                           warn=get_run_logger().warning)
+                           warn=get_run_logger().warning, storage_path=str(settings.paths.ray_results))
 
 
 @task(name="evaluate-champion", cache_policy=NO_CACHE)

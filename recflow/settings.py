@@ -162,6 +162,11 @@ class TrainingSettings(BaseModel):
         "measured cost in next-week quality (docs/training.md, launch slots).",
     )
     launch_days: float = Field(default=14.0, gt=0, description="Age (days since first sold) below which an item is a launch.")
+    ranker_trials: int = Field(
+        default=0, ge=0, le=200, description="Ray Tune trials over the LightGBM ranker's settings (ASHA over boosting "
+        "rounds, validation NDCG@10) before it is trained; 0: the defaults, no search (docs/training.md, ranker search).",
+    )
+    ranker_max_minutes: float = Field(default=10.0, gt=0, description="Time budget of the ranker search (minutes).")
     ranker_bag: int = Field(
         default=1, ge=1, le=8, description="LightGBM boosters per ranker stage, trained with seeds seed, seed+1 ... "
         "and averaged (docs/training.md, bagging): lower variance for about that many times the fit time.",

@@ -105,9 +105,11 @@ def _never_bought(week: Week, features: tuple[str, ...]) -> np.ndarray:
     return np.flatnonzero(week.x[:, features.index("ui_bought")] == 0)
 
 
-def _train(name: str, parts: list, val: tuple, cfg: RankerConfig, say: Progress, init: object = None) -> tuple[object, dict]:
+def _train(name: str, parts: list, val: tuple, cfg: RankerConfig, say: Progress, init: object = None,
+           callbacks: tuple = ()) -> tuple[object, dict]:
     """One LightGBM booster on ``parts`` (x, y, group sizes), early-stopped on ``val``; with ``init``
-    (a booster over the same features) boosting continues from it: new trees on top of its own."""
+    (a booster over the same features) boosting continues from it: new trees on top of its own.
+    ``callbacks``: more LightGBM callbacks (the ranker search's report to Ray Tune)."""
     import lightgbm as lgb
 
     x = np.concatenate([p[0] for p in parts])
@@ -122,7 +124,7 @@ def _train(name: str, parts: list, val: tuple, cfg: RankerConfig, say: Progress,
         dval = lgb.Dataset(vx, vy, group=vg if rank else None, reference=dtrain)
         booster = lgb.train(
             cfg.lgb_params(), dtrain, num_boost_round=cfg.max_rounds, valid_sets=[dval], valid_names=["validation"],
-            callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)], init_model=init,
+            callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False), *callbacks], init_model=init,
         )
     else:  # no validation purchase to stop on: a fixed, small number of rounds
         say(f"{name}: the validation week has no usable purchase; training a fixed 50 rounds without early stopping")

@@ -79,9 +79,12 @@ class Fit:
 
 
 def fit(inputs: Inputs, protocol: Protocol, cfg: RankerConfig, progress: Progress | None = None,
-        init: Ranker | None = None) -> Fit:
+        init: Ranker | None = None, search: dict[str, Any] | None = None) -> Fit:
     """Weekly examples at every training anchor, then LightGBM early-stopped on the validation week
-    (continued from ``init``'s boosters when given: :func:`training.ranker.fit_ranker`)."""
+    (continued from ``init``'s boosters when given: :func:`training.ranker.fit_ranker`). With
+    ``search`` (keyword arguments of :func:`training.ranker_search.search_ranker`: ``trials``,
+    ``max_minutes`` ...), a Ray Tune search on the same weeks picks the LightGBM settings first; its
+    record is ``ranker.metrics["search"]``."""
     say = progress or (lambda _m: None)
     t0 = time.perf_counter()
     weeks = []
@@ -99,9 +102,21 @@ def fit(inputs: Inputs, protocol: Protocol, cfg: RankerConfig, progress: Progres
             "training.ranker_train_weeks) or serve the two-tower model (training.ranker=false)")
     if len(usable) < len(weeks):
         say(f"{len(weeks) - len(usable)} training week(s) without a usable purchase left out")
+    timings = {"examples": round(time.perf_counter() - t0, 1)}
+    found = None
+    if search:
+        from training.ranker_search import search_ranker
+
+        t1 = time.perf_counter()
+        found = search_ranker(usable, val, cfg, progress=say, **search)
+        cfg = found.config
+        timings["search"] = round(time.perf_counter() - t1, 1)
     t1 = time.perf_counter()
     ranker = fit_ranker(usable, val, cfg, progress=say, init=init)
-    return Fit(ranker, val, {"examples": round(t1 - t0, 1), "fit": round(time.perf_counter() - t1, 1)})
+    if found is not None:
+        ranker.metrics["search"] = found.summary()
+    timings["fit"] = round(time.perf_counter() - t1, 1)
+    return Fit(ranker, val, timings)
 
 
 def final_model(inputs: Inputs, ranker: Ranker, as_of: int) -> TwoStage:
@@ -176,9 +191,21 @@ __all__ = ["FEATURES", "Fit", "Inputs", "config_for", "final_model", "fit", "inp
            "week_scorer"]
 
 
+def ranker_search_args(t: TrainingSettings, storage_path: str | None = None) -> dict[str, Any] | None:
+    """:func:`fit`'s ``search`` from the settings: None unless ``training.ranker_trials`` > 0. Ray
+    Tune's files go under ``storage_path`` (default: a new temporary folder)."""
+    if t.ranker_trials <= 0:
+        return None
+    import tempfile
+
+    return {"trials": t.ranker_trials, "max_minutes": t.ranker_max_minutes, "seed": t.seed, "searcher": t.searcher,
+            "cpus_per_trial": max(1, int(t.cpus_per_trial)),
+            "storage_path": storage_path or tempfile.mkdtemp(prefix="recflow-ranker-tune-")}
+
+
 def train_and_score(events: pd.DataFrame, items: pd.DataFrame, emb: np.ndarray, cutoff: pd.Timestamp, data: Any,
                     t: TrainingSettings, progress: Progress | None = None,
-                    warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+                    warn: Callable[[str], None] | None = None, storage_path: str | None = None) -> dict[str, Any] | None:
     """The train flow's two-stage model: candidates + LightGBM ranker on ``t.ranker_train_weeks``
     weekly anchors before ``cutoff``, early-stopped on the validation week, scored on ``data``'s test
     week (its validation week without one), and the servable model with the item side as of the data
@@ -193,7 +220,7 @@ def train_and_score(events: pd.DataFrame, items: pd.DataFrame, emb: np.ndarray, 
     protocol = Protocol.make(cutoff, t.ranker_train_weeks, 1, t.eval_days)
     cfg = config_for(inputs, seed=t.seed, bag=t.ranker_bag, launch_slots=tuple(t.launch_slots), launch_days=t.launch_days)
     try:
-        fitted = fit(inputs, protocol, cfg, progress=progress)
+        fitted = fit(inputs, protocol, cfg, progress=progress, search=ranker_search_args(t, storage_path))
     except ValueError as exc:  # too little history for weekly examples: serve the two-tower model
         warn(str(exc))
         return None

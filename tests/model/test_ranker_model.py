@@ -344,3 +344,29 @@ def test_launch_slots_put_each_users_best_launches_at_the_listed_positions(shop:
     assert checked > 5
     loaded = load_two_stage(save_two_stage(final_model(inputs, r, seconds(ev.anchor)), tmp_path / "launch"))
     assert loaded.ranker.config.launch_slots == (1, 3) and loaded.ranker.config.launch_days == days
+
+
+@pytest.mark.timeout(400)
+def test_ranker_search_picks_the_best_trials_settings_and_trains_with_them(shop: dict, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """training.ranker_trials > 0: a Ray Tune search (ASHA over boosting rounds, validation NDCG@10)
+    picks the LightGBM settings, the ranker is trained with the best trial's, and the record says so."""
+    import ray
+
+    from training.ranker_search import SEARCHED
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    inputs, protocol, cfg = shop["inputs"], shop["protocol"], shop["cfg"]
+    fitted = fit(inputs, protocol, cfg, search={"trials": 3, "max_minutes": 3, "num_cpus": 2, "searcher": "random",
+                                                "storage_path": str(tmp_path / "ray")})
+    assert not ray.is_initialized()
+    record = fitted.ranker.metrics["search"]
+    trials, best = record["trials"], record["best"]
+    assert len(trials) == 3 and best["ndcg@10"] == max(t["ndcg@10"] for t in trials)
+    assert all(0 < t["ndcg@10"] <= 1 and 1 <= t["best_round"] <= t["rounds"] <= cfg.max_rounds for t in trials)
+    assert len({tuple(t[k] for k in SEARCHED) for t in trials}) == 3  # three different settings were tried
+    chosen = fitted.ranker.config
+    for k in SEARCHED:
+        assert getattr(chosen, k) == pytest.approx(best[k]), k
+    assert chosen.features == cfg.features and fitted.seconds["search"] > 0
+    assert trials[0]["num_leaves"] in (15, 31, 63) and 0.02 <= trials[0]["learning_rate"] <= 0.1
