@@ -8,6 +8,9 @@ each library's own switch, and only where the user has not set that switch:
   telemetry (``PREFECT_SERVER_ANALYTICS_ENABLED``: on a machine without internet access it logs an
   error per run);
 - Feast, Ray, BentoML, transformers, Optuna, httpx: their loggers at WARNING;
+- warnings that ask nothing of the user, dropped by message (:data:`NOTICES`): Ray's "token
+  authentication is enabled" notice at every local ``ray.init`` (its "disabled" warning, which
+  asks for action, still shows);
 - deprecation and future warnings of third-party code: ignored.
 
 These are library switches set before the libraries are imported, not recflow settings: recflow's
@@ -21,11 +24,25 @@ import os
 import warnings
 
 NOISY_LOGGERS = ("feast", "ray", "bentoml", "transformers", "optuna", "httpx", "urllib3", "filelock", "evidently")
+NOTICES: dict[str, tuple[str, ...]] = {
+    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray cluster",),
+}
 LIBRARY_SWITCHES = {
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TRANSFORMERS_VERBOSITY": "error",
 }
+
+
+class _DropNotices(logging.Filter):
+    """Drops the records whose message starts with one of ``starts``."""
+
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
 
 
 def quiet_libraries() -> None:
@@ -34,6 +51,10 @@ def quiet_libraries() -> None:
         os.environ.setdefault(name, value)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name, starts in NOTICES.items():
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in target.filters):
+            target.addFilter(_DropNotices(starts))
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     # Some libraries reset or bypass the filters while they run (pathspec's deprecation notices still

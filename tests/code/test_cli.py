@@ -114,4 +114,20 @@ def test_quiet_console_sets_library_switches_unless_the_user_did(monkeypatch) ->
         assert os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] == "DEBUG", "a user's setting wins"
         assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
         assert feast.level == logging.WARNING
+        # Ray's "token auth is enabled" notice is dropped, its "disabled" warning (asks for action) is not
+        ray_auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        seen: list[str] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                seen.append(record.getMessage())
+
+        keep = Keep()
+        ray_auth.addHandler(keep)
+        try:
+            ray_auth.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...")
+            ray_auth.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+        finally:
+            ray_auth.removeHandler(keep)
+        assert seen == ["Token authentication is disabled for this Ray cluster. Anyone with network access ..."]
     assert "--verbose" in runner.invoke(app, ["--help"]).output
