@@ -342,9 +342,10 @@ class FeedbackSettings(BaseModel):
         "machine); past it the push counts as failed and its events stay pending.",
     )
     push_lock_lease_s: float = Field(
-        default=30.0, gt=0,
-        description="Redis push lock: it expires this long after it was taken (a dead holder frees it); a push "
-        "that outlives it counts as failed and is retried (pushes are idempotent).",
+        default=10.0, gt=0,
+        description="Redis push lock: it expires this long after it was taken, so a holder that died, or a lock "
+        "request a hung Redis applied after its client gave up, frees it by then. Keep it above push_timeout_s "
+        "(a push slower than that already counts as failed and is retried; pushes are idempotent).",
     )
     journal_timeout_s: float = Field(
         default=5.0, gt=0,
