@@ -190,7 +190,7 @@ def train(
     from recflow import registry
     from training.examples import default_cutoff, entity_frame, split_anchors, to_utc
     from training.incremental import promotion_decision
-    from training.pipeline import markdown_table
+    from training.pipeline import markdown_table, train_metadata, train_notes, with_two_stage
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = flow_settings(home, overrides)
@@ -239,21 +239,10 @@ def train(
         t0 = time.perf_counter()
         two_stage = two_stage_task(settings, events, items, emb, cut, data)
         lap("two_stage", t0)
-        if two_stage is not None:
-            evaluation["results"]["recflow_two_tower"] = evaluation["results"].pop("recflow")
-            evaluation["results"]["recflow"] = two_stage["metrics"]
-            from training.pipeline import goals
-
-            evaluation["goals"] = goals(evaluation["results"])
-    metadata = {
-        "metrics": {"validation": outcome.metrics, evaluation["week"]: evaluation["results"]["recflow"]},
-        "baselines": {k: v for k, v in evaluation["results"].items() if k != "recflow"},
-        "goals": evaluation["goals"],
-        "search": {"trials": trials, "max_minutes": max_minutes, "searcher": outcome.searcher,
-                   "space": outcome.search_space, "best_config": asdict(outcome.config)},
-        **registry.provenance(settings, data.window),
-        "ranker": two_stage["model"].ranker.metrics if two_stage is not None else None,
-    }
+        evaluation = with_two_stage(evaluation, two_stage)
+    metadata = train_metadata(outcome, evaluation, {"trials": trials, "max_minutes": max_minutes},
+                              registry.provenance(settings, data.window),
+                              two_stage["model"].ranker.metrics if two_stage is not None else None)
     t0 = time.perf_counter()
     champion = champion_task(settings, data, events, items, emb)
     decision = promotion_decision(settings.training, champion, evaluation["results"]["recflow"])
@@ -266,13 +255,7 @@ def train(
     lap("register", t0)
     timings["total"] = round(time.perf_counter() - started, 1)
     table = markdown_table(evaluation["results"], f"{evaluation['week']} week from {evaluation['anchor']}")
-    g = evaluation["goals"]
-    notes = (
-        f"\n\nModel `{reg['tag']}` {decision['reason']} (champion: `{reg['champion']}`). Best baseline: {g.get('best_baseline')}; "
-        f"NDCG@10 lift {g.get('ndcg@10_lift', 0) or 0:+.1%} (goal +5%: {'met' if g.get('ndcg@10_goal_met') else 'missed'}); "
-        f"new-to-user NDCG@10 ratio vs {g.get('new_reference')} {g.get('ndcg@10_new_ratio') or 0:.2f}x "
-        f"(goal 1.4x: {'met' if g.get('ndcg@10_new_goal_met') else 'missed'}). Timings (s): {timings}."
-    )
+    notes = train_notes(reg["tag"], reg["champion"], decision["reason"], evaluation["goals"], timings)
     create_markdown_artifact(markdown=table + notes, key="recflow-train-metrics", description="recflow train: test-week metrics")
     log.info("\n%s%s", table, notes)
     return {

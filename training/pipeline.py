@@ -129,6 +129,45 @@ def goals(results: dict[str, dict[str, float]]) -> dict[str, Any]:
     }
 
 
+def with_two_stage(evaluation: dict[str, Any], two_stage: dict[str, Any] | None) -> dict[str, Any]:
+    """The test-week ``evaluation`` (``results``, ``goals``) with the two-stage model as ``recflow``
+    (the two-tower model kept as ``recflow_two_tower``) and the goals recomputed; as is without one."""
+    if two_stage is None:
+        return evaluation
+    results = dict(evaluation["results"])
+    results["recflow_two_tower"] = results.pop("recflow")
+    results["recflow"] = two_stage["metrics"]
+    return {**evaluation, "results": results, "goals": goals(results)}
+
+
+def train_metadata(outcome: Any, evaluation: dict[str, Any], search: dict[str, Any], provenance: dict[str, Any],
+                   ranker_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """The registry metadata of a ``train`` run: validation and test-week metrics, the baselines, the
+    goals, the search (``search``: trials and budget; the outcome adds searcher, space and best config),
+    ``provenance`` (:func:`recflow.registry.provenance`) and the ranker's metrics."""
+    from dataclasses import asdict
+
+    return {
+        "metrics": {"validation": outcome.metrics, evaluation["week"]: evaluation["results"]["recflow"]},
+        "baselines": {k: v for k, v in evaluation["results"].items() if k != "recflow"},
+        "goals": evaluation["goals"],
+        "search": {**search, "searcher": outcome.searcher, "space": outcome.search_space,
+                   "best_config": asdict(outcome.config)},
+        **provenance,
+        "ranker": ranker_metrics,
+    }
+
+
+def train_notes(tag: str, champion: str | None, reason: str, g: dict[str, Any], timings: dict[str, float]) -> str:
+    """The closing lines of a ``train`` run's report: the model, its promotion and the two goals."""
+    return (
+        f"\n\nModel `{tag}` {reason} (champion: `{champion}`). Best baseline: {g.get('best_baseline')}; "
+        f"NDCG@10 lift {g.get('ndcg@10_lift', 0) or 0:+.1%} (goal +5%: {'met' if g.get('ndcg@10_goal_met') else 'missed'}); "
+        f"new-to-user NDCG@10 ratio vs {g.get('new_reference')} {g.get('ndcg@10_new_ratio') or 0:.2f}x "
+        f"(goal 1.4x: {'met' if g.get('ndcg@10_new_goal_met') else 'missed'}). Timings (s): {timings}."
+    )
+
+
 def markdown_table(results: dict[str, dict[str, float]], title: str = "") -> str:
     """A markdown table of :data:`TABLE_METRICS` for the table models present in ``results``."""
     lines = [f"### {title}", ""] if title else []
