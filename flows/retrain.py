@@ -131,8 +131,7 @@ def retrain(
 
     from recflow import registry
     from recflow.features.training_set import load_events
-    from training.examples import to_utc
-    from training.incremental import gate
+    from training.incremental import gate, retrain_markdown, retrain_window
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = flow_settings(home, overrides)
@@ -152,11 +151,7 @@ def retrain(
         t0 = time.perf_counter()
         build_features(skip_ingest=True, home=home, overrides=overrides)  # flushes the event log first
         lap("features", t0)
-    events = load_events(settings)
-    end = to_utc(as_of) if as_of else events["event_timestamp"].max().normalize() + pd.Timedelta(days=1)
-    events = events[events["event_timestamp"] < end]
-    cutoff = end - pd.Timedelta(days=t.eval_days)
-    weeks = t.train_weeks if full else t.retrain_recent_weeks + t.retrain_replay_weeks
+    events, end, cutoff, weeks = retrain_window(load_events(settings), as_of, t, full)
     t0 = time.perf_counter()
     data = window_data_task(settings, events, cutoff, weeks)
     lap("data", t0)
@@ -222,12 +217,9 @@ def retrain(
     out.write_text(json.dumps(summary, indent=1, default=str))
     verdict = "promoted" if decision.promote else "rejected"
     create_markdown_artifact(
-        key="recflow-retrain",
-        markdown=(f"# Retrain: challenger {verdict}\n\n| | champion `{pointer['tag']}` | challenger `{tag}` |\n|---|---:|---:|\n"
-                  + "\n".join(f"| {m} | {champ_metrics[m]:.4f} | {chall_metrics[m]:.4f} |"
-                              for m in ("ndcg@10", "recall@20", "hitrate@10", "ndcg@10_new", "ndcg@10_repeat", "coverage"))
-                  + f"\n\nGate week {cutoff.date()} .. {end.date()}: {decision.reason}.\n\nChampion now: `{after}`.\n"),
-        description=f"recflow retrain: challenger {verdict}",
+        key="recflow-retrain", description=f"recflow retrain: challenger {verdict}",
+        markdown=retrain_markdown(pointer["tag"], tag, champ_metrics, chall_metrics, decision,
+                                  f"{cutoff.date()} .. {end.date()}", after),
     )
     log.info("challenger %s %s; champion: %s (%ss)", tag, verdict, after, timings["total"])
     return summary

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from recflow.modeling.model import RecModel
@@ -159,3 +160,27 @@ def promotion_decision(t: TrainingSettings, champion: dict[str, Any] | None,
     return {"promote": decision.promote, "gate": decision.to_dict(),
             "reason": f"{verdict}: gate against champion {champion['tag']} ({champion['kind']}) on the "
                       f"{champion['week']} week: {decision.reason}"}
+
+
+GATE_TABLE_METRICS = ("ndcg@10", "recall@20", "hitrate@10", "ndcg@10_new", "ndcg@10_repeat", "coverage")
+
+
+def retrain_window(events: pd.DataFrame, as_of: Any, t: TrainingSettings, full: bool
+                   ) -> tuple[pd.DataFrame, pd.Timestamp, pd.Timestamp, int]:
+    """A retrain's window: the events before the gate week's end (``as_of``, default the day after the
+    newest event), that end, the gate week's start, and the weeks of examples (``t.train_weeks`` for a
+    full retrain, else the recent plus the replayed weeks)."""
+    from recflow.timeutil import to_utc
+
+    end = to_utc(as_of) if as_of else events["event_timestamp"].max().normalize() + pd.Timedelta(days=1)
+    weeks = t.train_weeks if full else t.retrain_recent_weeks + t.retrain_replay_weeks
+    return events[events["event_timestamp"] < end], end, end - pd.Timedelta(days=t.eval_days), weeks
+
+
+def retrain_markdown(champion: str, challenger: str, champ: dict[str, float], chall: dict[str, float],
+                     decision: GateDecision, gate_week: str, after: str) -> str:
+    """The retrain report (a Prefect artifact): both models on the gate week, the decision, the champion now."""
+    verdict = "promoted" if decision.promote else "rejected"
+    rows = "\n".join(f"| {m} | {champ[m]:.4f} | {chall[m]:.4f} |" for m in GATE_TABLE_METRICS)
+    return (f"# Retrain: challenger {verdict}\n\n| | champion `{champion}` | challenger `{challenger}` |\n|---|---:|---:|\n"
+            f"{rows}\n\nGate week {gate_week}: {decision.reason}.\n\nChampion now: `{after}`.\n")

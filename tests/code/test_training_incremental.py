@@ -79,3 +79,24 @@ def test_gate() -> None:
     collapsed = gate(champ, {"ndcg@10": 0.31, "ndcg@10_new": 0.01}, margin=0.01)
     assert not collapsed.promote and "ndcg@10_new fell" in collapsed.reason
     assert not gate(champ, {"ndcg@10": float("nan"), "ndcg@10_new": 0.02}).promote
+
+
+def test_retrain_window_and_report() -> None:
+    import pandas as pd
+
+    from recflow.settings import TrainingSettings
+    from training.incremental import GateDecision, retrain_markdown, retrain_window
+
+    ts = pd.to_datetime(["2024-03-01T10:00Z", "2024-03-09T23:00Z", "2024-03-10T08:00Z"])
+    events = pd.DataFrame({"event_timestamp": ts, "user_id": ["a", "b", "c"]})
+    t = TrainingSettings(eval_days=7, train_weeks=12, retrain_recent_weeks=4, retrain_replay_weeks=12)
+    before, end, cutoff, weeks = retrain_window(events, None, t, full=False)
+    assert end == pd.Timestamp("2024-03-11", tz="UTC") and cutoff == pd.Timestamp("2024-03-04", tz="UTC")
+    assert len(before) == 3 and weeks == 16
+    before, end, _, weeks = retrain_window(events, "2024-03-10", t, full=True)
+    assert end == pd.Timestamp("2024-03-10", tz="UTC") and len(before) == 2 and weeks == 12  # the gate week ends at as_of
+    m = {k: 0.5 for k in ("ndcg@10", "recall@20", "hitrate@10", "ndcg@10_new", "ndcg@10_repeat", "coverage")}
+    text = retrain_markdown("m:1", "m:2", m, {**m, "ndcg@10": 0.6}, GateDecision(True, "ndcg@10", 0.5, 0.6, 0.01, "better by 20%"),
+                            "2024-03-04 .. 2024-03-11", "m:2")
+    assert text.startswith("# Retrain: challenger promoted") and "| ndcg@10 | 0.5000 | 0.6000 |" in text
+    assert "Gate week 2024-03-04 .. 2024-03-11: better by 20%." in text and text.endswith("Champion now: `m:2`.\n")
