@@ -37,12 +37,18 @@ def replace_durably(tmp: Path, dest: Path) -> None:
     fsync_dir(dest.parent)
 
 
-def write_text_durably(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically and durably (a temporary file next to it, removed on error)."""
+def write_text_durably(path: Path, text: str, mode: int | None = None) -> None:
+    """Replace ``path`` with ``text`` atomically and durably (a temporary file next to it, removed on
+    error); with ``mode`` (e.g. 0o600 for a secret) the file is created with it, never wider first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        if mode is None:
+            tmp.write_text(text)
+        else:
+            tmp.unlink(missing_ok=True)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as out:
+                out.write(text)
         replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

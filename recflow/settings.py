@@ -587,36 +587,28 @@ def load_settings(**overrides: object) -> Settings:
 
 
 def snapshot(settings: Settings) -> dict[str, Any]:
-    """Every setting of ``settings`` as JSON-able values, secrets in plain text: what
-    :func:`write_snapshot` hands to a child process. Never log it."""
+    """Every setting of ``settings`` as JSON-able values (pydantic's JSON dump), secrets in plain text:
+    what :func:`write_snapshot` hands to a child process. Never log it."""
+    import json
 
-    def plain(value: Any) -> Any:
-        if isinstance(value, SecretStr):
-            return value.get_secret_value()
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, date | datetime):
-            return value.isoformat()
-        return value
-
-    return plain(settings.model_dump(mode="python"))
+    data = json.loads(settings.model_dump_json())
+    for section, part in settings:
+        if isinstance(part, BaseModel):
+            for name, value in part:
+                if isinstance(value, SecretStr):
+                    data[section][name] = value.get_secret_value()
+    return data
 
 
 def write_snapshot(settings: Settings, path: Path) -> Path:
-    """Write :func:`snapshot` of ``settings`` to ``path`` (mode 0600, replaced atomically): how the
-    service process gets exactly the settings ``recflow serve`` resolved, without the environment."""
+    """Write :func:`snapshot` of ``settings`` to ``path`` (mode 0600, replaced atomically and durably):
+    how the service process gets exactly the settings ``recflow serve`` resolved, without the environment."""
     import json
 
+    from recflow.durable import write_text_durably
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump(snapshot(settings), out)
-    os.replace(tmp, path)
+    write_text_durably(path, json.dumps(snapshot(settings)), mode=0o600)
     return path
 
 

@@ -61,16 +61,13 @@ def bento_env(settings: Settings) -> dict[str, str]:
     :func:`service_env` variables plus the home, Feast, serving and feature settings as ``RECFLOW_*``
     variables, secrets in plain text. A container's settings arrive this way (or in its TOML file);
     ``recflow serve`` uses the :func:`settings_file` instead."""
-    from recflow.security import reveal
+    from recflow.settings import snapshot
 
     env = service_env(settings)
     env["RECFLOW_HOME"] = str(settings.home)
+    values = snapshot(settings)
     for section in ("feast", "serving", "features"):
-        part = getattr(settings, section)
-        secret = {n for n, f in type(part).model_fields.items() if "SecretStr" in str(f.annotation)}
-        values = json.loads(part.model_dump_json(exclude=secret))
-        values.update({n: reveal(getattr(part, n)) for n in secret})
-        for name, value in values.items():
+        for name, value in values[section].items():
             if value is not None:
                 key = f"RECFLOW_{section.upper()}__{name.upper()}"
                 env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
