@@ -587,17 +587,19 @@ def load_settings(**overrides: object) -> Settings:
 
 
 def snapshot(settings: Settings) -> dict[str, Any]:
-    """Every setting of ``settings`` as JSON-able values (pydantic's JSON dump), secrets in plain text:
-    what :func:`write_snapshot` hands to a child process. Never log it."""
+    """Every setting of ``settings`` as JSON-able values, secrets in plain text: what
+    :func:`write_snapshot` hands to a child process. Never log it. (A plain dump, not pydantic's JSON
+    mode, which masks secrets and fails on a ``model_copy`` that set one to a plain string.)"""
     import json
 
-    data = json.loads(settings.model_dump_json())
-    for section, part in settings:
-        if isinstance(part, BaseModel):
-            for name, value in part:
-                if isinstance(value, SecretStr):
-                    data[section][name] = value.get_secret_value()
-    return data
+    def plain(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        if isinstance(value, date | datetime):
+            return value.isoformat()
+        return str(value)  # Path
+
+    return json.loads(json.dumps(settings.model_dump(mode="python"), default=plain))
 
 
 def write_snapshot(settings: Settings, path: Path) -> Path:
