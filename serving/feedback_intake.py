@@ -224,6 +224,7 @@ class FeedbackHandler:
         if self._stalled_push is None:
             with contextlib.suppress(Exception):  # /status keeps the last known count
                 self.pending_feedback = await self._run(self._push, pusher.pending_count, *self._push_args())
+                metrics()["pending"].set(self.pending_feedback)
         return result
 
     async def _await_push(self, wait_s: float) -> set[str] | None:

@@ -43,4 +43,23 @@ def metrics() -> dict[str, Any]:
             "files cannot be loaded (alert on it: re-register and promote a good model, or roll back).",
             multiprocess_mode="livemax",
         ),
+        "http": Counter("recflow_http_responses", "Answers of the API endpoints by status class (2xx, 4xx, 5xx).",
+                        ["endpoint", "status"]),
+        "pending": Gauge("recflow_feedback_pending", "Accepted feedback events not yet pushed to the online store "
+                         "(the push loop's last count).", multiprocess_mode="livemax"),
+        "model": Gauge("recflow_model_info", "1 for the model version a worker serves (one series per worker: "
+                       "alert when live workers serve different versions).", ["model"], multiprocess_mode="liveall"),
     }
+
+
+def note_model(version: str, previous: str | None) -> None:
+    """Mark ``version`` as this worker's model in ``recflow_model_info`` (and ``previous`` as no longer)."""
+    m = metrics()["model"]
+    if previous and previous != version:
+        m.labels(previous).set(0)
+    m.labels(version).set(1)
+
+
+def status_class(status: int) -> str:
+    """``2xx``, ``4xx`` or ``5xx`` (other codes by their first digit)."""
+    return f"{status // 100}xx"

@@ -3,6 +3,8 @@
 - Request bodies must be JSON (``415`` otherwise) and at most ``MAX_BODY`` bytes (``413``), counted
   as they arrive, so a chunked body without ``Content-Length`` is held to the same limit.
 - Duplicate ``Content-Type`` or ``Content-Length`` headers are a ``400`` naming the header.
+- Every answer of an API endpoint is counted by status class in ``recflow_http_responses_total``
+  (the 5xx alert's source; BentoML's own HTTP metrics are off on the hot paths).
 - BentoML answers a pydantic validation failure with ``400 {"error": "1 validation error for
   ...IODescriptor", "detail": [...]}``; this rewrites ``error`` to name the fields, e.g.
   ``"k: Input should be less than or equal to 100"``, and adds ``fields``.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import json
 from typing import Any
+
+from serving.metrics import metrics, status_class
 
 MAX_BODY = 64 * 1024
 API_PATHS = frozenset({"/recommend", "/similar", "/search", "/feedback", "/feedback/batch", "/reload", "/status"})
@@ -60,6 +64,22 @@ class RequestGuard:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in API_PATHS:
             await self.app(scope, receive, send)
             return
+        endpoint = scope["path"].strip("/").replace("/", "_")
+        answered: list[int] = []
+
+        async def counted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                answered.append(message["status"])
+                metrics()["http"].labels(endpoint, status_class(message["status"])).inc()
+            await send(message)
+        try:
+            await self._guarded(scope, receive, counted)
+        except Exception:
+            if not answered:  # the server's error handler answers 500 outside this middleware
+                metrics()["http"].labels(endpoint, "5xx").inc()
+            raise
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         types: list[bytes] = []
         lengths: list[str] = []
         for name, v in scope.get("headers", ()):

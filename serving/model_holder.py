@@ -26,7 +26,7 @@ from serving import prefill, ranking, tower
 from serving.aio import cancel_tasks
 from serving.api import ReloadResponse
 from serving.errors import BadRequest, NotFound, NotReady
-from serving.metrics import metrics
+from serving.metrics import metrics, note_model
 from serving.model_source import ModelNotFound, files_signature, resolve_model
 from serving.serving_state import ServingState, load_state
 from serving.store_client import StoreClient
@@ -123,6 +123,7 @@ class ModelHolder:
                 self.state = state
                 self.answer_cache = answers
                 self._note_fallback(state)
+                note_model(state.version, None)
                 metrics()["reloads"].labels("ok").inc()
                 log.info("ready: model %s, %d items", state.version, state.n_items)
                 return
@@ -292,6 +293,7 @@ class ModelHolder:
                 raise NotFound(f"{exc}; still serving {previous}", field="model_tag" if model_tag else None) from exc
             self.state = state
             self._note_fallback(state)
+            note_model(state.version, previous)
             self.query_cache = None  # queries of the old model, or of rows read with the old registry
             self.answer_cache = answers
             await self._run(freeze_heap)

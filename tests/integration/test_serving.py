@@ -9,6 +9,7 @@ Redis online store mid-run.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -201,6 +202,12 @@ def test_service_end_to_end(tiny_features, shop_model) -> None:  # noqa: ANN001
         assert 'recflow_responses_total{endpoint="recommend",kind="model"}' in metrics
         assert "recflow_stage_seconds_bucket" in metrics
         assert 'recflow_user_cache_total{result="hit"}' in metrics, "a repeated user's query came from the cache"
+        # The series the alert rules watch (monitoring/alerts): answers by status class, the model per
+        # worker, the pending-feedback gauge.
+        assert re.search(r'recflow_http_responses_total\{endpoint="recommend",status="2xx"\} [1-9]', metrics), metrics
+        assert re.search(r'recflow_http_responses_total\{endpoint="feedback",status="4xx"\} [1-9]', metrics)
+        assert re.search(r'recflow_model_info\{model="[^"]+"(,pid="\d+")?\} 1\.0', metrics), metrics
+        assert re.search(r"recflow_feedback_pending(\{[^}]*\})? 0\.0", metrics), metrics
 
         # Zero-downtime reload: a new champion is swapped in while requests keep flowing.
         second = registry.register(settings, shop_model(settings, seed=1), {"note": "second"})
