@@ -168,6 +168,9 @@ def render_index(reports_dir: Path) -> str:
         "DRIFT means a gating metric crossed its threshold (see reasons): the world changed; advisory lines do not "
         "trigger retraining. Skew is apart: PIPELINE FAULT means the service was served features that disagree "
         "with the offline truth for the same user and time, which retraining does not fix.</div>"
+        "<div class='sub'><a href='dashboard'>Trend dashboard</a> (the Evidently workspace: drift share, skew, "
+        "quality, coverage, novelty, fallback and degraded rates and pending feedback over the monitor runs; "
+        "served by <code>recflow reports --serve</code>).</div>"
         f"{head}{table}</body></html>"
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +27,8 @@ from monitoring.policy import (
 from monitoring.reports import ReportFiles, drift_report, quality_report
 from recflow.privacy import apply_retention, pseudonym_key, pseudonymise_frame
 from recflow.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,6 +102,17 @@ def _serving_stats(log: pd.DataFrame) -> dict[str, Any]:
     if "model_version" in log and len(log):
         out["model_versions"] = {str(k): int(v) for k, v in log["model_version"].value_counts().head(5).items()}
     return out
+
+
+def _pending_feedback(settings: Settings) -> int | None:
+    """Accepted feedback events not yet pushed online, at the time of the run (None: unreadable)."""
+    from recflow.event_log import EventLog
+
+    try:
+        return EventLog(settings.paths.event_log, timeout_s=settings.feedback.journal_timeout_s).stats()["pending_push"]
+    except Exception as exc:  # noqa: BLE001 - a locked or damaged journal must not fail the monitor
+        log.warning("pending feedback unknown: %s", exc)
+        return None
 
 
 def run_monitor(
@@ -309,7 +323,7 @@ def run_monitor(
         "features": {**f_info, "drifted": feat.drifted_columns, "per_column": feat.columns},
         "predictions": {"numerical": p_num, "categorical": p_cat, "drifted": pred.drifted_columns,
                         "per_column": pred.columns, "mix_groups": groups},
-        "serving": _serving_stats(drift_log),
+        "serving": {**_serving_stats(drift_log), "pending_feedback": _pending_feedback(settings)},
         "skew": skew,
         "policy": policy.model_dump(),
         "reports": {name: {"html": f.html.name, "json": f.json.name} for name, f in reports.items()},
@@ -318,14 +332,34 @@ def run_monitor(
         "retention_removed": retention,
         "evidently_version": _evidently_version(),
     }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if ms.workspace:
+        t = time.perf_counter()
+        snapshots = {"feature_drift": feat.snapshot, "prediction_drift": pred.snapshot,
+                     "recommendation_quality": qual.snapshot}
+        summary["workspace"] = _record(settings, summary, run_dir, snapshots)
+        timings["workspace"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     index_path = write_index(settings.paths.reports) if write_index_page else settings.paths.reports / "index.html"
     return MonitorResult(decision=decision, run_dir=run_dir, summary_path=summary_path, index_path=index_path,
                          reports=reports, summary=summary)
+
+
+def _record(settings: Settings, summary: dict[str, Any], run_dir: Path, snapshots: dict[str, Any]) -> dict[str, Any]:
+    """Record the run in the Evidently workspace; a failure there is noted, never fails the run."""
+    from monitoring.workspace import record_run
+
+    try:
+        done = record_run(settings.paths.workspace, summary, run_dir, snapshots)
+    except Exception as exc:  # noqa: BLE001 - the trend view is secondary to the run's own reports
+        summary["warnings"].append(f"not recorded in the Evidently workspace {settings.paths.workspace}: "
+                                   f"{type(exc).__name__}: {exc}")
+        return {"recorded": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"recorded": True, "project_id": done["project_id"], "snapshots_added": done["snapshots_added"],
+            "pruned_runs": done["pruned_runs"]}
 
 
 def _empty_relevance() -> pd.DataFrame:

@@ -51,6 +51,7 @@ class DriftOutcome:
     n_drifted: int
     columns: dict[str, dict[str, Any]] = field(default_factory=dict)
     note: str = ""
+    snapshot: Any = field(default=None, repr=False)  # the Evidently snapshot (None: a placeholder was written)
 
     @property
     def drifted_columns(self) -> list[str]:
@@ -87,6 +88,7 @@ class QualityOutcome:
     users_with_feedback: tuple[int, int]
     users: tuple[int, int]
     note: str = ""
+    snapshot: Any = field(default=None, repr=False)  # the Evidently snapshot (None: a placeholder was written)
 
 
 # --- shared helpers ----------------------------------------------------------------------------
@@ -194,7 +196,8 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, *, numerical: l
     share, count, per_column = read_drift_results(snapshot.dict())
     if share is None:
         raise RuntimeError(f"{name}: Evidently returned no DriftedColumnsCount result; see {files.json}")
-    return DriftOutcome(files=files, share=share, n_columns=len(columns), n_drifted=count, columns=per_column)
+    return DriftOutcome(files=files, share=share, n_columns=len(columns), n_drifted=count, columns=per_column,
+                        snapshot=snapshot)
 
 
 # --- quality report ----------------------------------------------------------------------------
@@ -301,7 +304,7 @@ def quality_report(reference: pd.DataFrame, current: pd.DataFrame, *, train: pd.
         items = pd.Index(train["item_id"].unique())
         cur["coverage"], ref["coverage"] = coverage(current, items, k_eff), coverage(reference, items, k_eff)
     return QualityOutcome(files=files, k=k_eff, current=cur, reference=ref, users_with_feedback=fb, users=users,
-                          note="; ".join(notes))
+                          note="; ".join(notes), snapshot=snapshot)
 
 
 def _num(x: Any) -> float | None:

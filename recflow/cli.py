@@ -281,10 +281,13 @@ def schedule(
 
 @app.command()
 def reports(
-    serve: Annotated[bool, typer.Option("--serve", help="Serve the reports folder on 127.0.0.1 until Ctrl-C.")] = False,
+    serve: Annotated[bool, typer.Option("--serve", help="Serve the reports and the trend dashboard on 127.0.0.1 "
+                                        "until Ctrl-C.")] = False,
     port: Annotated[int, typer.Option(help="Port for --serve (0: a free one).")] = 0,
+    dashboard_port: Annotated[int, typer.Option(help="Port of the Evidently UI behind /dashboard (0: a free one).")] = 0,
 ) -> None:
-    """Write the on-call index page linking every dated drift and quality report (and optionally serve it)."""
+    """Write the on-call index page linking every dated drift and quality report (and optionally serve it,
+    with the Evidently workspace's trend dashboard at /dashboard)."""
     from monitoring.index import write_index
 
     settings = _settings()
@@ -293,17 +296,29 @@ def reports(
     index = write_index(folder)
     runs = sum(1 for p in folder.iterdir() if p.is_dir())
     console.print(f"{runs} report run(s) indexed: {index}")
-    if serve:
-        import functools
-        import http.server
+    if not serve:
+        return
+    import contextlib
+    import signal
+    import threading
 
-        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-        with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as httpd:
-            console.print(f"Serving http://127.0.0.1:{httpd.server_address[1]}/index.html (Ctrl-C stops)")
-            try:
-                httpd.serve_forever()
-            except KeyboardInterrupt:
-                console.print("stopped")
+    from monitoring.oncall import serve_oncall
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: the Evidently UI child is stopped too
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        with serve_oncall(settings, port=port, dashboard_port=dashboard_port) as urls:
+            console.print(f"Reports: {urls['index']}", soft_wrap=True)
+            console.print(f"Trend dashboard: {urls['dashboard'] or 'not available: ' + urls['dashboard_error']}",
+                          soft_wrap=True)
+            console.print("Ctrl-C stops")
+            with contextlib.suppress(KeyboardInterrupt):
+                threading.Event().wait()
+    except OSError as exc:
+        raise _fail(exc) from exc
+    console.print("stopped")
 
 
 @app.command()

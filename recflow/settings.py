@@ -395,6 +395,11 @@ class MonitoringSettings(BaseModel):
         default=10_000, ge=100, description="Drift reports sample at most this many rows per side (recorded in summary)."
     )
     max_quality_users: int = Field(default=5_000, ge=100, description="Quality report samples at most this many users.")
+    workspace: bool = Field(
+        default=True,
+        description="Record every monitor run in the Evidently workspace <home>/workspace (trend dashboard; "
+                    "`recflow reports --serve` serves it).",
+    )
     skew_rows: int = Field(
         default=500, ge=0,
         description="Requests per run whose served ranker features the skew report recomputes offline (0: no skew report).",
@@ -503,6 +508,11 @@ class Paths:
     @property
     def reports(self) -> Path:
         return self.home / "reports"
+
+    @property
+    def workspace(self) -> Path:
+        """Evidently workspace of the monitor runs' trends (``monitoring.workspace``)."""
+        return self.home / "workspace"
 
     @property
     def cache(self) -> Path:

@@ -127,3 +127,31 @@ def test_missing_served_features_surface_as_a_warning(tmp_path) -> None:
     warning = next(r for r in result.decision.reasons if r.startswith("warning: feature schema changed"))
     assert "spend_30d" in warning
     assert result.summary["features"]["only_reference"] and "spend_30d" in result.summary["features"]["only_reference"]
+
+
+def test_workspace_records_each_run_once_and_follows_report_retention(tmp_path) -> None:
+    import shutil
+
+    from monitoring.workspace import open_project, recorded_runs, run_card
+
+    settings, reference = _world(tmp_path, shift=0.0)
+    first = run_monitor(settings, reference=reference, start=START - pd.Timedelta(days=7), end=START)
+    second = run_monitor(settings, reference=reference, start=START, end=END)
+    folder = settings.paths.workspace
+    assert recorded_runs(folder) == [first.run_dir.name, second.run_dir.name]
+    assert second.summary["workspace"]["recorded"] and second.summary["workspace"]["snapshots_added"] == 4
+    card = run_card(second.summary)
+    metrics = {m["metric"]: m["value"] for m in second.summary["metrics"]}
+    assert card["feature_drift_share"] == metrics["feature_drift_share"] and card["drift_verdict"] == 0.0
+    assert card["ndcg_at_k"] == metrics["ndcg_at_k"] > 0 and card["pending_feedback"] == 0
+    assert {"fallback_rate", "coverage", "novelty", "prediction_drift_share"} <= set(card)
+    ws, project = open_project(folder)
+    # Each run: its card and its detailed reports (the first window's quality report had no lists to score).
+    assert first.summary["workspace"]["snapshots_added"] == 3 and len(ws.list_runs(project.id)) == 7
+    # The same window again replaces its snapshots; a run removed by retention leaves the workspace.
+    run_monitor(settings, reference=reference, start=START, end=END)
+    assert len(ws.list_runs(project.id)) == 7 and recorded_runs(folder) == [first.run_dir.name, second.run_dir.name]
+    shutil.rmtree(first.run_dir)
+    again = run_monitor(settings, reference=reference, start=START, end=END)
+    assert again.summary["workspace"]["pruned_runs"] == [first.run_dir.name]
+    assert recorded_runs(folder) == [second.run_dir.name] and len(ws.list_runs(project.id)) == 4
