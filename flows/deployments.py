@@ -32,6 +32,7 @@ def deployments(home: str | None = None) -> list[RunnerDeployment]:
 
     - ``build_features/hourly``: ingest, feedback, feature tables, materialisation, every hour;
     - ``monitor/daily``: drift and quality reports of the last week, every day at 06:00 UTC;
+    - ``refresh_items/daily``: the champion's two-stage item side as of each day, at 00:15 UTC;
     - ``retrain/on-drift``: triggered by the ``recflow.drift.detected`` event the monitor emits;
     - ``train/weekly``: a full search and retrain, Sundays at 02:00 UTC, promoted only through the retrain
       flow's gate against the champion on the test week;
@@ -42,6 +43,7 @@ def deployments(home: str | None = None) -> list[RunnerDeployment]:
     from flows.deploy import deploy
     from flows.features import build_features
     from flows.monitor import monitor
+    from flows.refresh_items import refresh_items
     from flows.retrain import retrain
     from flows.train import train
 
@@ -64,6 +66,16 @@ def deployments(home: str | None = None) -> list[RunnerDeployment]:
             parameters=params,
             tags=["recflow", "monitoring"],
             description="Evidently drift and quality reports for the last week; emits recflow.drift.detected on drift.",
+            concurrency_limit=1,
+        ),
+        refresh_items.to_deployment(
+            name="daily",
+            cron="15 0 * * *",
+            entrypoint_type=module,
+            parameters=params,
+            tags=["recflow", "serving"],
+            description="Recompute the champion's two-stage item side (popularity, trend, launches, co-purchase) as of "
+                        "today; the service loads it at its next champion poll.",
             concurrency_limit=1,
         ),
         retrain.to_deployment(

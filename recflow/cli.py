@@ -458,6 +458,28 @@ def monitor(
     console.print(f"Reports: {result['run_dir']}\nOn-call page: {result['index']}")
 
 
+@app.command("refresh-items")
+def refresh_items(
+    as_of: Annotated[str | None, typer.Option(help="As-of time (ISO date/time, UTC). Default: today 00:00 UTC.")] = None,
+    reload_url: Annotated[str | None, typer.Option(help="Ask the service at this URL to /reload at once.")] = None,
+) -> None:
+    """Run the refresh_items flow: the champion's two-stage item side (popularity, trend, launches,
+    co-purchase) recomputed as of a day, weights unchanged; the service loads it at its next poll."""
+    settings = _settings()
+    from flows.refresh_items import refresh_items as refresh_flow
+
+    try:
+        with progress_bar():
+            result = refresh_flow(as_of=as_of, home=str(settings.home), service_url=reload_url)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(exc) from exc
+    if result["model"] is None:
+        console.print("The champion has no two-stage ranker: nothing to refresh.")
+        return
+    console.print(f"Item side of {result['model']} as of {result['as_of']} from {result['events']:,} purchase lines "
+                  f"in {result['seconds']:.1f} s: {result['folder']}")
+
+
 @app.command()
 def retrain(
     full: Annotated[bool, typer.Option("--full", help="Train a new model from scratch instead of warm-starting.")] = False,

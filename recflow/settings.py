@@ -510,6 +510,11 @@ class Paths:
         return self.home / "reports"
 
     @property
+    def item_refresh(self) -> Path:
+        """Daily item-side refreshes of two-stage models (``recflow.item_refresh``)."""
+        return self.home / "item_refresh"
+
+    @property
     def workspace(self) -> Path:
         """Evidently workspace of the monitor runs' trends (``monitoring.workspace``)."""
         return self.home / "workspace"

@@ -187,4 +187,5 @@ class Status(BaseModel):
     loaded_at: str | None
     load_error: str | None
     pending_feedback: int | None
+    item_side_as_of: str | None = None  # the two-stage item side's as-of time (a daily refresh moves it on)
     worker_pid: int  # which worker process answered (with serving.workers > 1, each has its own model)

@@ -155,7 +155,24 @@ class ModelHolder:
         failed = state.fallback
         if failed is not None and src.folder == failed.folder and files_signature(src.folder) == failed.signature:
             return None  # the champion that failed to load, unchanged: keep serving the previous one
-        return src if src.source == "champion" and src.folder != state.source.folder else None
+        if src.source == "champion" and src.folder != state.source.folder:
+            return src
+        return src if src.source == "champion" and self.item_side_changed(state) else None
+
+    def item_side_changed(self, state: ServingState) -> bool:
+        """Whether a daily item refresh (``recflow.item_refresh``) of the served model is newer than the
+        item side it serves (the champion poll then reloads the same model with it)."""
+        from recflow import item_refresh
+
+        if state.two_stage is None or state.fallback is not None:
+            return False
+        found = item_refresh.current(self.settings, state.version)
+        if found is None:
+            return False
+        import pandas as pd
+
+        as_of = int(pd.Timestamp(found[1]["as_of"]).timestamp())
+        return as_of > int(state.two_stage.side.stats.as_of)
 
     def _note_fallback(self, state: ServingState) -> None:
         """Publish whether ``state`` is a previous champion serving for one that failed to load: the
@@ -180,7 +197,9 @@ class ModelHolder:
             try:
                 new = await self._run(self.champion_changed)
                 if new is not None:
-                    log.info("champion pointer now names %s: loading it", new.version)
+                    same = self.state is not None and new.version == self.state.version
+                    log.info("%s: loading it", f"a newer item side of {new.version}" if same
+                             else f"champion pointer now names {new.version}")
                     await self.reload()
             except Exception:  # noqa: BLE001 - the loop must survive; /status and the reload metric report it
                 log.exception("following the champion pointer failed")

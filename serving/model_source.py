@@ -123,7 +123,8 @@ def resolve_model(settings: Settings, model_path: Path | None = None) -> ModelSo
 
 def read_model(settings: Settings, src: ModelSource) -> tuple[RecModel, TwoStage | None]:
     """The model and its two-stage ranker (None when it has none or ``serving.two_stage`` is off) read
-    from ``src.folder``; raises whatever a damaged or partial file raises."""
+    from ``src.folder``, with the current daily item side of ``recflow.item_refresh`` when there is
+    one; raises whatever a damaged or partial file raises."""
     from recflow.modeling import load_model
     from recflow.registry import RANKER_DIR
 
@@ -131,8 +132,16 @@ def read_model(settings: Settings, src: ModelSource) -> tuple[RecModel, TwoStage
     path = Path(src.folder) / RANKER_DIR
     if not settings.serving.two_stage or not path.is_dir():
         return model, None
+    from recflow import item_refresh
     from recflow.ranker import load_two_stage
 
+    refreshed = item_refresh.current(settings, src.version)  # the daily item side, same weights
+    if refreshed is not None:
+        try:
+            return model, load_two_stage(refreshed[0])
+        except Exception as exc:  # noqa: BLE001 - a damaged refresh must not cost the model: its own side serves
+            log.warning("item refresh %s of %s cannot be loaded (%s: %s): serving the model's own item side",
+                        refreshed[1].get("as_of"), src.version, type(exc).__name__, exc)
     return model, load_two_stage(path)
 
 

@@ -209,5 +209,15 @@ class Runtime:
             index=(state.ann.name if state.ann else state.scorer.name) if state else self.settings.serving.index,
             loaded_at=state.loaded_at if state else None,
             load_error=redact(load_error, self.settings) if load_error else None, pending_feedback=pending,
-            worker_pid=os.getpid(),
+            item_side_as_of=_as_of(state), worker_pid=os.getpid(),
         )
+
+
+def _as_of(state: Any) -> str | None:
+    """ISO time of the served two-stage model's item side (None without one)."""
+    ts = getattr(state, "two_stage", None) if state is not None else None
+    if ts is None:
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(int(ts.side.stats.as_of), UTC).isoformat()

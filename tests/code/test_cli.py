@@ -56,7 +56,7 @@ def test_deployments_pass_the_home_to_every_flow_run(tmp_path) -> None:
 
     home = str(tmp_path / "shop-home")
     built = deployments(home)
-    assert len(built) == 5 and all(d.parameters.get("home") == home for d in built)
+    assert len(built) == 6 and all(d.parameters.get("home") == home for d in built)
     assert all("home" not in d.parameters for d in deployments())
 
 

@@ -105,7 +105,8 @@ def test_build_features_deployment_runs_on_server_and_worker(tmp_path: Path, tin
         assert made.returncode == 0, made.stdout + made.stderr
         deployed = run(sys.executable, "-m", "recflow.cli", "schedule", "--pool", "recflow-test")
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        for name in ("build_features/hourly", "monitor/daily", "retrain/on-drift", "train/weekly", "deploy/manual"):
+        for name in ("build_features/hourly", "monitor/daily", "refresh_items/daily", "retrain/on-drift", "train/weekly",
+                     "deploy/manual"):
             assert name in deployed.stderr + deployed.stdout
 
         worker = subprocess.Popen(

@@ -54,6 +54,7 @@ def _offline(settings, ts, user: str, at: pd.Timestamp, k: int):  # noqa: ANN001
 
 def test_recommend_serves_the_two_stage_model(tiny_features, shop_model) -> None:  # noqa: ANN001
     from recflow import registry
+    from recflow.event_log import EventLog
     from serving.launcher import start_local
 
     settings = _serving(tiny_features)
@@ -112,11 +113,34 @@ def test_recommend_serves_the_two_stage_model(tiny_features, shop_model) -> None
         assert now["items"] != first["items"]
         after_pushes = {body["request_id"], now["request_id"]}
 
+        # The daily item refresh: the refresh_items flow recomputes the item side as of the next day over
+        # the canonical events and the journal; after a reload the service serves it, and its answer
+        # equals the offline scorer's with the item side recomputed independently.
+        from flows.refresh_items import refresh_items
+        from recflow.reload import reload_service
+        from training.two_stage import refresh
+
+        day = NOW.floor("D") + pd.Timedelta(days=1)
+        before = _post(c, "/status", {}).json()["item_side_as_of"]
+        done = refresh_items(as_of=day.isoformat(), home=str(settings.home))
+        assert done["model"] == tag and done["events"] > 0 and done["seconds"] > 0
+        reload_service(settings, svc.url)
+        assert before == NOW.floor("s").isoformat().replace("Z", "+00:00")
+        assert _post(c, "/status", {}).json()["item_side_as_of"] == day.isoformat()
+        events = pd.concat([pd.read_parquet(settings.paths.events), EventLog(settings.paths.event_log).read()])
+        bought = events[(events.event_type == "purchase") & (pd.to_datetime(events.event_timestamp, utc=True) < day)]
+        fresh = refresh(ts, bought.drop_duplicates("event_id"), int(day.timestamp()))
+        assert fresh.side.stats["item_pop_7d"].sum() > ts.side.stats["item_pop_7d"].sum()  # the pushed purchases count
+        t = day + pd.Timedelta(hours=2)
+        got = _post(c, "/recommend", {"user_id": "a", "k": 4, "timestamp": t.isoformat()}).json()
+        want = _offline(settings, fresh, "a", t, 4)
+        assert [i["item_id"] for i in got["items"]] == [model.item_ids[p.position] for p in want]
+        np.testing.assert_allclose([i["score"] for i in got["items"]], [p.score for p in want], atol=1e-6)
+
     # The features these answers were served with equal the offline ones for the same user and time,
     # recomputed from the purchase events (canonical + journal) by the skew report: zero skew.
     from monitoring.data import load_request_log
     from monitoring.skew import skew_report
-    from recflow.event_log import EventLog
     from recflow.privacy import pseudonym_key, pseudonymise_frame
 
     served = load_request_log(settings.paths.request_log, "1970-01-01", "2100-01-01")
