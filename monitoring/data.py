@@ -265,8 +265,11 @@ def split_feature_columns(flat: pd.DataFrame, *, max_categories: int = 100) -> t
     return numerical, categorical, skipped
 
 
-def feature_frames(reference: pd.DataFrame, current: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Flattened served features of both sides, restricted to drift-testable common columns.
+def feature_frames(reference: pd.DataFrame, current: pd.DataFrame,
+                   lifetime: Iterable[str] = ()) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Flattened served features of both sides, restricted to drift-testable common columns; the
+    ``lifetime`` accumulators (``monitoring.lifetime_features``) are skipped, since they grow with
+    time whatever shoppers do.
 
     Returns ``(ref, cur, info)`` with ``info = {numerical, categorical, skipped, only_reference,
     only_current, null_share}``. Categorical columns are cast to ``str`` with nulls as the category
@@ -280,6 +283,9 @@ def feature_frames(reference: pd.DataFrame, current: pd.DataFrame) -> tuple[pd.D
     only_cur = sorted(set(cur.columns) - set(common))
     both = pd.concat([ref[common], cur[common]], ignore_index=True)
     numerical, categorical, skipped = split_feature_columns(both)
+    for col in set(lifetime) & set(numerical + categorical):
+        skipped[col] = "lifetime accumulator: grows as time passes (monitoring.lifetime_features)"
+        (numerical if col in numerical else categorical).remove(col)
     for col in list(numerical + categorical):  # a column null on one side cannot be tested
         if ref[col].isna().all() or cur[col].isna().all():
             skipped[col] = "always null on one side"

@@ -224,7 +224,7 @@ def run_monitor(
 
     # --- feature drift --------------------------------------------------------------------------
     t = time.perf_counter()
-    f_ref, f_cur, f_info = mdata.feature_frames(ref_s, cur_s)
+    f_ref, f_cur, f_info = mdata.feature_frames(ref_s, cur_s, lifetime=ms.lifetime_features)
     feat = drift_report(
         f_ref, f_cur, numerical=f_info["numerical"], categorical=f_info["categorical"], out_dir=run_dir,
         name="feature_drift", title="recflow · feature drift (served user features)", subtitle=window_text,

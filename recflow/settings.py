@@ -408,6 +408,12 @@ class MonitoringSettings(BaseModel):
         default=None, description="Evidently stat test for every column (default: Evidently picks by type and size)."
     )
     drift_method_threshold: float | None = Field(default=None, description="Threshold for drift_method.")
+    lifetime_features: list[str] = Field(
+        default=["u_n_lines", "u_n_baskets", "u_n_items", "u_span_d", "history_len", "history_known"],
+        description="Served features that accumulate over a user's lifetime (counts since the first purchase): their "
+                    "distribution moves as time passes whatever shoppers do, so the feature drift test leaves them out "
+                    "(the report lists them as skipped; skew still checks them).",
+    )
     seed: int = 0
 
 
@@ -537,6 +543,15 @@ class DemoSettings(BaseModel):
     monitor_every_days: int = Field(default=7, ge=1, description="The monitor runs after this many replayed days.")
     train_weeks: int = Field(default=12, ge=1, description="Weekly training examples of the demo's first model.")
     trials: int = Field(default=2, ge=1, description="Ray Tune trials of the demo's first model.")
+    control_days: int = Field(
+        default=7, ge=0,
+        description="The control: the monitor on the quiet days just before replay_from (the champion's own test "
+                    "week, never trained on), which must not say drift (0: no control).",
+    )
+    refresh_items: bool = Field(
+        default=True, description="Refresh the champion's item side after every replayed day (refresh_items flow) "
+                                  "and reload the service, as the daily deployment does in production.",
+    )
     max_minutes: float = Field(default=4.0, gt=0, description="Search budget of the demo's first model (minutes).")
     concurrency: int = Field(default=8, ge=1, le=64, description="Users replayed concurrently.")
     token: SecretStr | None = Field(

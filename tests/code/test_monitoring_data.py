@@ -76,6 +76,18 @@ def test_feature_frames_keep_common_testable_columns_and_report_schema_changes()
     assert "user_id" in info["skipped"]
 
 
+def test_lifetime_accumulators_are_left_out_of_the_drift_test() -> None:
+    from recflow.settings import MonitoringSettings
+
+    rows = [{"user_id": f"u{i}", "features": f'{{"u_n_lines": {i * 10}, "u_span_d": {i}, "u_days_since_last": {i % 7}}}'}
+            for i in range(20)]
+    later = [{**r, "features": r["features"].replace('"u_n_lines": ', '"u_n_lines": 1000')} for r in rows]
+    f_ref, f_cur, info = md.feature_frames(_log(rows), _log(later), lifetime=MonitoringSettings().lifetime_features)
+    assert list(f_ref.columns) == list(f_cur.columns) == ["u_days_since_last"]
+    assert "lifetime accumulator" in info["skipped"]["u_n_lines"] and "u_span_d" in info["skipped"]
+    assert list(md.feature_frames(_log(rows), _log(later))[0].columns) == ["u_n_lines", "u_span_d", "u_days_since_last"]
+
+
 def test_explode_lists_ranks_and_scores() -> None:
     log = _log([{"item_ids": ["a", "b", "c"], "scores": [0.9, 0.5, 0.1]}, {"item_ids": [], "scores": []},
                 {"item_ids": ["d", "e"], "scores": None}])
