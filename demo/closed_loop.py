@@ -28,6 +28,7 @@ import pandas as pd
 from recflow.settings import Settings
 
 Say = Callable[[str], None]
+BASELINE = "personal_top_frequency"
 
 
 def _with(settings: Settings, section: str, **values: Any) -> Settings:
@@ -65,6 +66,14 @@ def next_week_ndcg(settings: Settings, tags: list[str], week_start: pd.Timestamp
             out[tag] = evaluate_model(registry.load(settings, tag), data, data.test, per_user=True)
         per_user[tag] = out[tag].pop("per_user")["ndcg@10"]
         say(f"next week {week_start.date()}: {tag} ndcg@10 {out[tag]['ndcg@10']:.4f}")
+    # the strongest simple reference on this data: re-buy what you bought most (same users, same week)
+    from training.baselines import history_before, personal_frequency_scorer
+    from training.evaluate import evaluate
+
+    h = history_before(events[events["event_timestamp"] < week_start], data.catalogue, data.test)
+    out[BASELINE] = evaluate(personal_frequency_scorer(h, len(data.catalogue)), data.test, per_user=True)
+    per_user[BASELINE] = out[BASELINE].pop("per_user")["ndcg@10"]
+    say(f"next week {week_start.date()}: {BASELINE} ndcg@10 {out[BASELINE]['ndcg@10']:.4f}")
     out["_users"] = {"n": float(len(data.test))}
     out["_per_user"] = per_user
     return out
@@ -100,11 +109,58 @@ def skew_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "runs_checked": len(checked), "verdicts": [r.get("verdict") for r in runs]}
 
 
+def control_run(settings: Settings, tag: str, end: pd.Timestamp, days: int) -> dict[str, Any]:
+    """The monitor on a quiet stretch, ``[end - days, end)``: the champion's answers for that stretch's
+    baskets, at their times, through the two-stage serving core (``monitoring.reference.visit_reference``,
+    the builder of the monitor's reference), monitored against the champion's reference like a served
+    week. Nothing changed in the world there, so the monitor must not say drift."""
+    from flows.monitor import reference_task
+    from monitoring.monitor_run import run_monitor
+    from monitoring.reference import visit_reference
+    from recflow import registry
+    from recflow.features.training_set import load_events
+    from recflow.privacy import pseudonym_key
+    from recflow.ranker import load_two_stage
+
+    folder = registry.model_path(settings, tag) / registry.RANKER_DIR
+    if not folder.is_dir():
+        return {"window": None, "drift_detected": None, "verdict": "no_data",
+                "reasons": [f"{tag} has no two-stage model: no control"]}
+    m = settings.monitoring
+    events = load_events(settings)
+    start = end - pd.Timedelta(days=days)
+    lists_from = start - pd.Timedelta(days=m.horizon_days)  # the quality report scores lists a horizon back
+    current = visit_reference(load_two_stage(folder), events, start=lists_from, days=days + m.horizon_days,
+                              k=settings.serving.default_k, model_version=tag, key=pseudonym_key(settings),
+                              max_rows=2 * m.max_rows, seed=m.seed)
+    bought = events[(events["event_type"] == "purchase") & (events["event_timestamp"] >= lists_from)
+                    & (events["event_timestamp"] < end)]
+    result = run_monitor(settings, reference=reference_task(settings, tag), current=current, feedback=bought,
+                         start=start, end=end)
+    verdict = "drift" if result.drift else ("ok" if result.drift is False else "insufficient_data")
+    return {"window": f"{start.date()}..{end.date()}", "drift_detected": result.drift, "verdict": verdict,
+            "reasons": list(result.decision.reasons), "run_dir": str(result.run_dir), "requests": len(current),
+            "how": "the champion's answers for the stretch's baskets through the two-stage serving core, monitored "
+                   "against its reference week like a served week"}
+
+
+def _refresh_summary(days: list[dict[str, Any]]) -> dict[str, Any]:
+    """The replay's daily item refreshes: how many, and their cost per day (compute, and with the reload)."""
+    total = [x["item_refresh_s"] for x in days if "item_refresh_s" in x]
+    compute = [x["item_refresh_compute_s"] for x in days if "item_refresh_compute_s" in x]
+    if not total:
+        return {"enabled": True, "days": 0}
+    return {"enabled": True, "days": len(total), "per_day_s": round(sum(total) / len(total), 1),
+            "per_day_max_s": max(total), "compute_per_day_s": round(sum(compute) / max(len(compute), 1), 1),
+            "total_s": round(sum(total), 1)}
+
+
 def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[str, Any]:
     """Run the whole loop; returns the demo summary and writes it to ``out`` (None: nowhere)."""
     from flows.deploy import deploy
     from flows.features import build_features
     from flows.monitor import monitor
+    from flows.refresh_items import refresh_items
     from flows.retrain import retrain
     from flows.train import train
     from recflow import registry
@@ -119,11 +175,14 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
     start = pd.Timestamp(d.replay_from, tz="UTC")
     # What the demo changes, given to every flow it calls as explicit overrides (never through os.environ);
     # the demo's token stays in memory: the demo reloads the service itself after a promotion.
+    # No answer prefill: it ranks every recent user at each model load (the daily refresh reloads), while a
+    # replayed day asks for a few hundred of them, each ranked on its first request anyway.
+    serving = {"request_log_rotate_s": 5.0, "answer_prefill_users": 0}
     overrides: dict[str, dict[str, Any]] = {"data": {"until": start.isoformat()}, "training": {"train_weeks": d.train_weeks},
-                                            "serving": {"request_log_rotate_s": 5.0}}
+                                            "serving": serving}
     settings = _with(settings, "data", until=start.to_pydatetime())
     settings = _with(settings, "training", train_weeks=d.train_weeks)
-    settings = _with(settings, "serving", request_log_rotate_s=5.0, **({"token": d.token} if d.token else {}))
+    settings = _with(settings, "serving", **serving, **({"token": d.token} if d.token else {}))
     flow_args: dict[str, Any] = {"home": str(settings.home), "overrides": overrides}
 
     def lap(name: str, t0: float) -> None:
@@ -144,6 +203,14 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
     bento = deploy(**flow_args)["bento"]
     lap("train_deploy", t0)
 
+    control: dict[str, Any] = {"window": None, "drift_detected": None, "verdict": "off", "reasons": []}
+    if d.control_days:
+        t0 = time.perf_counter()
+        say(f"[demo] control: the monitor on the quiet {d.control_days} days before {start.date()}")
+        control = control_run(settings, first, start, d.control_days)
+        say(f"[demo] control {control['window']}: {control['verdict']}: {'; '.join(control['reasons'])[:300]}")
+        lap("control", t0)
+
     monitors: list[dict[str, Any]] = []
     retrains: list[dict[str, Any]] = []
     days: list[dict[str, Any]] = []
@@ -160,6 +227,15 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
             s = days[-1]
             say(f"[demo] replayed {s['day']}: {s['users']} users, {s['recommend_calls']} recommend, "
                 f"{s['feedback_events']} feedback events in {s['feedback_calls']} calls, {s['errors']} errors, p99 {s['p99_ms']} ms")
+            if d.refresh_items:  # the daily job of production: the champion's item side as of the next day
+                t = time.perf_counter()
+                day_end = pd.Timestamp(result.day, tz="UTC") + timedelta(days=1)
+                refreshed = refresh_items(as_of=day_end.isoformat(), **flow_args)
+                reload_service(settings, service.url)
+                s["item_refresh_s"] = round(time.perf_counter() - t, 1)
+                s["item_refresh_compute_s"] = refreshed["seconds"]
+                say(f"[demo] item side of {refreshed['model']} refreshed as of {day_end.date()} and reloaded: "
+                    f"{s['item_refresh_s']:.1f} s")
             n = len(days)
             if n % d.monitor_every_days:
                 return
@@ -193,6 +269,8 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
     challengers = [r["challenger"] for r in retrains]
     scores = next_week_ndcg(settings, [first, final, *challengers], after_replay, say)
     improvement = paired_diff(scores, final, first)
+    vs_baseline = {"first_champion": paired_diff(scores, first, BASELINE),
+                   "final_champion": paired_diff(scores, final, BASELINE)}
     decisions = []
     for r in retrains:  # each gate decision against the week after it
         week = pd.Timestamp(r["decided_at"])
@@ -228,9 +306,14 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
         "retraining_beat_no_retraining": after > before if final != first else None,
         "models": {"first_champion": first, "final_champion": final, "bento": bento,
                    "challengers": [r["challenger"] for r in retrains]},
+        "control": control,
+        "item_refresh": _refresh_summary(days) if d.refresh_items else {"enabled": False},
         "next_week": {"start": str(after_replay.date()), "users": int(scores["_users"]["n"]),
                       "final_minus_first": improvement,
                       "first_champion": scores[first], "final_champion": scores[final],
+                      BASELINE: scores[BASELINE],
+                      # each champion minus re-buy-what-you-bought-most, paired over the same users
+                      f"minus_{BASELINE}": vs_baseline,
                       # every retrained model, promoted or not: did retraining help on the future week?
                       "challengers": {t: scores[t] for t in challengers}},
         "retrained_beat_first_on_next_week": {t: scores[t]["ndcg@10"] > before for t in challengers},

@@ -71,6 +71,23 @@ def test_closed_loop(make_settings, synthetic_shop_files, monkeypatch: pytest.Mo
     assert replay["days"] == 7 and replay["feedback_events"] > 100 and replay["recommend_calls"] > 50
     assert replay["errors"] == 0
     assert len(summary["monitor_runs"]) == 1
+    # The control: the monitor on the quiet week before the replay (the champion's answers through the
+    # serving core) says no drift on this stationary shop.
+    control = summary["control"]
+    assert control["window"] == "2024-02-26..2024-03-04" and control["requests"] > 20, control
+    assert control["drift_detected"] is False and control["verdict"] == "ok", control
+    # The daily item refresh: the champion's item side moved on with every replayed day.
+    from recflow import item_refresh
+
+    refresh = summary["item_refresh"]
+    assert refresh["days"] == 7 and 0 < refresh["compute_per_day_s"] <= refresh["per_day_s"], refresh
+    last = item_refresh.current(settings, summary["models"]["first_champion"])  # refreshed before any retrain
+    assert last is not None and last[1]["as_of"].startswith("2024-03-11"), last
+    assert all("item_refresh_s" in day for day in replay["per_day"])
+    week = summary["next_week"]
+    assert 0 < week["personal_top_frequency"]["ndcg@10"] <= 1
+    vs = week["minus_personal_top_frequency"]["final_champion"]
+    assert vs["ci95_lo"] <= vs["mean_diff"] <= vs["ci95_hi"]
     run_dir = Path(summary["monitor_runs"][0]["run_dir"])
     assert (run_dir / "summary.json").is_file() and list(run_dir.glob("*.html"))
     assert Path(summary["reports_index"]).is_file()
