@@ -538,7 +538,11 @@ class Paths:
 class DemoSettings(BaseModel):
     """``recflow demo``: the closed loop on the embedded data (features, train, serve, replay, monitor, retrain)."""
 
-    replay_from: date = Field(default=date(2017, 10, 1), description="First replayed day; earlier events train the champion.")
+    replay_from: date = Field(
+        default=date(2017, 11, 27),
+        description="First replayed day; earlier events train the champion (default: the Monday after Thanksgiving, "
+                    "so the replay runs into the December holiday season).",
+    )
     replay_days: int = Field(default=14, ge=1, le=60, description="Days replayed through /recommend and /feedback.")
     monitor_every_days: int = Field(default=7, ge=1, description="The monitor runs after this many replayed days.")
     train_weeks: int = Field(default=12, ge=1, description="Weekly training examples of the demo's first model.")
