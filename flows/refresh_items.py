@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from recflow.settings import flow_settings
 from recflow.timeutil import to_utc
@@ -53,6 +54,12 @@ def refresh_items(as_of: str | None = None, home: str | None = None, service_url
     out = item_refresh.write(settings, pointer["tag"], model, ts, seconds=seconds, events=len(events))
     log.info("item side of %s refreshed as of %s from %d purchase lines in %.1f s", pointer["tag"], ts, len(events),
              seconds)
+    create_markdown_artifact(
+        key="recflow-item-refresh",
+        markdown=(f"# Item refresh of `{pointer['tag']}` as of {ts.isoformat()}\n\n{len(events):,} purchase lines, "
+                  f"{seconds:.1f} s. Folder: `{out}`. The service loads it at its next champion poll.\n"),
+        description=f"recflow item refresh {ts.date()}",
+    )
     if service_url:
         reload_service(settings, service_url)
     return {"model": pointer["tag"], "as_of": ts.isoformat(), "folder": str(out), "seconds": seconds,
