@@ -109,41 +109,6 @@ def skew_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "runs_checked": len(checked), "verdicts": [r.get("verdict") for r in runs]}
 
 
-def control_run(settings: Settings, tag: str, end: pd.Timestamp, days: int) -> dict[str, Any]:
-    """The monitor on a quiet stretch, ``[end - days, end)``: the champion's answers for that stretch's
-    baskets, at their times, through the two-stage serving core (``monitoring.reference.visit_reference``,
-    the builder of the monitor's reference), monitored against the champion's reference like a served
-    week. Nothing changed in the world there, so the monitor must not say drift."""
-    from flows.monitor import reference_task
-    from monitoring.monitor_run import run_monitor
-    from monitoring.reference import visit_reference
-    from recflow import registry
-    from recflow.features.training_set import load_events
-    from recflow.privacy import pseudonym_key
-    from recflow.ranker import load_two_stage
-
-    folder = registry.model_path(settings, tag) / registry.RANKER_DIR
-    if not folder.is_dir():
-        return {"window": None, "drift_detected": None, "verdict": "no_data",
-                "reasons": [f"{tag} has no two-stage model: no control"]}
-    m = settings.monitoring
-    events = load_events(settings)
-    start = end - pd.Timedelta(days=days)
-    lists_from = start - pd.Timedelta(days=m.horizon_days)  # the quality report scores lists a horizon back
-    current = visit_reference(load_two_stage(folder), events, start=lists_from, days=days + m.horizon_days,
-                              k=settings.serving.default_k, model_version=tag, key=pseudonym_key(settings),
-                              max_rows=2 * m.max_rows, seed=m.seed)
-    bought = events[(events["event_type"] == "purchase") & (events["event_timestamp"] >= lists_from)
-                    & (events["event_timestamp"] < end)]
-    result = run_monitor(settings, reference=reference_task(settings, tag), current=current, feedback=bought,
-                         start=start, end=end)
-    verdict = "drift" if result.drift else ("ok" if result.drift is False else "insufficient_data")
-    return {"window": f"{start.date()}..{end.date()}", "drift_detected": result.drift, "verdict": verdict,
-            "reasons": list(result.decision.reasons), "run_dir": str(result.run_dir), "requests": len(current),
-            "how": "the champion's answers for the stretch's baskets through the two-stage serving core, monitored "
-                   "against its reference week like a served week"}
-
-
 def _refresh_summary(days: list[dict[str, Any]]) -> dict[str, Any]:
     """The replay's daily item refreshes: how many, and their cost per day (compute, and with the reload)."""
     total = [x["item_refresh_s"] for x in days if "item_refresh_s" in x]
@@ -207,7 +172,11 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
     if d.control_days:
         t0 = time.perf_counter()
         say(f"[demo] control: the monitor on the quiet {d.control_days} days before {start.date()}")
-        control = control_run(settings, first, start, d.control_days)
+        # the champion's answers for the stretch's baskets through the serving core, monitored like a served week
+        m = monitor(end=start.isoformat(), days=d.control_days, offline=True, **flow_args)
+        control = {"window": m["window"], "drift_detected": m["drift"], "verdict": m["verdict"], "reasons": m["reasons"],
+                   "run_dir": m["run_dir"], "how": "monitor --offline: the champion's answers for the stretch's baskets "
+                                                   "through the two-stage serving core, against its reference week"}
         say(f"[demo] control {control['window']}: {control['verdict']}: {'; '.join(control['reasons'])[:300]}")
         lap("control", t0)
 

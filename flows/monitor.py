@@ -69,10 +69,16 @@ def reference_task(settings: Settings, tag: str) -> pd.DataFrame:
 
 
 @task(name="run-monitor", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def run_monitor_task(settings: Settings, reference: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> Any:
+def run_monitor_task(settings: Settings, reference: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp,
+                     offline_tag: str | None = None) -> Any:
     from monitoring.monitor_run import run_monitor
 
-    return run_monitor(settings, reference=reference, start=start, end=end)
+    if offline_tag is None:
+        return run_monitor(settings, reference=reference, start=start, end=end)
+    from monitoring.reference import offline_window
+
+    current, feedback = offline_window(settings, offline_tag, start, end, reference=reference)
+    return run_monitor(settings, reference=reference, start=start, end=end, current=current, feedback=feedback)
 
 
 @task(name="emit-drift-event", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -92,10 +98,14 @@ def emit_drift_task(window: str, champion: str, reasons: list[str], summary: Pat
 
 @flow(name="monitor", log_prints=True)
 def monitor(end: str | None = None, days: int | None = None, home: str | None = None, emit: bool = True,
-            overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+            overrides: dict[str, dict[str, Any]] | None = None, offline: bool = False) -> dict[str, Any]:
     """Monitor ``[end - days, end)`` (default: the last ``monitoring.window_days`` up to now) against
     the champion's reference; write the reports; emit ``recflow.drift.detected`` on drift. ``home`` and
     ``overrides`` (``{section: {field: value}}``) select the settings (:func:`recflow.settings.flow_settings`).
+
+    ``offline``: instead of the request log, the champion's answers for the window's baskets computed
+    through the two-stage serving core (``monitoring.reference.offline_window``), e.g. a control over a
+    stretch the service did not serve; no event is emitted.
 
     Returns ``{window, champion, drift, verdict, reasons, run_dir, summary, index, event_id}``.
     """
@@ -111,7 +121,8 @@ def monitor(end: str | None = None, days: int | None = None, home: str | None = 
     start_ts = end_ts - pd.Timedelta(days=days or settings.monitoring.window_days)
     EventLog(settings.paths.event_log).flush()  # feedback becomes readable as parquet
     reference = reference_task(settings, pointer["tag"])
-    result = run_monitor_task(settings, reference, start_ts, end_ts)
+    result = run_monitor_task(settings, reference, start_ts, end_ts, pointer["tag"] if offline else None)
+    emit = emit and not offline
     d = result.decision
     verdict = "drift" if d.drift else ("ok" if d.drift is False else "insufficient_data")
     window = f"{start_ts.date()}..{end_ts.date()}"

@@ -184,3 +184,35 @@ def _plain(value: Any) -> Any:
         return None if pd.isna(value) else value
     except (TypeError, ValueError):
         return value
+
+
+def offline_window(settings: Settings, tag: str, start: pd.Timestamp, end: pd.Timestamp,
+                   reference: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Request-log rows and purchases for monitoring ``[start, end)`` without a service: model ``tag``'s
+    two-stage answers for every basket from a quality horizon before ``start`` to ``end``, at the baskets'
+    times (:func:`visit_reference`, the serving core), and the purchases of that span. When ``reference``
+    (the same model's reference rows) lies wholly in the horizon before ``start``, as for the week right
+    after the reference week, its rows are those answers already and are reused."""
+    from recflow import registry
+    from recflow.features.training_set import load_events
+    from recflow.privacy import pseudonym_key
+    from recflow.ranker import load_two_stage
+
+    folder = registry.model_path(settings, tag) / registry.RANKER_DIR
+    if not folder.is_dir():
+        raise ValueError(f"model {tag} has no two-stage ranker: an offline window needs one")
+    m = settings.monitoring
+    events = load_events(settings)
+    lists_from = start - pd.Timedelta(days=m.horizon_days)  # the quality report scores lists a horizon back
+    ref_ts = pd.to_datetime(reference["ts"], utc=True) if reference is not None and len(reference) else None
+    reuse = ref_ts is not None and ref_ts.min() >= lists_from and ref_ts.max() < start
+    first = start if reuse else lists_from
+    days = int((end - first) / pd.Timedelta(days=1))
+    current = visit_reference(load_two_stage(folder), events, start=first, days=days,
+                              k=settings.serving.default_k, model_version=tag, key=pseudonym_key(settings),
+                              max_rows=2 * m.max_rows, seed=m.seed)
+    if reuse:
+        current = pd.concat([reference, current], ignore_index=True)
+    ts = events["event_timestamp"]
+    bought = events[(events["event_type"] == "purchase") & (ts >= lists_from) & (ts < end)]
+    return current, bought

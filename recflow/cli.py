@@ -441,6 +441,8 @@ def monitor(
     end: Annotated[str | None, typer.Option(help="Window end (ISO date/time, UTC). Default: the end of today.")] = None,
     days: Annotated[int | None, typer.Option(help="Window length in days (default: monitoring.window_days).")] = None,
     emit: Annotated[bool, typer.Option(help="Emit recflow.drift.detected to Prefect on drift.")] = True,
+    offline: Annotated[bool, typer.Option("--offline", help="Monitor the champion's answers for the window's baskets "
+                                          "computed offline (a control; no service needed, no event).")] = False,
 ) -> None:
     """Run the monitor flow: Evidently drift and quality reports against the champion's reference, policy decision."""
     settings = _settings()
@@ -448,7 +450,7 @@ def monitor(
 
     try:
         with progress_bar():
-            result = monitor_flow(end=end, days=days, home=str(settings.home), emit=emit)
+            result = monitor_flow(end=end, days=days, home=str(settings.home), emit=emit, offline=offline)
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(exc) from exc
     colour = {"drift": "red", "ok": "green"}.get(result["verdict"], "yellow")
