@@ -1,15 +1,19 @@
 """``recflow demo``: the closed loop on the embedded data, end to end, on one machine.
 
 1. ``build_features`` with the events from ``demo.replay_from`` on held back (the "future");
-2. ``train`` the first champion (a small search) and ``deploy`` it as a bento;
+2. ``train`` the first champion (a small search) and ``deploy`` it as a bento; then the control: the
+   ``monitor`` flow with ``offline=True`` on the ``demo.control_days`` before the replay (the
+   champion's answers for those baskets through the serving core), which must not say drift;
 3. serve the champion locally (the service follows the champion pointer and reloads on promotion);
-4. replay the held-back days through ``/recommend`` and ``/feedback``, day by day;
+4. replay the held-back days through ``/recommend`` and ``/feedback``, day by day, each followed by
+   the ``refresh_items`` flow and a reload (``demo.refresh_items``), as the daily deployment would;
 5. every ``demo.monitor_every_days`` simulated days: the ``monitor`` flow; on a drift decision the
    ``retrain`` flow (incremental, gated) runs, as the ``retrain/on-drift`` deployment would on the
    ``recflow.drift.detected`` event against a Prefect server, and reloads the service;
-6. after the replay: NDCG@10 of the first champion and of the final champion on the week after
-   the replay (held out, never seen by either), the on-call index page, a final table, and the
-   summary JSON at ``out`` (``recflow demo`` writes ``benchmarks/results/demo.json`` unless told otherwise).
+6. after the replay: NDCG@10 of the first champion, the final champion, every challenger and personal
+   top-frequency on the week after the replay (held out, never seen by any), every gate decision
+   scored on the week after it, the on-call index page, a final table, and the summary JSON at
+   ``out`` (``recflow demo`` writes ``benchmarks/results/demo.json`` unless told otherwise).
 """
 
 from __future__ import annotations

@@ -299,7 +299,7 @@ def quality_report(reference: pd.DataFrame, current: pd.DataFrame, *, train: pd.
         if key.endswith("_at_k"):
             cur[key], ref[key] = topk_value(c.value, k_eff), topk_value(r.value, k_eff)
         else:
-            cur[key], ref[key] = _num(c.value), _num(r.value)
+            cur[key], ref[key] = finite_number(c.value), finite_number(r.value)
     if len(train):
         items = pd.Index(train["item_id"].unique())
         cur["coverage"], ref["coverage"] = coverage(current, items, k_eff), coverage(reference, items, k_eff)
@@ -307,7 +307,8 @@ def quality_report(reference: pd.DataFrame, current: pd.DataFrame, *, train: pd.
                           note="; ".join(notes), snapshot=snapshot)
 
 
-def _num(x: Any) -> float | None:
+def finite_number(x: Any) -> float | None:
+    """``x`` as a float, or None when it is not a finite number."""
     try:
         v = float(x)
     except (TypeError, ValueError):

@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from monitoring.reports import finite_number
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +68,6 @@ PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 
 
-def _num(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
 def run_card(summary: dict[str, Any]) -> dict[str, float]:
     """The run's key numbers (see :data:`CARD`) from its ``summary.json``; a number the run could not
     compute is left out (the panel shows a gap, not a zero)."""
@@ -98,7 +89,7 @@ def run_card(summary: dict[str, Any]) -> dict[str, float]:
     }
     for name in ("ndcg_at_k", "recall_at_k", "hit_rate_at_k", "coverage", "novelty"):
         values[name] = metrics.get(name, extra.get(name))
-    return {k: v for k, v in ((k, _num(values.get(k))) for k, _ in CARD) if v is not None}
+    return {k: v for k, v in ((k, finite_number(values.get(k))) for k, _ in CARD) if v is not None}
 
 
 def _dashboard() -> Any:
@@ -196,12 +187,6 @@ def record_run(folder: Path, summary: dict[str, Any], run_dir: Path,
             "pruned_runs": pruned}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def evidently_ui_command() -> list[str]:
     """The ``evidently`` command of this environment (its console script next to Python)."""
     script = Path(sys.executable).with_name("evidently")
@@ -212,39 +197,28 @@ def evidently_ui_command() -> list[str]:
 def serve_ui(folder: Path, port: int = 0, wait_s: float = 60.0) -> Iterator[str]:
     """Run Evidently's UI over the workspace at ``folder`` on 127.0.0.1 (``port`` 0: a free one);
     yields the dashboard's URL and stops the UI on exit."""
+    from recflow.local_services import free_port, stop_process, wait_for_port
+
     _, project = open_project(folder)
-    port = port or _free_port()
+    port = port or free_port()
     env = {**os.environ, "DO_NOT_TRACK": "1"}  # Evidently's usage telemetry off (no internet here)
     ui_log = tempfile.NamedTemporaryFile(prefix="evidently-ui-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen([*evidently_ui_command(), "ui", "--workspace", str(folder), "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=ui_log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
     try:
-        import httpx
-
-        deadline = time.monotonic() + wait_s
-        while True:
-            if proc.poll() is not None:
-                err = Path(ui_log.name).read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"evidently ui exited with code {proc.returncode}: {err}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/api/projects", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"evidently ui did not answer on {base} within {wait_s:.0f} s")
-            time.sleep(0.3)
-        yield f"{base}/projects/{project.id}"
+        try:  # uvicorn listens once the app has started
+            wait_for_port(port, timeout=wait_s, proc=proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"evidently ui: {exc}: {Path(ui_log.name).read_text(errors='replace')[-2000:]}") from exc
+        yield f"http://127.0.0.1:{port}/projects/{project.id}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         ui_log.close()
         Path(ui_log.name).unlink(missing_ok=True)
 
 
 def window_end(summary: dict[str, Any]) -> datetime:
     """The window end of a summary, as a naive UTC datetime (Evidently's snapshot timestamps)."""
-    return pd.Timestamp(summary["window"]["end"]).tz_convert("UTC").tz_localize(None).to_pydatetime()
+    from recflow.timeutil import to_utc
+
+    return to_utc(summary["window"]["end"]).tz_localize(None).to_pydatetime()

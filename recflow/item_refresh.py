@@ -25,6 +25,7 @@ import pandas as pd
 
 from recflow.durable import write_text_durably
 from recflow.settings import Settings
+from recflow.timeutil import to_utc
 
 CURRENT = "current.json"
 
@@ -53,14 +54,15 @@ def write(settings: Settings, version: str, model: Any, as_of: pd.Timestamp, **r
     from recflow.ranker import save_two_stage
 
     base = model_folder(settings, version)
-    stamp = pd.Timestamp(as_of).tz_convert("UTC").strftime("%Y%m%dT%H%M%SZ")
+    as_of = to_utc(as_of)
+    stamp = as_of.strftime("%Y%m%dT%H%M%SZ")
     target = base / stamp
     partial = base / f".{stamp}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     save_two_stage(model, partial)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
-    info = {"model": version, "as_of": pd.Timestamp(as_of).tz_convert("UTC").isoformat(), "folder": stamp, **record}
+    info = {"model": version, "as_of": as_of.isoformat(), "folder": stamp, **record}
     write_text_durably(base / CURRENT, json.dumps(info, indent=1, default=str))
     # Older refreshes go, but the previous one stays: a worker may be loading it right now.
     done = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != stamp)

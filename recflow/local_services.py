@@ -32,6 +32,16 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
             time.sleep(0.1)
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM ``proc``, then SIGKILL if it has not exited within ``timeout`` seconds; waits for it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def redis_server(port: int | None = None) -> Iterator[str]:
     """Run Debian's ``redis-server`` (no persistence) on 127.0.0.1; yields 'host:port'."""
@@ -48,8 +58,4 @@ def redis_server(port: int | None = None) -> Iterator[str]:
         wait_for_port(port, timeout=20, proc=proc)
         yield f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)

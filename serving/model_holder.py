@@ -169,9 +169,9 @@ class ModelHolder:
         found = item_refresh.current(self.settings, state.version)
         if found is None:
             return False
-        import pandas as pd
+        from recflow.timeutil import to_utc
 
-        as_of = int(pd.Timestamp(found[1]["as_of"]).timestamp())
+        as_of = int(to_utc(found[1]["as_of"]).timestamp())
         return as_of > int(state.two_stage.side.stats.as_of)
 
     def _note_fallback(self, state: ServingState) -> None:
