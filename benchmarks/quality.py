@@ -24,7 +24,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "quality.json"
@@ -42,10 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
     from recflow.settings import load_settings
     from training.baselines import baseline_scorers, tune_decayed_frequency, tune_tifu_knn
     from training.evaluate import evaluate, paired_bootstrap
-    from training.pipeline import text_embeddings
     from training.protocol import Protocol, check_users, week_evalset
     from training.ranker import candidate_recall, without_text
-    from training.two_stage import Inputs, config_for, fit, ranker_search_args, week_scorer
+    from training.two_stage import Inputs, config_for, fit, load_shop, ranker_search_args, week_scorer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--home", default=None, help="recflow home (default: RECFLOW_HOME / settings)")
@@ -62,12 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     say = lambda m: print(f"[{time.perf_counter() - started:6.0f}s] {m}", file=sys.stderr, flush=True)  # noqa: E731
     settings = load_settings(**({"home": args.home} if args.home else {}))
-    events = pd.read_parquet(settings.paths.events, columns=["user_id", "item_id", "event_type", "event_timestamp", "basket_id"])
-    items = pd.read_parquet(settings.paths.items)
-    emb = None
-    if not args.no_text:
-        emb, info = text_embeddings(items, settings.paths.cache, max_length=settings.training.text_max_length, progress=say)
-        say(f"MiniLM vectors of {info['unique_texts']:,} unique texts ({'cached' if info['cache_hit'] else 'encoded'})")
+    events, items, emb = load_shop(settings, text=not args.no_text, progress=say)
     inputs = Inputs.build(events, items, emb)
     train_weeks = args.train_weeks or settings.training.ranker_train_weeks
     protocol = (Protocol.make(args.cutoff, train_weeks, args.test_weeks, args.days) if args.cutoff
@@ -83,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     for w in warnings_:
         say("WARNING " + w)
 
-    cfg = config_for(inputs, bag=settings.training.ranker_bag, launch_slots=tuple(settings.training.launch_slots),
+    cfg = config_for(inputs, bag=settings.training.ranker_bag, seen_ranker=settings.training.ranker_seen_booster,
+                     launch_slots=tuple(settings.training.launch_slots),
                      launch_days=settings.training.launch_days)
     t0 = time.perf_counter()
     fitted = fit(inputs, protocol, cfg, progress=say,

@@ -452,7 +452,9 @@ def stage_train(tr: Training, threads: int, rounds: int) -> dict[str, Any]:
     kept = {"ranker": int(tr.ranker.booster.current_iteration())}
     if tr.ranker.unseen is not None:
         kept["unseen"] = int(tr.ranker.unseen.current_iteration())
-    rows = m["train_rows"] + m.get("unseen", {}).get("train_rows", 0)
+    if tr.ranker.seen is not None:
+        kept["seen"] = int(tr.ranker.seen.current_iteration())
+    rows = m["train_rows"] + m.get("unseen", {}).get("train_rows", 0) + m.get("seen", {}).get("train_rows", 0)
     tr.weeks = None
     return {
         "seconds": round(secs, 2),

@@ -171,6 +171,12 @@ class TrainingSettings(BaseModel):
         default=1, ge=1, le=8, description="LightGBM boosters per ranker stage, trained with seeds seed, seed+1 ... "
         "and averaged (docs/training.md, bagging): lower variance for about that many times the fit time.",
     )
+    ranker_seen_booster: bool = Field(
+        default=False, description="A third LightGBM booster, trained on the users' re-buy candidates against their "
+        "re-buys, orders each user's re-buys among the list positions the main booster gave them (docs/training.md, "
+        "seeds and the seen booster); off by default: it adds about as much fit time as the main booster, for no measured "
+        "gain in the mean.",
+    )
     seed: int = 42
     model_name: str = "recflow_two_tower"
 

@@ -105,6 +105,10 @@ def _never_bought(week: Week, features: tuple[str, ...]) -> np.ndarray:
     return np.flatnonzero(week.x[:, features.index("ui_bought")] == 0)
 
 
+def _bought(week: Week, features: tuple[str, ...]) -> np.ndarray:
+    return np.flatnonzero(week.x[:, features.index("ui_bought")] > 0)
+
+
 def _train(name: str, parts: list, val: tuple, cfg: RankerConfig, say: Progress, init: object = None,
            callbacks: tuple = ()) -> tuple[object, dict]:
     """One LightGBM booster on ``parts`` (x, y, group sizes), early-stopped on ``val``; with ``init``
@@ -148,7 +152,8 @@ def _train(name: str, parts: list, val: tuple, cfg: RankerConfig, say: Progress,
 def fit_ranker(train: list[Week], val: Week, cfg: RankerConfig, progress: Progress | None = None,
                init: Ranker | None = None) -> Ranker:
     """LightGBM on the training weeks (negatives subsampled), early-stopped on the validation week;
-    with ``cfg.unseen_ranker``, a second booster on the never-bought candidates and new purchases.
+    with ``cfg.unseen_ranker``, a second booster on the never-bought candidates and new purchases;
+    with ``cfg.seen_ranker``, a third on the re-buy candidates (the users' histories) and re-buys.
     With ``cfg.bag`` > 1, each booster is a bag of that many, trained with seeds ``cfg.seed``,
     ``cfg.seed + 1`` ... (own negatives, row and feature samples) and averaged.
     With ``init`` (a ranker over the same features), each booster continues from ``init``'s (member
@@ -158,8 +163,10 @@ def fit_ranker(train: list[Week], val: Week, cfg: RankerConfig, progress: Progre
         raise ValueError("an incremental ranker update needs the same features as the ranker it continues from")
     init_main = members(init.booster) if init is not None else []
     init_unseen = members(init.unseen) if init is not None and init.unseen is not None else []
+    init_seen = members(init.seen) if init is not None and init.seen is not None else []
     mains: list[object] = []
     unseens: list[object] = []
+    seens: list[object] = []
     metrics: dict = {}
     for k in range(max(cfg.bag, 1)):
         c = replace(cfg, seed=cfg.seed + k)
@@ -178,14 +185,25 @@ def fit_ranker(train: list[Week], val: Week, cfg: RankerConfig, progress: Progre
                 m["unseen"] = mu
             elif k == 0:
                 say("ranker: no purchase new to a user in the training weeks; no second booster for never-bought items")
+        if cfg.seen_ranker and "ui_bought" in cfg.features:  # after the unseen booster: its negatives stay as they were
+            parts = [_subsample(w, c.negative_share, rng, _bought(w, c.features)) for w in train]
+            if sum(int(p[1].sum()) for p in parts) > 0:
+                seen, ms = _train("ranker (re-buys)" + tag, parts, _subsample(val, 1.0, rng, _bought(val, c.features)),
+                                  c, say, _member(init_seen, k))
+                seens.append(seen)
+                m["seen"] = ms
+            elif k == 0:
+                say("ranker: no re-buy in the training weeks; no booster for re-buy candidates")
         if k == 0:
             metrics = m
         else:
             metrics.setdefault("bag_members", []).append(
                 {"seed": c.seed, "best_iteration": m["best_iteration"], "fit_seconds": m["fit_seconds"],
-                 **({"unseen_best_iteration": m["unseen"]["best_iteration"]} if "unseen" in m else {})})
+                 **({"unseen_best_iteration": m["unseen"]["best_iteration"]} if "unseen" in m else {}),
+                 **({"seen_best_iteration": m["seen"]["best_iteration"]} if "seen" in m else {})})
     unseen_booster = bagged(unseens) if len(unseens) == len(mains) else None
-    return Ranker(cfg, bagged(mains), metrics, unseen_booster)
+    seen_booster = bagged(seens) if len(seens) == len(mains) else None
+    return Ranker(cfg, bagged(mains), metrics, unseen_booster, seen_booster)
 
 
 def _member(boosters: list[object], k: int) -> object:

@@ -23,7 +23,7 @@ from training.protocol import Protocol
 from training.ranker import ItemInputs, Week, build_week, fit_ranker, item_side_at
 
 if TYPE_CHECKING:
-    from recflow.settings import TrainingSettings
+    from recflow.settings import Settings, TrainingSettings
 
 Progress = Callable[[str], None]
 
@@ -59,6 +59,25 @@ class Inputs:
             blank = np.array([not t.strip() for t in cat.texts])
             it[blank] = -1  # an item without text has no text vector
         return cls(cat, log, ItemInputs(emb, it, category))
+
+
+EVENT_COLUMNS = ["user_id", "item_id", "event_type", "event_timestamp", "basket_id"]
+
+
+def load_shop(settings: Settings, *, text: bool = True, progress: Progress | None = None
+              ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray | None]:
+    """A home's canonical events (the columns the two-stage model reads) and items, and the MiniLM
+    vectors of the items' unique texts (cached under the home; None without ``text``)."""
+    from training.pipeline import text_embeddings
+
+    say = progress or (lambda _m: None)
+    events = pd.read_parquet(settings.paths.events, columns=EVENT_COLUMNS)
+    items = pd.read_parquet(settings.paths.items)
+    emb = None
+    if text:
+        emb, info = text_embeddings(items, settings.paths.cache, max_length=settings.training.text_max_length, progress=say)
+        say(f"MiniLM vectors of {info['unique_texts']:,} unique texts ({'cached' if info['cache_hit'] else 'encoded'})")
+    return events, items, emb
 
 
 def config_for(inputs: Inputs, **overrides: Any) -> RankerConfig:
@@ -218,7 +237,8 @@ def train_and_score(events: pd.DataFrame, items: pd.DataFrame, emb: np.ndarray, 
     warn = warn or say
     inputs = Inputs.build(events, items, emb)
     protocol = Protocol.make(cutoff, t.ranker_train_weeks, 1, t.eval_days)
-    cfg = config_for(inputs, seed=t.seed, bag=t.ranker_bag, launch_slots=tuple(t.launch_slots), launch_days=t.launch_days)
+    cfg = config_for(inputs, seed=t.seed, bag=t.ranker_bag, launch_slots=tuple(t.launch_slots), launch_days=t.launch_days,
+                     seen_ranker=t.ranker_seen_booster)
     try:
         fitted = fit(inputs, protocol, cfg, progress=progress, search=ranker_search_args(t, storage_path))
     except ValueError as exc:  # too little history for weekly examples: serve the two-tower model

@@ -8,6 +8,7 @@ Saved layout (:func:`save_two_stage`, a folder; no pickle)::
 
     ranker.txt          LightGBM model (text); ranker_1.txt ... the other members of a bag
     ranker_unseen.txt   the never-bought items' booster (ranker_unseen_1.txt ... with a bag)
+    ranker_seen.txt     the re-buy candidates' booster (ranker_seen_1.txt ... with a bag)
     ranker.json         RankerConfig, feature names, metrics
     item_stats.parquet  item statistics as of the model's data end (serving's item side)
     item_ids.parquet    catalogue order of the item positions
@@ -54,6 +55,7 @@ class RankerConfig:
     max_rounds: int = 500
     early_stopping_rounds: int = 50
     unseen_ranker: bool = True  # a second booster orders the never-bought candidates (new-to-user quality)
+    seen_ranker: bool = False  # a third booster orders the re-buy candidates (the user's history) among themselves (opt-in)
     negative_share: float = 0.15
     seed: int = 0
     bag: int = 1  # boosters per stage, seeds seed..seed+bag-1 (own negatives and row/feature samples); scores averaged
@@ -180,14 +182,17 @@ class Ranker:
     """A trained booster with its config (and the metrics it was saved with).
 
     ``unseen`` (optional) is a second booster trained on the items the user never bought, against
-    the purchases new to the user: :meth:`score` lets it order those items among themselves while
-    the main booster keeps deciding which list positions go to re-buys and which to new items.
+    the purchases new to the user, and ``seen`` (optional) a third one trained on the user's
+    history items, against their re-buys: :meth:`score` lets each order its part of the candidates
+    among themselves while the main booster keeps deciding which list positions go to re-buys and
+    which to new items.
     """
 
     config: RankerConfig
     booster: Any  # lightgbm.Booster, or a BoosterBag of them
     metrics: dict[str, Any] = field(default_factory=dict)
     unseen: Any = None  # lightgbm.Booster (or BoosterBag) over the same features, or None
+    seen: Any = None  # lightgbm.Booster (or BoosterBag) over the same features, or None
 
     @staticmethod
     def _predict(booster: Any, x: np.ndarray, threads: int) -> np.ndarray:
@@ -205,30 +210,43 @@ class Ranker:
     def score(self, x: np.ndarray, users: np.ndarray) -> np.ndarray:
         """Final scores of candidate rows ``x`` of ``users`` (one user code per row).
 
-        Without ``unseen`` these are :meth:`predict`. With it, each user's never-bought candidates
-        keep the set of scores the main booster gave them (so the same list positions), but are
-        re-assigned to those positions in the unseen booster's order. With ``config.launch_slots``,
-        that order first gives the listed positions of the never-bought part to the user's best
-        launches (items first sold less than ``config.launch_days`` ago): exposure for new items.
+        Without ``unseen`` and ``seen`` these are :meth:`predict`. With ``unseen``, each user's
+        never-bought candidates keep the set of scores the main booster gave them (so the same list
+        positions), but are re-assigned to those positions in the unseen booster's order; with
+        ``seen``, the same for the user's re-buy candidates in the seen booster's order. With
+        ``config.launch_slots``, the never-bought order first gives the listed positions of the
+        never-bought part to the user's best launches (items first sold less than
+        ``config.launch_days`` ago): exposure for new items.
         """
         main = self.predict(x)
         slots = self.config.launch_slots
-        if (self.unseen is None and not slots) or len(x) == 0:
+        if (self.unseen is None and self.seen is None and not slots) or len(x) == 0:
             return main
-        m = np.flatnonzero(x[:, self.config.features.index("ui_bought")] == 0)
-        if len(m) == 0:
-            return main
-        u = np.asarray(users)[m]
+        users = np.asarray(users)
+        bought = x[:, self.config.features.index("ui_bought")] > 0
+        out = main.copy()
+        m = np.flatnonzero(bought)
+        if self.seen is not None and len(m):
+            _hand_out(out, main, m, users[m], -self._predict(self.seen, x[m], self.config.threads))
+        m = np.flatnonzero(~bought)
+        if (self.unseen is None and not slots) or len(m) == 0:
+            return out
+        u = users[m]
         order = -(main[m] if self.unseen is None else self._predict(self.unseen, x[m], self.config.threads))
         if slots:
             if "item_age_d" not in self.config.features:
                 raise ValueError("ranker launch_slots need the item_age_d feature; add it to the features or set no launch slots")
             order = _with_launches(order, u, x[m, self.config.features.index("item_age_d")], slots, self.config.launch_days)
-        by_unseen = np.lexsort((order, u))
-        by_main = np.lexsort((-main[m], u))
-        out = main.copy()
-        out[m[by_unseen]] = main[m[by_main]]
+        _hand_out(out, main, m, u, order)
         return out
+
+
+def _hand_out(out: np.ndarray, main: np.ndarray, rows: np.ndarray, users: np.ndarray, order: np.ndarray) -> None:
+    """Give each user's ``rows`` the main scores those rows hold (the same list positions), the best
+    to the lowest ``order`` (an ascending sort key), in place in ``out``."""
+    by_order = np.lexsort((order, users))
+    by_main = np.lexsort((-main[rows], users))
+    out[rows[by_order]] = main[rows[by_main]]
 
 
 def _rank_within(users: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -318,6 +336,7 @@ def save_two_stage(model: TwoStage, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     _save_boosters(model.ranker.booster, folder, "ranker")
     _save_boosters(model.ranker.unseen, folder, "ranker_unseen")
+    _save_boosters(model.ranker.seen, folder, "ranker_seen")
     side = model.side
     side.stats.to_frame().to_parquet(folder / "item_stats.parquet", index=False)
     pd.DataFrame({"item_id": model.item_index.astype(str)}).to_parquet(folder / "item_ids.parquet", index=False)
@@ -335,7 +354,7 @@ def save_two_stage(model: TwoStage, folder: Path) -> Path:
         sp.save_npz(folder / "user_vectors.npz", side.user_vectors.tocsr(), compressed=True)
         pd.DataFrame({"user_id": np.asarray(side.user_ids).astype(str)}).to_parquet(folder / "user_ids.parquet", index=False)
     meta = {"config": model.ranker.config.to_dict(), "metrics": model.ranker.metrics, "item_stats_as_of": side.stats.as_of,
-            "format": "recflow.ranker: ranker.txt (LightGBM; ranker_unseen.txt for never-bought items; _1, _2 ... bag members) + ranker.json + item_stats.parquet + item_ids.parquet "
+            "format": "recflow.ranker: ranker.txt (LightGBM; ranker_unseen.txt for never-bought items, ranker_seen.txt for re-buys; _1, _2 ... bag members) + ranker.json + item_stats.parquet + item_ids.parquet "
                       "+ arrays.npz + similarity.npz"}
     (folder / "ranker.json").write_text(json.dumps(meta, indent=1, default=float))
     return folder
@@ -376,7 +395,8 @@ def load_two_stage(folder: Path) -> TwoStage:
         files = _member_files(folder, stem)
         return bagged([lgb.Booster(model_file=str(f)) for f in files]) if files[0].exists() else None
 
-    ranker = Ranker(RankerConfig.from_dict(meta["config"]), load("ranker"), meta.get("metrics", {}), load("ranker_unseen"))
+    ranker = Ranker(RankerConfig.from_dict(meta["config"]), load("ranker"), meta.get("metrics", {}), load("ranker_unseen"),
+                    load("ranker_seen"))
     with np.load(folder / "arrays.npz") as z:
         arrays = {k: z[k] for k in z.files}
     stats = ItemStats.from_frame(pd.read_parquet(folder / "item_stats.parquet"), meta["item_stats_as_of"],

@@ -31,7 +31,7 @@ def shop() -> dict:
     inputs = Inputs.build(events, items, emb[: len(texts)])
     protocol = Protocol.make("2024-04-08", train_weeks=5, test_weeks=2)
     cfg = config_for(inputs, max_rounds=40, early_stopping_rounds=10, min_data_in_leaf=5, threads=1,
-                     negative_share=0.5)
+                     negative_share=0.5, seen_ranker=True)  # the opt-in seen booster too: every path is exercised
     fitted = fit(inputs, protocol, cfg)
     return {"events": events, "items": items, "inputs": inputs, "protocol": protocol, "cfg": cfg, "fit": fitted}
 
@@ -50,29 +50,37 @@ def test_ranker_beats_a_shuffled_ranker(shop: dict) -> None:
     assert model > rand + 0.05, (model, rand)
 
 
-def test_never_bought_items_keep_their_positions_in_the_unseen_boosters_order(shop: dict) -> None:
-    """Ranker.score: re-buys keep the main booster's scores; the never-bought candidates of each user
-    get the same set of scores (the same list positions), handed out in the second booster's order."""
+def test_each_part_keeps_its_positions_in_its_own_boosters_order(shop: dict) -> None:
+    """Ranker.score: the never-bought candidates of each user get the same set of scores the main
+    booster gave them (the same list positions), handed out in the unseen booster's order; the re-buy
+    candidates likewise in the seen booster's order (``seen_ranker``, opt-in). Without the two, the
+    main scores are served."""
+    from dataclasses import replace
+
     inputs, cfg, fitted = shop["inputs"], shop["cfg"], shop["fit"]
     r = fitted.ranker
     assert r.unseen is not None and "unseen" in r.metrics
+    assert r.seen is not None and "seen" in r.metrics
     ev = week_evalset("test", shop["events"], inputs.catalogue, shop["protocol"].tests[0])
     _, week = week_scorer(inputs, r, ev, cfg)
     main, final = r.predict(week.x), r.score(week.x, week.cands.user)
     unseen = week.x[:, cfg.features.index("ui_bought")] == 0
-    np.testing.assert_array_equal(final[~unseen], main[~unseen])
-    second = r._predict(r.unseen, week.x, 1)
-    checked = 0
-    for u in np.unique(week.cands.user):
-        m = (week.cands.user == u) & unseen
-        if m.sum() < 2:
-            continue
-        np.testing.assert_array_equal(np.sort(final[m]), np.sort(main[m]))
-        # a strictly better position always goes to an item the second booster scores at least as high
-        better = final[m][:, None] > final[m][None, :]
-        assert np.all((second[m][:, None] >= second[m][None, :] - 1e-12)[better])
-        checked += 1
-    assert checked > 10
+    checked = {"unseen": 0, "seen": 0}
+    for part, rows, booster in (("unseen", unseen, r.unseen), ("seen", ~unseen, r.seen)):
+        second = r._predict(booster, week.x, 1)
+        for u in np.unique(week.cands.user):
+            m = (week.cands.user == u) & rows
+            if m.sum() < 2:
+                continue
+            np.testing.assert_array_equal(np.sort(final[m]), np.sort(main[m]))
+            # a strictly better position always goes to an item the part's booster scores at least as high
+            better = final[m][:, None] > final[m][None, :]
+            assert np.all((second[m][:, None] >= second[m][None, :] - 1e-12)[better])
+            checked[part] += 1
+    assert min(checked.values()) > 10, checked
+    assert not np.array_equal(final[~unseen], main[~unseen])  # the seen booster did reorder some re-buys
+    plain = replace(r, unseen=None, seen=None)
+    np.testing.assert_array_equal(plain.score(week.x, week.cands.user), main)
 
 
 def test_round_trip_gives_identical_scores(shop: dict, tmp_path: Path) -> None:
@@ -88,11 +96,12 @@ def test_round_trip_gives_identical_scores(shop: dict, tmp_path: Path) -> None:
     np.testing.assert_array_equal(a.score, b.score)
     assert (tmp_path / "ranker" / "ranker.txt").read_text().startswith("tree")  # LightGBM text, not a pickle
     assert loaded.ranker.unseen is not None and (tmp_path / "ranker" / "ranker_unseen.txt").read_text().startswith("tree")
+    assert loaded.ranker.seen is not None and (tmp_path / "ranker" / "ranker_seen.txt").read_text().startswith("tree")
 
 
 def test_a_bag_averages_its_seeds_round_trips_and_continues_member_by_member(shop: dict, tmp_path: Path) -> None:
     """bag=2: two boosters per stage with seeds seed and seed+1, scores their mean; saved as
-    ranker.txt + ranker_1.txt (and the unseen pair), loaded to identical scores; an incremental
+    ranker.txt + ranker_1.txt (and the unseen and seen pairs), loaded to identical scores; an incremental
     refit continues each member from its counterpart; saving a single booster removes stale members."""
     from dataclasses import replace
 
@@ -102,7 +111,7 @@ def test_a_bag_averages_its_seeds_round_trips_and_continues_member_by_member(sho
     inputs, protocol = shop["inputs"], shop["protocol"]
     cfg = replace(shop["cfg"], bag=2)
     bag = fit(inputs, protocol, cfg).ranker
-    assert isinstance(bag.booster, BoosterBag) and isinstance(bag.unseen, BoosterBag)
+    assert isinstance(bag.booster, BoosterBag) and isinstance(bag.unseen, BoosterBag) and isinstance(bag.seen, BoosterBag)
     one, two = members(bag.booster)
     assert one.params["seed"] == cfg.seed and two.params["seed"] == cfg.seed + 1
     assert [m["seed"] for m in bag.metrics["bag_members"]] == [cfg.seed + 1]
@@ -115,15 +124,16 @@ def test_a_bag_averages_its_seeds_round_trips_and_continues_member_by_member(sho
     model = final_model(inputs, bag, end)
     folder = save_two_stage(model, tmp_path / "bag")
     assert {p.name for p in folder.glob("ranker*.txt")} == {"ranker.txt", "ranker_1.txt", "ranker_unseen.txt",
-                                                            "ranker_unseen_1.txt"}
+                                                            "ranker_unseen_1.txt", "ranker_seen.txt", "ranker_seen_1.txt"}
     loaded = load_two_stage(folder)
     assert len(members(loaded.ranker.booster)) == 2 and len(members(loaded.ranker.unseen)) == 2
+    assert len(members(loaded.ranker.seen)) == 2
     np.testing.assert_array_equal(loaded.ranker.score(week.x, week.cands.user), bag.score(week.x, week.cands.user))
     inc = refit(inputs, bag, protocol.tests[1], 2, 7, incremental=True)
     for old, new in zip(members(bag.booster), members(inc.ranker.booster), strict=True):
         assert new.num_trees() >= old.num_trees() and new.params["seed"] == old.params["seed"]
     save_two_stage(final_model(inputs, shop["fit"].ranker, end), folder)
-    assert {p.name for p in folder.glob("ranker*.txt")} == {"ranker.txt", "ranker_unseen.txt"}
+    assert {p.name for p in folder.glob("ranker*.txt")} == {"ranker.txt", "ranker_unseen.txt", "ranker_seen.txt"}
 
 
 def test_served_answer_equals_the_offline_scorer(shop: dict) -> None:
