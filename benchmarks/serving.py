@@ -510,14 +510,23 @@ def breakdown(settings, users: list[str], batch: int, n_requests: int) -> dict[s
 def two_stage_breakdown(state, reader, users: list[str], batch: int, n_requests: int,  # noqa: ANN001
                         rng: np.random.Generator) -> dict[str, Any]:
     """Per-request times of /recommend's two-stage path in this process: the online history read and
-    ``serving.ranking.rank_two_stage`` (candidates, features, both boosters, reasons)."""
+    ``serving.ranking.rank_two_stage`` (candidates, features, both boosters, reasons); with the
+    service's compiled trees (``serving.compile_ranker``) also the same requests with LightGBM
+    predicting (``two_stage_rank_lightgbm``), and whether both gave the same answers."""
+    import dataclasses
+
     from recflow.modeling.features import get_feature
+    from recflow.ranker.compiled import is_compiled, lightgbm_ranker
     from serving import ranking
 
     now = int(time.time())
-    out: dict[str, Any] = {}
+    ts = state.two_stage
+    plain = (dataclasses.replace(state, two_stage=dataclasses.replace(ts, ranker=lightgbm_ranker(ts.ranker)))
+             if is_compiled(ts.ranker) else None)
+    out: dict[str, Any] = {"compiled_trees": plain is not None}
+    same = differ = 0
     for b in sorted({1, max(1, batch)}):
-        read_t, rank_t = [], []
+        read_t, rank_t, lgb_t = [], [], []
         for _ in range(max(1, min(n_requests, 400) // b)):
             ids = [users[i] for i in rng.integers(0, len(users), b)]
             t0 = time.perf_counter()
@@ -526,12 +535,25 @@ def two_stage_breakdown(state, reader, users: list[str], batch: int, n_requests:
             asks = [ranking.HistoryAsk(list(map(str, get_feature(f, "user_history", "history_item_ids") or [])),
                                        [int(x) for x in get_feature(f, "user_history", "history_ts") or []], now, 10,
                                        user_id=u) for f, u in zip(feats, ids, strict=True)]
-            ranking.rank_two_stage(state, asks)
+            got = ranking.rank_two_stage(state, asks)
             t2 = time.perf_counter()
             read_t.append((t1 - t0) / b)
             rank_t.append((t2 - t1) / b)
-        out[f"batch_{b}"] = {"per_request_ms": {"online_history_read": _pct(read_t), "two_stage_rank": _pct(rank_t)},
-                             "batches": len(read_t)}
+            if plain is not None:
+                t3 = time.perf_counter()
+                ref = ranking.rank_two_stage(plain, asks)
+                lgb_t.append((time.perf_counter() - t3) / b)
+                for x, y in zip(got, ref, strict=True):
+                    if [p.position for p in x] == [p.position for p in y]:
+                        same += 1
+                    else:
+                        differ += 1
+        times = {"online_history_read": _pct(read_t), "two_stage_rank": _pct(rank_t)}
+        if lgb_t:
+            times["two_stage_rank_lightgbm"] = _pct(lgb_t)
+        out[f"batch_{b}"] = {"per_request_ms": times, "batches": len(read_t)}
+    if plain is not None:
+        out["compiled_vs_lightgbm"] = {"same_top_k": same, "different_top_k": differ}
     return out
 
 

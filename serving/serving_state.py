@@ -181,6 +181,8 @@ def load_state(settings: Settings, store: FeatureStore, model_path: Path | None 
     from datetime import UTC, datetime
 
     two_stage, to_state, to_ranker = _load_two_stage(ts, src.folder, list(index.item_ids))
+    if two_stage is not None and settings.serving.compile_ranker:
+        two_stage = _compiled(two_stage, settings)
     state = ServingState(
         model=model, index=index, scorer=scorer, ann=ann, catalogue=catalogue, version=src.version, source=src,
         loaded_at=datetime.now(UTC).isoformat(timespec="seconds"), load_seconds=time.perf_counter() - started,
@@ -193,6 +195,23 @@ def load_state(settings: Settings, store: FeatureStore, model_path: Path | None 
              src.source, state.n_items, ann.name if ann else scorer.name,
              "two-stage ranker" if two_stage is not None else "two-tower", state.load_seconds)
     return state
+
+
+def _compiled(ts: TwoStage, settings: Settings) -> TwoStage:
+    """``ts`` with its ranker's trees compiled (``serving.compile_ranker``), or ``ts`` as it is, with a
+    warning, when they cannot be (LightGBM then predicts the same scores, slower)."""
+    import dataclasses
+
+    from recflow.ranker.compiled import CACHE_DIR, compile_ranker
+
+    try:
+        ranker, seconds = compile_ranker(ts.ranker, settings.paths.cache / CACHE_DIR)
+    except Exception as exc:  # noqa: BLE001 - LightGBM serves the same scores
+        log.warning("the ranker's trees could not be compiled (%s: %s); LightGBM predicts (slower). Set "
+                    "serving.compile_ranker=false to skip this attempt", type(exc).__name__, str(exc)[:200])
+        return ts
+    log.info("ranker trees compiled (lleaves) in %.1f s", seconds)
+    return dataclasses.replace(ts, ranker=ranker)
 
 
 def _load_two_stage(

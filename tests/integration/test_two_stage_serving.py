@@ -74,6 +74,12 @@ def test_recommend_serves_the_two_stage_model(tiny_features, shop_model) -> None
         assert (_cache_count(c, "hit"), _cache_count(c, "miss")) == (hits + 1, misses)
         want = _offline(settings, ts, "a", pd.Timestamp.now(tz="UTC"), settings.serving.default_k)
         assert [i["item_id"] for i in pre["items"]] == [model.item_ids[p.position] for p in want]
+        # the workers compiled the ranker's trees (serving.compile_ranker): the served answers below are
+        # compiled code's, checked against the offline LightGBM scorer
+        from recflow.ranker.model import members
+
+        boosters = [m for b in (ts.ranker.booster, ts.ranker.unseen, ts.ranker.seen) if b is not None for m in members(b)]
+        assert len(list((settings.paths.cache / "lleaves").glob("*.o"))) == len(boosters)
 
         r = _post(c, "/recommend", {"user_id": "a", "k": 4, "timestamp": NOW.isoformat()})
         assert r.status_code == 200, r.text

@@ -380,3 +380,50 @@ def test_ranker_search_picks_the_best_trials_settings_and_trains_with_them(shop:
         assert getattr(chosen, k) == pytest.approx(best[k]), k
     assert chosen.features == cfg.features and fitted.seconds["search"] > 0
     assert trials[0]["num_leaves"] in (15, 31, 63) and 0.02 <= trials[0]["learning_rate"] <= 0.1
+
+
+def test_compiled_ranker_scores_as_lightgbm_and_serves_the_offline_answer(shop: dict, tmp_path: Path) -> None:
+    """serving.compile_ranker: the lleaves-compiled boosters (main, unseen, seen; bag members too) give
+    LightGBM's scores, recommend() through them gives the offline scorer's top 10, and a second
+    compile of the same boosters loads the cached objects instead of compiling again."""
+    import time
+    from dataclasses import replace
+
+    from recflow.ranker.compiled import CompiledBooster, compile_ranker
+    from recflow.ranker.model import BoosterBag, members
+
+    inputs, fitted, week = shop["inputs"], shop["fit"], shop["fit"].validation
+    ranker = fitted.ranker
+    started = time.perf_counter()
+    compiled, _ = compile_ranker(ranker, tmp_path / "cache")
+    first_s = time.perf_counter() - started
+    objects = sorted(p.name for p in (tmp_path / "cache").glob("*.o"))
+    assert len(objects) == 3  # main, unseen, seen
+    for ours, theirs in ((compiled.booster, ranker.booster), (compiled.unseen, ranker.unseen), (compiled.seen, ranker.seen)):
+        assert isinstance(ours, CompiledBooster) and ours.num_trees() == theirs.num_trees()
+        np.testing.assert_allclose(ours.predict(week.x, num_threads=1), theirs.predict(week.x, num_threads=1),
+                                   rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(compiled.score(week.x, week.cands.user), ranker.score(week.x, week.cands.user),
+                               rtol=1e-12, atol=1e-12)
+    started = time.perf_counter()
+    again, _ = compile_ranker(ranker, tmp_path / "cache")
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.o")) == objects
+    assert time.perf_counter() - started < first_s
+    np.testing.assert_array_equal(again.predict(week.x), compiled.predict(week.x))
+
+    as_of = seconds(shop["protocol"].tests[0]) + 3 * 3600
+    model = final_model(inputs, ranker, as_of)
+    served_model = replace(model, ranker=compiled)
+    log = inputs.log.before(as_of)
+    off = log.offsets()
+    users = [u for u in range(log.n_users) if off[u + 1] > off[u]][:25]
+    asks = [Ask(inputs.catalogue.item_ids[log.item[off[u]:off[u + 1]]][::-1].tolist(),
+                log.ts[off[u]:off[u + 1]][::-1].tolist(), as_of, 10, user_id=str(log.user_ids[u])) for u in users]
+    assert [[p.position for p in r] for r in recommend(served_model, asks)] == \
+        [[p.position for p in r] for r in recommend(model, asks)]
+
+    bag = fit(inputs, shop["protocol"], replace(shop["cfg"], bag=2, seen_ranker=False)).ranker
+    cbag, _ = compile_ranker(bag, tmp_path / "cache")
+    assert isinstance(cbag.booster, BoosterBag) and len(members(cbag.booster)) == 2 and cbag.seen is None
+    np.testing.assert_allclose(cbag.score(week.x, week.cands.user), bag.score(week.x, week.cands.user),
+                               rtol=1e-12, atol=1e-12)
