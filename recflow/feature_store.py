@@ -7,6 +7,7 @@ which exposes the same objects.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -61,7 +62,7 @@ def redis_connection(settings: Settings) -> str:
 def forget_user(settings: Settings, user_id: str, store: FeatureStore | None = None) -> int:
     """Delete ``user_id``'s rows from the online store (every user-keyed feature view, pushes included);
     returns how many rows (SQLite) or keys (Redis) went. Every call has a timeout
-    (``feast.store_timeout_s``); SQLite is vacuumed so the bytes leave the file."""
+    (``feast.store_timeout_s``); SQLite is vacuumed and its WAL checkpointed so the bytes leave the files."""
     import sqlite3
 
     from feast.infra.key_encoding_utils import serialize_entity_key
@@ -92,6 +93,9 @@ def forget_user(settings: Settings, user_id: str, store: FeatureStore | None = N
             if table in tables:
                 removed += con.execute(f'DELETE FROM "{table}" WHERE entity_key = ?', (blob,)).rowcount
         con.execute("VACUUM")
+        # WAL mode (bound_sqlite): the vacuumed pages are in the WAL until a checkpoint copies them
+        # into the database and empties the WAL, which leaves no old page in either file
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         con.close()
     return removed
@@ -135,11 +139,22 @@ def online_store(store: FeatureStore) -> Any:
 
 def bound_sqlite(store: FeatureStore, timeout_s: float) -> None:
     """Give the SQLite online store's connection a busy timeout of ``timeout_s`` (Feast opens it with
-    sqlite3's default and no setting of its own), so a locked store fails a call instead of holding it."""
+    sqlite3's default and no setting of its own), so a locked store fails a call instead of holding it,
+    and put the database in WAL mode (persistent in the file; Feast leaves SQLite's rollback journal).
+
+    In the rollback-journal mode every online write (a feedback push, twice) locks readers out while
+    it commits, and a ``/recommend`` read that meets the lock sleeps in SQLite's busy handler (1 to
+    100 ms steps); in WAL mode reads never wait for a writer, and a commit syncs one file instead of
+    a journal and the database. ``synchronous`` stays SQLite's FULL."""
+    import sqlite3
+
     online = online_store(store)
     get_conn = getattr(online, "_get_conn", None)
     if get_conn is not None:
-        get_conn(store.config).execute(f"PRAGMA busy_timeout = {max(1, int(timeout_s * 1000))}")
+        conn = get_conn(store.config)
+        conn.execute(f"PRAGMA busy_timeout = {max(1, int(timeout_s * 1000))}")
+        with contextlib.suppress(sqlite3.OperationalError):  # another process holds a lock: it switches later
+            conn.execute("PRAGMA journal_mode=WAL")
 
 
 def load_definitions(settings: Settings) -> list[Any]:

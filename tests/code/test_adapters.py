@@ -43,6 +43,15 @@ def test_feast_adapter_gives_the_provider_and_online_store_recflow_uses(make_set
     assert callable(online.online_read), "serving.online_reader reads rows with online_store.online_read"
     conn = online._get_conn(store.config)  # SQLite: bound_sqlite and forget_user rely on it
     assert re.fullmatch(r"\d+", str(conn.execute("PRAGMA busy_timeout").fetchone()[0]))
+    # bound_sqlite puts the file in WAL mode (readers never wait for a push's commit), and it stays so
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    import sqlite3
+
+    other = sqlite3.connect(settings.paths.feast_online)
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        other.close()
 
 
 def test_bentoml_adapter_stores_and_lists_models_under_the_home(make_settings) -> None:  # noqa: ANN001
