@@ -1049,4 +1049,7 @@ def main() -> None:
 if __name__ == "__main__":
     if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
         sys.path[0] = str(ROOT)  # benchmarks/serving.py would shadow the `serving` package
+    from recflow.local_services import exit_on_sigterm
+
+    exit_on_sigterm()  # a stopped run stops the services it started
     main()

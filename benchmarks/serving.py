@@ -814,4 +814,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.path[0] = str(ROOT)  # this file is benchmarks/serving.py: make `serving` the package, not this script
+    from recflow.local_services import exit_on_sigterm
+
+    exit_on_sigterm()  # a stopped run stops the services it started
     main()

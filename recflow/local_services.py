@@ -32,6 +32,16 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
             time.sleep(0.1)
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end this process as Ctrl-C would, through ``SystemExit``, so the ``with`` blocks
+    that started local servers stop them (Python's default SIGTERM ends the process at once and
+    leaves them running). For scripts' ``main``; call it from the main thread."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """SIGTERM ``proc``, then SIGKILL if it has not exited within ``timeout`` seconds; waits for it."""
     proc.terminate()

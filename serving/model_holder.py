@@ -11,7 +11,6 @@ reference, so requests never see a half-loaded model.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import time
@@ -62,6 +61,7 @@ class ModelHolder:
     registry_epoch: int = 0  # bumped when a reload refreshed the Feast registry (the push executor follows)
     _loader: Executor | None = None
     _first_load: asyncio.Event | None = None
+    _stopping: bool = False  # the worker is stopping: a prefill under way ends at its next batch
     _reload_lock: asyncio.Lock | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -87,6 +87,7 @@ class ModelHolder:
                        loop.create_task(self._champion_loop(), name="recflow-champion-watch")]
 
     async def stop(self) -> None:
+        self._stopping = True  # a prefill under way ends at its next batch
         await cancel_tasks(self._tasks)
         if self._loader is not None:
             self._loader.shutdown(wait=False, cancel_futures=True)
@@ -94,13 +95,23 @@ class ModelHolder:
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
 
-    async def wait_first_load(self, timeout_s: float) -> bool:
-        """Wait until the first load attempt ended (the model is in, or it failed) or ``timeout_s``
-        passed; returns :attr:`ready`. The service's start-up hook awaits this: uvicorn accepts
-        connections only after start-up, so a (re)started worker takes no traffic while it loads."""
-        if self._first_load is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._first_load.wait(), timeout_s)
+    async def wait_first_load(self, timeout_s: float, stop: asyncio.Event | None = None) -> bool:
+        """Wait until the first load attempt ended (the model is in, or it failed), ``timeout_s``
+        passed or ``stop`` is set (the worker is asked to stop: the prefill ends at its next batch);
+        returns :attr:`ready`. The service's start-up hook awaits this: uvicorn accepts connections
+        only after start-up, so a (re)started worker takes no traffic while it loads."""
+        if self._first_load is None:
+            return self.ready
+        waits = [asyncio.ensure_future(self._first_load.wait())]
+        if stop is not None:
+            waits.append(asyncio.ensure_future(stop.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if stop is not None and stop.is_set():
+            self._stopping = True
         return self.ready
 
     async def _load_loop(self) -> None:
@@ -265,7 +276,8 @@ class ModelHolder:
                 return list(zip(ranking.rank_two_stage(state, asks, served), served, strict=True))
 
             done = prefill.prefill(cache, users, self.online.fetch, rank,
-                                   min(s.default_k, state.n_items), s.answer_prefill_s, batch=s.max_batch_size)
+                                   min(s.default_k, state.n_items), s.answer_prefill_s, batch=s.max_batch_size,
+                                   stop=lambda: self._stopping)
         except Exception as exc:  # noqa: BLE001 - the model serves without a prefill
             log.warning("answer prefill failed, serving without it: %s: %s", type(exc).__name__,
                         redact(str(exc)[:200], self.settings))

@@ -52,10 +52,11 @@ def recent_users(table: Path, limit: int) -> list[str]:
 
 
 def prefill(cache: AnswerCache, users: list[str], fetch: Fetch, rank: Rank, k: int, budget_s: float,
-            batch: int = 64, clock: Callable[[], float] = time.time) -> PrefillResult:
+            batch: int = 64, clock: Callable[[], float] = time.time,
+            stop: Callable[[], bool] | None = None) -> PrefillResult:
     """Rank ``users``' default answers (``k`` items, no filters, as of now) in batches of ``batch``
-    and put them in ``cache``. Stops after ``budget_s`` seconds, or when the online store does not
-    answer (``fetch`` returns None); users without an online history are skipped (they get
+    and put them in ``cache``. Stops after ``budget_s`` seconds, when ``stop()`` says so (the
+    worker is stopping), or when the online store does not answer (``fetch`` returns None); users without an online history are skipped (they get
     popularity, which costs nothing)."""
     started = time.perf_counter()
     answered, stopped = 0, None
@@ -64,6 +65,9 @@ def prefill(cache: AnswerCache, users: list[str], fetch: Fetch, rank: Rank, k: i
     for lo in range(0, len(users), batch):
         if time.perf_counter() - started > budget_s:
             stopped = f"time budget of {budget_s:g} s spent"
+            break
+        if stop is not None and stop():
+            stopped = "the service is stopping"
             break
         chunk = users[lo:lo + batch]
         rows = fetch(chunk)

@@ -19,6 +19,7 @@ offending field.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -111,9 +112,9 @@ class Runtime:
         self.lookups.start(self._compute)
         self.models.start()
 
-    async def wait_first_load(self, timeout_s: float) -> bool:
+    async def wait_first_load(self, timeout_s: float, stop: asyncio.Event | None = None) -> bool:
         """See :meth:`ModelHolder.wait_first_load`."""
-        return await self.models.wait_first_load(timeout_s)
+        return await self.models.wait_first_load(timeout_s, stop)
 
     async def stop(self) -> None:
         """Stop loops and threads; write the request log out."""

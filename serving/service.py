@@ -125,10 +125,15 @@ class Recommender:
     async def _start(self) -> None:
         """Start the runtime and wait for its first model load (``serving.startup_wait_s``): uvicorn
         opens the worker's listening socket only after start-up, so the worker takes no traffic
-        before it is ready (a worker with no model to load goes live unready: 503 and /status say why)."""
+        before it is ready (a worker with no model to load goes live unready: 503 and /status say why).
+        A SIGTERM or SIGINT meanwhile ends the wait (``serving.aio.stop_signals``): uvicorn acts on
+        it only after start-up, which would otherwise hold a loading worker's stop until it is ready."""
+        from serving.aio import stop_signals
+
         _log_setup()
         await self.runtime.start()
-        await self.runtime.wait_first_load(self.runtime.settings.serving.startup_wait_s)
+        with stop_signals() as stop:
+            await self.runtime.wait_first_load(self.runtime.settings.serving.startup_wait_s, stop)
 
     @bentoml.on_shutdown
     async def _stop(self) -> None:

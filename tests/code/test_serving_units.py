@@ -480,6 +480,40 @@ def test_prefill_puts_exactly_what_a_request_would_look_up() -> None:
     assert spent.answered == 0 and spent.stopped and "budget" in spent.stopped
     off = prefill(AnswerCache("v1", 100, 0), users, fetch, rank, 10, 60)
     assert off.answered == 0 and off.stopped == "the answer cache is off"
+    calls = iter([False, True])  # a stop asked after the first batch: the prefill ends at the next one
+    halted = prefill(AnswerCache("v1", 100, 900), users, fetch, rank, 10, 60, batch=2, stop=lambda: next(calls))
+    assert halted.answered == 2 and halted.stopped == "the service is stopping"
+
+
+def test_stop_signals_sets_the_event_and_still_calls_the_handler_in_place() -> None:
+    """The start-up wait's signal hook (serving.aio.stop_signals): a SIGTERM inside the block sets
+    the event and reaches the handler that was in place (uvicorn's shutdown); afterwards that
+    handler is back."""
+    import asyncio
+    import os
+    import signal
+
+    from serving.aio import stop_signals
+
+    got: list[int] = []
+
+    def before(signum: int, frame: object) -> None:
+        got.append(signum)
+
+    old = signal.signal(signal.SIGTERM, before)
+    try:
+        async def main() -> bool:
+            with stop_signals() as stop:
+                assert not stop.is_set()
+                os.kill(os.getpid(), signal.SIGTERM)
+                await asyncio.wait_for(stop.wait(), 5)
+                return stop.is_set()
+
+        assert asyncio.run(main()) is True
+        assert got == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def test_reload_client_sends_the_write_token_and_the_configured_timeout(make_settings, monkeypatch) -> None:  # noqa: ANN001
