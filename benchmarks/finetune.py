@@ -47,6 +47,7 @@ def load(home: str | None, say: Any) -> tuple[Any, Any, dict[str, Any]]:
     import pandas as pd
     import pyarrow.parquet as pq
 
+    from recflow.schemas import LOG_COLUMNS
     from recflow.settings import load_settings
     from training.examples import split_anchors, to_utc
     from training.pipeline import default_encoder_dir, encoder_config, text_embeddings, text_states
@@ -63,7 +64,7 @@ def load(home: str | None, say: Any) -> tuple[Any, Any, dict[str, Any]]:
     train, val, test = split_anchors(cutoff, t.train_weeks, t.eval_days)
     if not set([*train, val, test]) <= set(anchors):
         raise SystemExit(f"{path} holds anchors {anchors[0]}..{anchors[-1]}, not the {t.train_weeks} weeks before {cutoff}")
-    events = pd.read_parquet(s.paths.events, columns=["user_id", "item_id", "event_type", "event_timestamp", "basket_id"])
+    events = pd.read_parquet(s.paths.events, columns=list(LOG_COLUMNS))
     items = pd.read_parquet(s.paths.items)
     states, sinfo = text_states(items, s.paths.cache, t.unfrozen_layers, max_length=t.text_max_length, progress=say)
     say(f"token states after layer {sinfo['layer']}: {sinfo['tokens']:,} tokens, {sinfo['megabytes']:.0f} MB "

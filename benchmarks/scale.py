@@ -372,15 +372,14 @@ class Training:
 def stage_training_set(
     settings, tr: Training, weeks: int, users: int, rounds: int, seed: int
 ) -> dict[str, Any]:  # noqa: ANN001
+    from recflow.schemas import LOG_COLUMNS
     from training.protocol import Protocol
     from training.ranker import build_week, item_side_at, targets_of
     from training.two_stage import Inputs, config_for
     from training.two_stage import seconds as epoch
 
     t0 = time.perf_counter()
-    events = pd.read_parquet(
-        settings.paths.events, columns=["user_id", "item_id", "event_type", "event_timestamp", "basket_id"]
-    )
+    events = pd.read_parquet(settings.paths.events, columns=list(LOG_COLUMNS))
     items = pd.read_parquet(settings.paths.items)
     protocol = Protocol.default(events, weeks, 1, 7)
     tr.inputs = Inputs.build(events, items, None)

@@ -85,6 +85,7 @@ def load_data(home: str | None) -> tuple[Any, str]:
     import pyarrow.parquet as pq
 
     if home:
+        from recflow.schemas import LOG_COLUMNS
         from recflow.settings import load_settings
         from training.pipeline import default_encoder_dir, encoder_config, text_embeddings
         from training.train_data import prepare_data
@@ -92,7 +93,7 @@ def load_data(home: str | None) -> tuple[Any, str]:
         s = load_settings(home=home)
         ts = s.paths.training_sets / "quality_benchmark.parquet"
         if ts.exists():
-            events = pd.read_parquet(s.paths.events, columns=["user_id", "item_id", "event_type", "event_timestamp", "basket_id"])
+            events = pd.read_parquet(s.paths.events, columns=list(LOG_COLUMNS))
             items = pd.read_parquet(s.paths.items)
             emb, _ = text_embeddings(items, s.paths.cache, max_length=s.training.text_max_length)
             table = pq.read_table(ts)

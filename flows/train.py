@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from recflow.progress import report
+from recflow.schemas import LOG_COLUMNS
 from recflow.settings import Settings, flow_settings
 
 
@@ -32,7 +33,7 @@ def load_tables_task(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame, pd
     for p in (paths.events, paths.items, paths.feature_table("item_popularity")):
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist: run `recflow features` (ingest + feature tables) first")
-    events = pd.read_parquet(paths.events, columns=["user_id", "item_id", "event_type", "event_timestamp", "basket_id"])
+    events = pd.read_parquet(paths.events, columns=list(LOG_COLUMNS))
     items = pd.read_parquet(paths.items)
     popularity = pd.read_parquet(paths.feature_table("item_popularity"))
     _log(f"{len(events):,} events, {len(items):,} items, {len(popularity):,} item popularity rows")

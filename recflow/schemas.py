@@ -33,6 +33,9 @@ EVENTS_SCHEMA: Final = pa.schema(
         pa.field("price", pa.float64()),
     ]
 )
+# The events columns the purchase log and the models read (training, the benchmarks; with
+# ``event_id`` the training-set window's). One list, so a reader never asks for a column another lacks.
+LOG_COLUMNS: Final[tuple[str, ...]] = ("user_id", "item_id", "event_type", "event_timestamp", "basket_id")
 
 # Profile columns a users table may carry; all optional strings (categorical bands).
 USER_PROFILE_COLUMNS: Final[tuple[str, ...]] = (

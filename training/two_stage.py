@@ -17,6 +17,7 @@ import pandas as pd
 from recflow.modeling.build import unique_texts
 from recflow.ranker.log import PurchaseLog
 from recflow.ranker.model import FEATURES, TEXT_FEATURES, Ranker, RankerConfig, Scored, TwoStage, score_users
+from recflow.schemas import LOG_COLUMNS
 from training.evaluate import EvalSet, Scorer
 from training.examples import Catalogue
 from training.protocol import Protocol
@@ -61,7 +62,6 @@ class Inputs:
         return cls(cat, log, ItemInputs(emb, it, category))
 
 
-EVENT_COLUMNS = ["user_id", "item_id", "event_type", "event_timestamp", "basket_id"]
 
 
 def load_shop(settings: Settings, *, text: bool = True, progress: Progress | None = None
@@ -71,7 +71,7 @@ def load_shop(settings: Settings, *, text: bool = True, progress: Progress | Non
     from training.pipeline import text_embeddings
 
     say = progress or (lambda _m: None)
-    events = pd.read_parquet(settings.paths.events, columns=EVENT_COLUMNS)
+    events = pd.read_parquet(settings.paths.events, columns=list(LOG_COLUMNS))
     items = pd.read_parquet(settings.paths.items)
     emb = None
     if text:

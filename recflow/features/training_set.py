@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from recflow.schemas import LOG_COLUMNS
 from recflow.settings import Settings
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ def build_training_set(
     )
 
 
-EVENT_COLUMNS = ["event_id", "user_id", "item_id", "event_type", "event_timestamp", "basket_id"]
+EVENT_COLUMNS = ["event_id", *LOG_COLUMNS]
 
 
 def load_events(settings: Settings, *, include_holdout: bool = False) -> pd.DataFrame:
