@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -97,11 +98,39 @@ def _settings(overrides: dict[str, dict[str, Any]] | None = None):  # noqa: ANN2
         raise typer.Exit(2) from exc
 
 
+PLAIN_PROGRESS_EVERY_S = 30.0  # without a terminal: a stage's unchanged step is repeated at most this often
+
+
+def plain_progress_sink(print_line: Any, clock: Any = time.monotonic) -> Any:
+    """A progress sink for output that is not a terminal (a log file, cron, a CI job), where rich
+    shows its bars only once they are done: one line per new stage or step, the same step again at
+    most every ``PLAIN_PROGRESS_EVERY_S`` seconds with its count, and a line when a stage completes."""
+    started = clock()
+    shown: dict[str, tuple[str, float, bool]] = {}  # stage -> (message, when, completed)
+
+    def sink(stage: str, completed: float | None, total: float | None, message: str) -> None:
+        now = clock()
+        done = completed is not None and total is not None and completed >= total
+        last = shown.get(stage)
+        if last is not None and last[0] == message and last[2] == done and now - last[1] < PLAIN_PROGRESS_EVERY_S:
+            return
+        shown[stage] = (message, now, done)
+        count = f" ({completed:g}/{total:g})" if completed is not None and total is not None else ""
+        print_line(f"[{now - started:6.0f}s] {stage:<12} {message or stage}{count}")
+
+    return sink
+
+
 @contextmanager
 def progress_bar() -> Iterator[None]:
-    """Show recflow.progress reports as rich progress bars, one per stage."""
+    """Show recflow.progress reports as rich progress bars, one per stage (plain lines, rate-limited,
+    when the output is not a terminal: :func:`plain_progress_sink`)."""
     from recflow.progress import reporting
 
+    if not console.is_terminal:
+        with reporting(plain_progress_sink(lambda line: console.print(line, markup=False, highlight=False))):
+            yield
+        return
     columns = (SpinnerColumn(), TextColumn("[bold]{task.fields[stage]:<12}"), BarColumn(),
                TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:

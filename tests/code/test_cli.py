@@ -131,3 +131,23 @@ def test_quiet_console_sets_library_switches_unless_the_user_did(monkeypatch) ->
             ray_auth.removeHandler(keep)
         assert seen == ["Token authentication is disabled for this Ray cluster. Anyone with network access ..."]
     assert "--verbose" in runner.invoke(app, ["--help"]).output
+
+
+def test_progress_without_a_terminal_prints_rate_limited_plain_lines() -> None:
+    """In a log file (no terminal) rich shows its bars only when done; the plain sink prints a line
+    per new stage or step, repeats an unchanged step at most every 30 s, and says when one is done."""
+    from recflow.cli import PLAIN_PROGRESS_EVERY_S, plain_progress_sink
+
+    now = [100.0]
+    lines: list[str] = []
+    sink = plain_progress_sink(lines.append, clock=lambda: now[0])
+    sink("train", 0, 5, "ranker: fitting")
+    now[0] += 1
+    sink("train", 1, 5, "ranker: fitting")  # same step within the interval: quiet
+    assert len(lines) == 1 and "train" in lines[0] and "ranker: fitting (0/5)" in lines[0]
+    now[0] += PLAIN_PROGRESS_EVERY_S
+    sink("train", 3, 5, "ranker: fitting")  # the interval passed: the count again
+    assert len(lines) == 2 and lines[1].endswith("(3/5)") and lines[1].startswith("[    31s]")
+    sink("features", None, None, "")  # a new stage, no counts: its name
+    sink("train", 5, 5, "ranker: fitting")  # done: always shown
+    assert lines[2].split()[-1] == "features" and lines[3].endswith("(5/5)")
