@@ -171,6 +171,45 @@ class OnlineRows:
         for view in self._targets[push_source]:
             self._provider.ingest_df(view, df)
 
+    def write_rows(self, push_source: str, rows: Sequence[dict[str, Any]]) -> None:
+        """What :meth:`write` writes for ``pd.DataFrame(rows)``, without the data frame: Feast's
+        ingestion turns a frame into Arrow and Arrow into value protos, most of a push's time; here
+        each feature's values go straight to ``feast.type_map.python_values_to_proto_values`` (the
+        function that ingestion ends in) and the rows to the online store's ``online_write_batch``.
+        ``rows``: the entity key, ``event_timestamp``, ``created_timestamp`` and every feature of
+        the views the push source feeds (None or NaN: null, as a frame's missing value)."""
+        from feast.type_map import python_values_to_proto_values
+
+        self.resolve()
+        if self._precompute or not rows:
+            self.write(push_source, pd.DataFrame(list(rows)))
+            return
+        if not self._targets[push_source]:
+            raise ValueError(f"no feature view is fed by the push source {push_source!r}")
+        for view in self._targets[push_source]:
+            keys = [(e.name, e.dtype.to_value_type()) for e in view.entity_columns]
+            entity = [python_values_to_proto_values([_null(r[k]) for r in rows], t) for k, t in keys]
+            entity_keys = [self._entity_key(join_keys=[k for k, _ in keys], entity_values=[col[i] for col in entity])
+                           for i in range(len(rows))]
+            columns = {f.name: python_values_to_proto_values([_null(r[f.name]) for r in rows], f.dtype.to_value_type())
+                       for f in view.features}
+            data = [(entity_keys[i], {name: col[i] for name, col in columns.items()},
+                     _datetime(r["event_timestamp"]), _datetime(r.get("created_timestamp")))
+                    for i, r in enumerate(rows)]
+            self._provider.online_write_batch(self._config, view, data, progress=None)
+
+
+def _null(value: Any) -> Any:
+    """None for a missing scalar (None, NaN, pandas NA), else ``value`` (lists pass as they are)."""
+    if value is None or isinstance(value, (list, tuple)):
+        return value
+    return None if pd.isna(value) else value
+
+
+def _datetime(value: Any) -> datetime | None:
+    """A timezone-aware ``datetime`` (what Feast's ingestion hands its online stores)."""
+    return None if value is None else pd.Timestamp(value).to_pydatetime()
+
 
 def _read_online(store: FeatureStore, user_ids: list[str]) -> list[dict[str, Any]]:
     refs = [f"user_activity:{n}" for n in USER_ACTIVITY_FEATURES] + [f"user_history:{n}" for n in USER_HISTORY_FEATURES]
@@ -314,9 +353,10 @@ def _merge_and_push(rows: OnlineRows, events: pd.DataFrame, history_length: int,
                          "created_timestamp": now, **activity})
     if not hist_rows:
         return 0
-    rows.write(HISTORY_PUSH, pd.DataFrame(hist_rows))
-    act = pd.DataFrame(act_rows)
-    for n in USER_ACTIVITY_FEATURES:  # last_purchase_ts is null for a user who only viewed
-        act[n] = act[n].astype(("Int64" if n == "last_purchase_ts" else "int64") if n in _INT else "float64")
-    rows.write(ACTIVITY_PUSH, act)
+    rows.write_rows(HISTORY_PUSH, hist_rows)
+    for act in act_rows:  # the views' types; last_purchase_ts is null for a user who only viewed
+        for n in USER_ACTIVITY_FEATURES:
+            v = _null(act[n])
+            act[n] = None if v is None else int(v) if n in _INT else float(v)
+    rows.write_rows(ACTIVITY_PUSH, act_rows)
     return len(hist_rows)

@@ -169,3 +169,42 @@ def test_serving_service_point_in_time_needs_only_user_keys(applied) -> None:
     assert lookups == {"user_id": 1}
     assert out.loc[0, "user_activity__purchases_7d"] == 2
     assert "item_popularity__trend" not in out.columns
+
+
+def test_push_rows_write_what_the_data_frame_path_writes(applied) -> None:
+    """serving.online_push.OnlineRows.write_rows (the push's path: values straight to protos) stores,
+    byte for byte, what Feast's data-frame ingestion (OnlineRows.write) stores for the same rows:
+    list, int, float and null values, and both timestamps."""
+    import numpy as np
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from recflow.schemas import USER_ACTIVITY_FEATURES
+    from serving.online_push import ACTIVITY_PUSH, HISTORY_PUSH, OnlineRows
+
+    settings, store, _ = applied
+    rows = OnlineRows(store)
+    now, ts = pd.Timestamp("2024-05-01T12:00:00Z"), pd.Timestamp("2024-05-01T11:59:58.123456Z")
+    history = {"event_timestamp": ts, "created_timestamp": now, "history_item_ids": ["v", "z", "x"],
+               "history_ts": [1714564798, 1714478398, 1714391998]}
+    activity = {"event_timestamp": ts, "created_timestamp": now, **{n: 3 for n in USER_ACTIVITY_FEATURES}}
+    activity.update(spend_7d=12.5, days_since_last_purchase=np.nan, last_purchase_ts=None)
+    old = pd.DataFrame([{"user_id": "frame", **activity}])
+    for n in USER_ACTIVITY_FEATURES:  # the types the push gave the frame before write_rows
+        old[n] = old[n].astype("Int64" if n == "last_purchase_ts" else "int64" if str(USER_ACTIVITY_FEATURES[n]) == "int64"
+                              else "float64")
+    rows.write(HISTORY_PUSH, pd.DataFrame([{"user_id": "frame", **history}]))
+    rows.write(ACTIVITY_PUSH, old)
+    rows.write_rows(HISTORY_PUSH, [{"user_id": "direct", **history}])
+    rows.write_rows(ACTIVITY_PUSH, [{"user_id": "direct", **activity}])
+
+    online = fs.online_store(store)
+    for name in ("user_history", "user_activity"):
+        view = store.get_feature_view(name)
+        keys = [EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=u)]) for u in ("frame", "direct")]
+        (t_frame, v_frame), (t_direct, v_direct) = online.online_read(config=store.config, table=view, entity_keys=keys)
+        assert v_direct is not None and {k: v.SerializeToString() for k, v in v_direct.items()} == \
+            {k: v.SerializeToString() for k, v in v_frame.items()}, name
+        assert t_direct == t_frame
+    assert v_direct["last_purchase_ts"].WhichOneof("val") is None  # null stays null
+    assert v_direct["days_since_last_purchase"].WhichOneof("val") is None  # NaN is null, as in a frame
