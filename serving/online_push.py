@@ -18,7 +18,9 @@ when that is later (the Redis store ignores rows that are not newer).
 Cost: the service turns requests into journal records without a data frame per event
 (:func:`event_records`), and pushes through :class:`OnlineRows`, which resolves the push sources'
 feature views once and reads and writes them through the online store's own calls (Feast's
-``push`` re-reads the registry's protos on every call: most of a push's time).
+``push`` re-reads the registry's protos on every call: most of a push's time), writing value
+protos made straight from the merged rows (:meth:`OnlineRows.write_rows`; Feast's ingestion of a
+data frame goes through Arrow first, a third of a push's time).
 """
 
 from __future__ import annotations
