@@ -99,8 +99,12 @@ def test_bento_manifest_export_and_serve(tiny_champion, tmp_path: Path) -> None:
     routes = {r["route"] for r in manifest["schema"]["routes"]}
     assert {"/recommend", "/similar", "/search", "/feedback", "/reload", "/status"} <= routes
     requirements = (folder / "env" / "python" / "requirements.txt").read_text().splitlines()
-    for pin in ("bentoml==1.4.39", "torch==2.13.0", "transformers==5.23.0", "feast[duckdb,redis]==0.67.0"):
+    for pin in ("bentoml==1.4.39", "torch==2.13.0", "transformers==5.23.0", "feast[duckdb,redis]==0.67.0",
+                "lightgbm==4.7.0", "scipy==1.17.1", "lleaves==1.3.0", "llvmlite==0.44.0"):  # the two-stage ranker
         assert pin in requirements, pin
+    constraints = set((ROOT / "constraints.txt").read_text().splitlines())
+    assert all(r in constraints for r in requirements if "==" in r and not r.startswith(("feast[", "#"))), \
+        "serving/requirements.txt pins a version constraints.txt does not"
     assert not any(r.split("==")[0] in ("ray", "ray[tune]", "prefect", "evidently") for r in requirements)
     assert manifest["image"]["python_version"] == "3.11"
     src = folder / "src"
