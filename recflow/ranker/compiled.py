@@ -22,13 +22,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from recflow.durable import replace_durably, write_text_durably
 from recflow.ranker.model import BoosterBag, Ranker, members
 
 CACHE_DIR = "lleaves"
@@ -74,26 +74,19 @@ def compile_booster(booster: Any, cache: Path) -> CompiledBooster:
     cache.mkdir(parents=True, exist_ok=True)
     model_file, obj = cache / f"{key}.txt", cache / f"{key}.o"
     if not model_file.exists():
-        _write_atomically(model_file, lambda p: p.write_text(text))
+        write_text_durably(model_file, text)
     model = lleaves.Model(model_file=str(model_file))
     if obj.exists():
         model.compile(cache=str(obj))
-    else:
-        _write_atomically(obj, lambda p: model.compile(cache=str(p)))
+    else:  # lleaves writes its cache where no file is: a name of this process's, then renamed
+        tmp = cache / f".{key}.{os.getpid()}.o"
+        tmp.unlink(missing_ok=True)
+        try:
+            model.compile(cache=str(tmp))
+            replace_durably(tmp, obj)
+        finally:
+            tmp.unlink(missing_ok=True)
     return CompiledBooster(model, booster)
-
-
-def _write_atomically(path: Path, write: Any) -> None:
-    """Call ``write`` on a fresh temporary path beside ``path``, then rename it to ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # lleaves writes its cache only where no file is
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _compiled(booster: Any, cache: Path) -> Any:
