@@ -515,8 +515,8 @@ def two_stage_breakdown(state, reader, users: list[str], batch: int, n_requests:
     predicting (``two_stage_rank_lightgbm``), and whether both gave the same answers."""
     import dataclasses
 
-    from recflow.modeling.features import get_feature
     from recflow.ranker.compiled import is_compiled, lightgbm_ranker
+    from recflow.ranker.log import purchase_history
     from serving import ranking
 
     now = int(time.time())
@@ -532,9 +532,8 @@ def two_stage_breakdown(state, reader, users: list[str], batch: int, n_requests:
             t0 = time.perf_counter()
             feats = reader(ids)
             t1 = time.perf_counter()
-            asks = [ranking.HistoryAsk(list(map(str, get_feature(f, "user_history", "history_item_ids") or [])),
-                                       [int(x) for x in get_feature(f, "user_history", "history_ts") or []], now, 10,
-                                       user_id=u) for f, u in zip(feats, ids, strict=True)]
+            asks = [ranking.HistoryAsk(*(purchase_history(f) or ([], [])), now, 10, user_id=u)
+                    for f, u in zip(feats, ids, strict=True)]
             got = ranking.rank_two_stage(state, asks)
             t2 = time.perf_counter()
             read_t.append((t1 - t0) / b)

@@ -91,10 +91,10 @@ def _two_stage_reference(
     profile: bool, batch_size: int,
 ) -> pd.DataFrame:
     """The two-stage model's answers for the point-in-time rows, as the service's two-stage path
-    gives them: the history feature view's item ids and times ranked as of ``as_of``; a user with
-    no history gets the popularity fallback."""
-    from recflow.modeling.features import get_feature
+    gives them: the purchases of the history feature view ranked as of ``as_of``; a user with
+    none gets the popularity fallback."""
     from recflow.privacy import pseudonym
+    from recflow.ranker.log import purchase_history
     from recflow.ranker.recommend import Ask, recommend
     from recflow.schemas import logged_features, request_log_row
 
@@ -102,17 +102,15 @@ def _two_stage_reference(
     rows: list[dict[str, Any]] = []
     for s in range(0, len(records), batch_size):
         chunk = records[s : s + batch_size]
-        asks, ranked_of = [], {}
+        asks, ranked_of, known = [], {}, {}
         for n, f in enumerate(chunk):
-            hid = get_feature(f, "user_history", "history_item_ids") or []
-            hts = get_feature(f, "user_history", "history_ts") or []
-            if hid and len(hid) == len(hts):
-                ranked_of[n] = len(asks)
-                asks.append(Ask(list(map(str, hid)), [int(x) for x in hts], at, k, user_id=str(f["user_id"])))
+            hist = purchase_history(f)
+            if hist is not None:
+                ranked_of[n], known[n] = len(asks), len(hist[0])
+                asks.append(Ask(hist[0], hist[1], at, k, user_id=str(f["user_id"])))
         served: list[dict[str, float | None]] = []
         ranked = recommend(model, asks, served)
         for n, f in enumerate(chunk):
-            hid = get_feature(f, "user_history", "history_item_ids") or []
             model_features: dict[str, float | None] = {}  # no history: the fallback ranked nothing
             if n in ranked_of:
                 positions = [p.position for p in ranked[ranked_of[n]]]
@@ -123,7 +121,7 @@ def _two_stage_reference(
             rows.append(request_log_row(
                 request_id=uuid.uuid4().hex, ts=as_of, user_id=pseudonym(str(f["user_id"]), key), k=k,
                 model_version=model_version, fallback=n not in ranked_of,
-                features=logged_features(f, len(hid), profile=profile, model_features=model_features),
+                features=logged_features(f, known.get(n, 0), profile=profile, model_features=model_features),
                 item_ids=[str(model.item_ids[p]) for p in positions], scores=np.asarray(scores, np.float32).tolist(),
             ))
     return pd.DataFrame(rows)

@@ -89,7 +89,7 @@ def build_definitions(settings: Settings) -> FeatureDefinitions:
     activity = view("user_activity", user, user_ttl, activity_push,
                     "Purchases, spend, distinct items/categories over 7/30/90 days; recency; basket size.")
     history = view("user_history", user, user_ttl, history_push,
-                   "The user's most recent item ids (most recent first) and their epoch-second timestamps.")
+                   "The user's most recent interactions (most recent first): item ids, epoch-second timestamps, event types.")
     profile = view("user_profile", user, NO_EXPIRY, sources["user_profile"],
                    "Profile bands (Complete Journey: household demographics); null when unknown.")
     popularity = view("item_popularity", item, item_ttl, sources["item_popularity"],

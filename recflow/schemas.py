@@ -124,6 +124,8 @@ USER_ACTIVITY_FEATURES: Final[dict[str, pa.DataType]] = {
 USER_HISTORY_FEATURES: Final[dict[str, pa.DataType]] = {
     "history_item_ids": pa.list_(pa.string()),  # most recent first
     "history_ts": pa.list_(pa.int64()),  # epoch seconds, aligned with history_item_ids
+    # each entry's event type (view, cart, purchase), aligned: the two-stage ranker reads the purchases only
+    "history_types": pa.list_(pa.string()),
 }
 USER_PROFILE_FEATURES: Final[dict[str, pa.DataType]] = {c: pa.string() for c in USER_PROFILE_COLUMNS}
 ITEM_POPULARITY_FEATURES: Final[dict[str, pa.DataType]] = {
@@ -148,6 +150,15 @@ FEATURE_TABLES: Final[dict[str, tuple[str, dict[str, pa.DataType]]]] = {
     "item_popularity": ("item_id", ITEM_POPULARITY_FEATURES),
     "item_catalog": ("item_id", ITEM_CATALOG_FEATURES),
 }
+
+
+def history_types(item_ids: list[Any], types: Any) -> list[str]:
+    """The event type of each entry of a ``user_history`` row, aligned with ``item_ids``. A row
+    written before ``history_types`` existed (None, or a list of another length) counts every entry
+    as a purchase, which is how the ranker read such rows; ``recflow features`` rewrites them."""
+    if types is None or len(types) != len(item_ids):
+        return ["purchase"] * len(item_ids)
+    return [str(t) for t in types]
 
 
 def feature_table_schema(name: str) -> pa.Schema:

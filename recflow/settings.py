@@ -63,9 +63,9 @@ class FeatureSettings(BaseModel):
 
     history_length: int = Field(
         default=5_000, ge=1, le=50_000,
-        description="Purchase lines kept in each user's online history list (most recent first). The two-stage "
-        "ranker learns from whole histories, so a user with more lines is served with features of the latest ones "
-        "only; the feature build warns when that happens (500 lines cost 0.7% NDCG@10 on Complete Journey, whose "
+        description="Interactions (views, carts, purchases) kept in each user's online history list (most recent "
+        "first); the two-stage ranker reads the purchases among them. It learns from whole histories, so a user with "
+        "more is served with features of the latest ones only; the feature build warns when that happens (500 lines cost 0.7% NDCG@10 on Complete Journey, whose "
         "longest history has 4,192).",
     )
     user_windows_days: tuple[int, ...] = Field(

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from recflow.feature_store import provider
-from recflow.schemas import EVENTS_SCHEMA, USER_ACTIVITY_FEATURES, USER_HISTORY_FEATURES
+from recflow.schemas import EVENTS_SCHEMA, USER_ACTIVITY_FEATURES, USER_HISTORY_FEATURES, history_types
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -248,18 +248,19 @@ def _apply(
     """:func:`apply_events` over ``(item_id, epoch seconds, event_type, quantity, price)`` tuples."""
     ids = list(current.get("user_history__history_item_ids") or [])
     tss = list(map(int, current.get("user_history__history_ts") or []))
+    kinds = history_types(ids, current.get("user_history__history_types"))
     act = {n: current.get(f"user_activity__{n}") for n in USER_ACTIVITY_FEATURES}
     for n in _INT - {"last_purchase_ts"}:
         act[n] = int(act[n] or 0)
     for n in ("spend_7d", "spend_30d", "spend_90d"):
         act[n] = float(act[n] or 0.0)
     times = {e[1] for e in events}
-    seen = {(i, t) for i, t in zip(ids, tss, strict=False) if t in times}  # only these can repeat an event
+    seen = {(i, t, k) for i, t, k in zip(ids, tss, kinds, strict=False) if t in times}  # only these can repeat an event
     known_items = set(ids)
     known_cats: set[str | None] | None = None  # the history's categories, computed at the first new item
     changed = False
     for item, ts, event_type, quantity, price in events:
-        if (item, ts) in seen:
+        if (item, ts, event_type) in seen:
             continue
         new_item = item not in known_items
         cat = category_of(item)
@@ -269,7 +270,8 @@ def _apply(
         pos = next((j for j, t in enumerate(tss) if t <= ts), len(tss))
         ids.insert(pos, item)
         tss.insert(pos, ts)
-        seen.add((item, ts))
+        kinds.insert(pos, event_type)
+        seen.add((item, ts, event_type))
         known_items.add(item)
         if known_cats is not None:
             known_cats.add(cat)
@@ -287,7 +289,8 @@ def _apply(
         changed = True
     if not changed:
         return None
-    history = {"history_item_ids": ids[:history_length], "history_ts": tss[:history_length]}
+    history = {"history_item_ids": ids[:history_length], "history_ts": tss[:history_length],
+               "history_types": kinds[:history_length]}
     return history, act
 
 

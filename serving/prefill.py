@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.ranking import AnswerCache, HistoryAsk, answer_key, online_history
+from recflow.ranker.log import purchase_history
+from serving.ranking import AnswerCache, HistoryAsk, answer_key
 
 log = logging.getLogger("recflow.serving")
 
@@ -78,7 +79,7 @@ def prefill(cache: AnswerCache, users: list[str], fetch: Fetch, rank: Rank, k: i
         asks, fingerprints = [], []
         for u in chunk:
             row = rows.get(u)
-            hist = online_history(row) if row is not None else None
+            hist = purchase_history(row) if row is not None else None
             if hist is None:
                 continue
             ids, stamps = hist

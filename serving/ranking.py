@@ -462,15 +462,3 @@ class AnswerCache:
 def answer_key(user_id: str, k: int, exclude_purchased: bool = False, category: str | None = None) -> Hashable:
     """The :class:`AnswerCache` key of a /recommend request's options."""
     return (user_id, k, exclude_purchased, category)
-
-
-def online_history(features: dict[str, Any]) -> tuple[list[str], list[int]] | None:
-    """A user's online purchase history (item ids, epoch seconds; most recent first) from their
-    online feature row, or None when it is empty or malformed (ids and times of unequal length)."""
-    from recflow.modeling.features import get_feature
-
-    ids = get_feature(features, "user_history", "history_item_ids") or []
-    stamps = get_feature(features, "user_history", "history_ts") or []
-    if not ids or len(ids) != len(stamps):
-        return None
-    return list(map(str, ids)), [int(x) for x in stamps]

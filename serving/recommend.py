@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from recflow.ranker.log import purchase_history
 from recflow.schemas import request_log_row
 from recflow.security import redact
 from recflow.settings import Settings
@@ -256,7 +257,7 @@ class RecommendHandler:
             keys: dict[int, tuple[Any, int]] = {}
             for i in with_feats:
                 j = jobs[i]
-                hist = ranking.online_history(feats[j.req.user_id])  # type: ignore[index]
+                hist = purchase_history(feats[j.req.user_id])  # type: ignore[index]
                 if hist is not None:
                     ids, stamps = hist
                     history_of[i] = len(ids)

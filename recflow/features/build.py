@@ -201,7 +201,7 @@ def _user_history_sql(n: int, users: tuple[str, str | None] | None = None) -> st
         where = f"WHERE user_id >= '{lo}'" + (f" AND user_id < '{hi}'" if hi is not None else "")
     return f"""
     WITH r AS (
-        SELECT user_id, item_id, ts, day,
+        SELECT user_id, item_id, event_type, ts, day,
                row_number() OVER (PARTITION BY user_id ORDER BY ts, event_id) AS rn
         FROM ev {where}
     ),
@@ -213,7 +213,8 @@ def _user_history_sql(n: int, users: tuple[str, str | None] | None = None) -> st
            CAST(w.day + 1 AS TIMESTAMPTZ) AS event_timestamp,
            CAST(w.day + 1 AS TIMESTAMPTZ) AS created_timestamp,
            list(r.item_id ORDER BY r.rn DESC) AS history_item_ids,
-           list(CAST(epoch(r.ts) AS BIGINT) ORDER BY r.rn DESC) AS history_ts
+           list(CAST(epoch(r.ts) AS BIGINT) ORDER BY r.rn DESC) AS history_ts,
+           list(r.event_type ORDER BY r.rn DESC) AS history_types
     FROM wanted w JOIN r ON r.user_id = w.user_id AND r.rn = w.rn
     GROUP BY w.user_id, w.day
     ORDER BY w.user_id, event_timestamp

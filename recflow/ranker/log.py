@@ -2,15 +2,16 @@
 
 A :class:`PurchaseLog` is a set of timestamped purchase lines ``(user, item, ts)`` with integer
 codes, sorted by ``(user, ts)``. Offline it comes from the canonical events (all users, cut at an
-as-of time); online it comes from one user's ``user_history`` row (item ids and epoch-second
-timestamps, which a push appends to exactly). A shopping trip is one user's purchases on one UTC
+as-of time); online it comes from the purchases of one user's ``user_history`` row (item ids,
+epoch-second timestamps and event types, which a push appends to exactly; :func:`purchase_history`). A shopping trip is one user's purchases on one UTC
 day, so the online history (which carries no basket ids) gives the same trips as the event log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,25 @@ def epoch_seconds(values: pd.Series | pd.DatetimeIndex | np.ndarray) -> np.ndarr
     """UTC timestamps as int64 seconds since the epoch (any input resolution; naive = UTC)."""
     idx = pd.DatetimeIndex(pd.to_datetime(values, utc=True))
     return (idx.as_unit("us").asi8 // 10**6).astype(np.int64)
+
+
+def purchase_history(features: Mapping[str, Any]) -> tuple[list[str], list[int]] | None:
+    """The purchases of a user's online ``user_history`` row (item ids and epoch seconds, most recent
+    first): what the ranker reads in the service and the monitor, as training reads the event log's
+    purchase lines (:meth:`PurchaseLog.from_events`); the row's views and carts are left out. None
+    when it holds no purchase, or is malformed (ids and times of unequal length)."""
+    from recflow.modeling.features import get_feature
+    from recflow.schemas import history_types
+
+    ids = get_feature(features, "user_history", "history_item_ids") or []
+    stamps = get_feature(features, "user_history", "history_ts") or []
+    if not ids or len(ids) != len(stamps):
+        return None
+    kinds = history_types(list(ids), get_feature(features, "user_history", "history_types"))
+    keep = [n for n, kind in enumerate(kinds) if kind == "purchase"]
+    if not keep:
+        return None
+    return [str(ids[n]) for n in keep], [int(stamps[n]) for n in keep]
 
 
 @dataclass(frozen=True)

@@ -96,13 +96,18 @@ def test_feedback_online_update_is_ordered_capped_and_idempotent() -> None:
     })
     cats = {"a": "dairy", "b": "dairy", "c": "bakery"}
     history, act = apply_events(current, events, history_length=3, category_of=cats.get)
-    assert history == {"history_item_ids": ["c", "b", "a"], "history_ts": [300, 200, 150]}  # most recent first, capped
+    assert history == {"history_item_ids": ["c", "b", "a"], "history_ts": [300, 200, 150],  # most recent first, capped
+                       "history_types": ["purchase", "purchase", "view"]}  # a row without types held purchases
     assert act["purchases_7d"] == 3 and act["purchases_90d"] == 1 and act["spend_7d"] == 6.0
     assert act["interactions_30d"] == 4 and act["distinct_items_90d"] == 3 and act["distinct_categories_90d"] == 2
     assert act["last_purchase_ts"] == 300 and act["days_since_last_purchase"] == 0.0
-    applied = {**current, "user_history__history_item_ids": history["history_item_ids"],
-               "user_history__history_ts": history["history_ts"]}
+    applied = {**current, **{f"user_history__{n}": v for n, v in history.items()}}
     assert apply_events(applied, events.iloc[:1], history_length=3, category_of=cats.get) is None, "retry is a no-op"
+    assert apply_events(applied, events.iloc[1:], history_length=3, category_of=cats.get) is None, "so is a view's"
+    # a purchase of the item viewed at that very second is another event: applied
+    bought = events.iloc[1:].assign(event_type="purchase", quantity=1.0, price=2.0)
+    again, _ = apply_events(applied, bought, history_length=4, category_of=cats.get)
+    assert list(zip(again["history_item_ids"], again["history_types"], strict=True))[-2:] == [("a", "purchase"), ("a", "view")]
 
 
 def test_validation_errors_name_the_fields() -> None:

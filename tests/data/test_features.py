@@ -75,7 +75,27 @@ def test_user_history_is_most_recent_first(tiny_features) -> None:
     hist = _table(tiny_features, "user_history")
     assert _row(hist, "user_id", "a", "2024-01-02").history_item_ids.tolist() == ["y", "x"]
     assert _row(hist, "user_id", "a", "2024-02-21").history_item_ids.tolist() == ["z", "x", "y", "x"]
-    assert _row(hist, "user_id", "b", "2024-01-04").history_item_ids.tolist() == ["x", "x", "x"]
+    b = _row(hist, "user_id", "b", "2024-01-04")
+    assert b.history_item_ids.tolist() == ["x", "x", "x"]
+    assert b.history_types.tolist() == ["purchase", "cart", "view"], "each entry's event type, aligned"
+    assert set(_row(hist, "user_id", "a", "2024-02-21").history_types) == {"purchase"}
+
+
+def test_the_ranker_reads_the_purchases_of_the_history(tiny_features) -> None:
+    """The two-stage ranker learns from the event log's purchase lines; online it reads the same lines
+    from the history row, whose views and carts it leaves out (b viewed, carted, then bought x)."""
+    from recflow.ranker.log import purchase_history
+
+    hist = _table(tiny_features, "user_history")
+    b = _row(hist, "user_id", "b", "2024-01-04")
+    row = {f"user_history__{n}": list(b[n]) for n in ("history_item_ids", "history_ts", "history_types")}
+    ids, stamps = purchase_history(row)
+    ev = pd.read_parquet(tiny_features.paths.events)
+    bought = ev[(ev.user_id == "b") & (ev.event_type == "purchase") & (ev.event_timestamp < b.event_timestamp)]
+    assert ids == bought.item_id.tolist() and stamps == [int(t.timestamp()) for t in bought.event_timestamp]
+    assert purchase_history({**row, "user_history__history_types": ["view"] * 3}) is None, "no purchase: no history"
+    legacy = {k: v for k, v in row.items() if k != "user_history__history_types"}  # a row from before the types
+    assert purchase_history(legacy) == (["x", "x", "x"], row["user_history__history_ts"])
 
 
 def test_history_length_is_capped(make_settings, tiny_shop) -> None:

@@ -186,7 +186,7 @@ def test_push_rows_write_what_the_data_frame_path_writes(applied) -> None:
     rows = OnlineRows(store)
     now, ts = pd.Timestamp("2024-05-01T12:00:00Z"), pd.Timestamp("2024-05-01T11:59:58.123456Z")
     history = {"event_timestamp": ts, "created_timestamp": now, "history_item_ids": ["v", "z", "x"],
-               "history_ts": [1714564798, 1714478398, 1714391998]}
+               "history_ts": [1714564798, 1714478398, 1714391998], "history_types": ["view", "purchase", "cart"]}
     activity = {"event_timestamp": ts, "created_timestamp": now, **{n: 3 for n in USER_ACTIVITY_FEATURES}}
     activity.update(spend_7d=12.5, days_since_last_purchase=np.nan, last_purchase_ts=None)
     old = pd.DataFrame([{"user_id": "frame", **activity}])

@@ -104,6 +104,16 @@ def test_recommend_serves_the_two_stage_model(tiny_features, shop_model) -> None
             ev = {"event_id": f"fb-{n}", "user_id": "a", "item_id": item, "event_type": "purchase",
                   "timestamp": f"{day}T09:00:00Z"}
             assert _post(c, "/feedback", ev, AUTH).json()["pushed"] is True
+        # Views and carts go into the same online history; the ranker reads its purchases only, as the
+        # offline scorer reads the event log's purchase lines (counted as purchases, "w" would look
+        # bought five times and "v", never sold, bought once).
+        for n, (item, kind, day) in enumerate([("w", "view", "2024-05-19"), ("w", "cart", "2024-05-19"),
+                                               ("v", "view", "2024-05-19"), ("w", "view", "2024-05-20")]):
+            ev = {"event_id": f"fb-v{n}", "user_id": "a", "item_id": item, "event_type": kind,
+                  "timestamp": f"{day}T0{n}:00:00Z"}
+            assert _post(c, "/feedback", ev, AUTH).json()["pushed"] is True
+        b = _post(c, "/recommend", {"user_id": "b", "k": 4, "timestamp": NOW.isoformat()}).json()  # viewed, carted, bought x
+        assert [i["item_id"] for i in b["items"]] == [model.item_ids[p.position] for p in _offline(settings, ts, "b", NOW, 4)]
         later = NOW + pd.Timedelta(hours=1)
         body = _post(c, "/recommend", {"user_id": "a", "k": 4, "timestamp": later.isoformat()}).json()
         want = _offline(settings, ts, "a", later, 4)
