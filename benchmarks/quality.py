@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "quality.json"
 BASELINES = ("popularity", "recent_popularity", "personal_top_frequency", "decayed_frequency", "tifu_knn", "item_knn",
-             "minilm_zero_shot", "new_item_popularity")
+             "minilm_zero_shot", "new_item_popularity", "recently_viewed")
 LAUNCH_FRONTIER: tuple[tuple[int, ...], ...] = ((9,), (7, 9), (0,), (0, 2, 4, 6, 8), tuple(range(10)))
 LAUNCH_METRICS = ("ndcg@10", "ndcg@10_new", "ndcg@10_cold")
 METRICS = ("ndcg@10", "recall@20", "hitrate@10", "coverage", "ndcg@10_new", "ndcg@10_repeat", "ndcg@10_cold",
@@ -37,12 +37,12 @@ METRICS = ("ndcg@10", "recall@20", "hitrate@10", "coverage", "ndcg@10_new", "ndc
 
 def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from recflow.ranker.model import TEXT_FEATURES
+    from recflow.ranker.model import ENGAGED_FEATURES, TEXT_FEATURES
     from recflow.settings import load_settings
     from training.baselines import baseline_scorers, tune_decayed_frequency, tune_tifu_knn
     from training.evaluate import evaluate, paired_bootstrap
     from training.protocol import Protocol, check_users, week_evalset
-    from training.ranker import candidate_recall, without_text
+    from training.ranker import candidate_recall, without_engagement, without_text
     from training.two_stage import Inputs, config_for, fit, load_shop, ranker_search_args, week_scorer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +96,18 @@ def main(argv: list[str] | None = None) -> dict:
                     for a in protocol.train]
         ranker_nt = fit_ranker(weeks_nt, without_text(fitted.validation, no_text_feats), cfg_nt, progress=say)
         del weeks_nt
+    no_eng_feats = tuple(f for f in cfg.features if f not in ENGAGED_FEATURES)
+    has_engagement = no_eng_feats != cfg.features
+    if has_engagement:
+        # the same weeks without the views and carts: recflow_no_engagement (the purchases-only ranker)
+        from training.ranker import build_week, fit_ranker
+
+        cfg_ne = replace(cfg, features=no_eng_feats, candidates=replace(cfg.candidates, n_engaged=0))
+        say("recflow_no_engagement: re-using the weekly examples without engaged candidates and features")
+        weeks_ne = [without_engagement(build_week(inputs.log, int(a.value // 10**9), args.days, inputs.items, cfg),
+                                       no_eng_feats) for a in protocol.train]
+        ranker_ne = fit_ranker(weeks_ne, without_engagement(fitted.validation, no_eng_feats), cfg_ne, progress=say)
+        del weeks_ne
 
     # baselines tuned on the validation week
     t0 = time.perf_counter()
@@ -128,6 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
             wnt = without_text(week, no_text_feats)
             sc_nt, _ = week_scorer(inputs, ranker_nt, ev, cfg_nt, wnt)
             res["recflow_no_text"] = evaluate(sc_nt, ev, per_user=True)
+        if has_engagement:
+            sc_ne, _ = week_scorer(inputs, ranker_ne, ev, cfg_ne, without_engagement(week, no_eng_feats))
+            res["recflow_no_engagement"] = evaluate(sc_ne, ev, per_user=True)
         sc_nr, _ = week_scorer(inputs, None, ev, cfg, week)
         res["recflow_no_ranker"] = evaluate(sc_nr, ev, per_user=True)
         del week, scorer

@@ -94,7 +94,7 @@ def _two_stage_reference(
     gives them: the purchases of the history feature view ranked as of ``as_of``; a user with
     none gets the popularity fallback."""
     from recflow.privacy import pseudonym
-    from recflow.ranker.log import purchase_history
+    from recflow.ranker.log import history_lines
     from recflow.ranker.recommend import Ask, recommend
     from recflow.schemas import logged_features, request_log_row
 
@@ -104,10 +104,11 @@ def _two_stage_reference(
         chunk = records[s : s + batch_size]
         asks, ranked_of, known = [], {}, {}
         for n, f in enumerate(chunk):
-            hist = purchase_history(f)
+            hist = history_lines(f, model.reads_engagement)
             if hist is not None:
-                ranked_of[n], known[n] = len(asks), len(hist[0])
-                asks.append(Ask(hist[0], hist[1], at, k, user_id=str(f["user_id"])))
+                ranked_of[n], known[n] = len(asks), sum(t == "purchase" for t in hist[2])
+                asks.append(Ask(hist[0], hist[1], at, k, user_id=str(f["user_id"]),
+                                history_types=hist[2] if model.reads_engagement else None))
         served: list[dict[str, float | None]] = []
         ranked = recommend(model, asks, served)
         for n, f in enumerate(chunk):

@@ -117,7 +117,7 @@ class ReloadRequest(_Strict):
 class Reason(BaseModel):
     """Why an item was picked."""
 
-    kind: Literal["repeat", "similar", "popular", "text"]
+    kind: Literal["repeat", "similar", "popular", "text", "viewed"]
     item_id: str | None = Field(description="The history item that most supports the pick (None for popular/text).")
     text: str | None = Field(default=None, description="Why, as a sentence (e.g. 'you buy this about every 8 days').")
 

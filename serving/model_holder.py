@@ -277,7 +277,7 @@ class ModelHolder:
 
             done = prefill.prefill(cache, users, self.online.fetch, rank,
                                    min(s.default_k, state.n_items), s.answer_prefill_s, batch=s.max_batch_size,
-                                   stop=lambda: self._stopping)
+                                   stop=lambda: self._stopping, engagement=state.two_stage.reads_engagement)
         except Exception as exc:  # noqa: BLE001 - the model serves without a prefill
             log.warning("answer prefill failed, serving without it: %s: %s", type(exc).__name__,
                         redact(str(exc)[:200], self.settings))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recflow.ranker.log import purchase_history
+from recflow.ranker.log import history_lines
 from serving.ranking import AnswerCache, HistoryAsk, answer_key
 
 log = logging.getLogger("recflow.serving")
@@ -54,11 +54,11 @@ def recent_users(table: Path, limit: int) -> list[str]:
 
 def prefill(cache: AnswerCache, users: list[str], fetch: Fetch, rank: Rank, k: int, budget_s: float,
             batch: int = 64, clock: Callable[[], float] = time.time,
-            stop: Callable[[], bool] | None = None) -> PrefillResult:
+            stop: Callable[[], bool] | None = None, engagement: bool = False) -> PrefillResult:
     """Rank ``users``' default answers (``k`` items, no filters, as of now) in batches of ``batch``
     and put them in ``cache``. Stops after ``budget_s`` seconds, when ``stop()`` says so (the
     worker is stopping), or when the online store does not answer (``fetch`` returns None); users without an online history are skipped (they get
-    popularity, which costs nothing)."""
+    popularity, which costs nothing). ``engagement``: the model reads views and carts too."""
     started = time.perf_counter()
     answered, stopped = 0, None
     if not cache.enabled:
@@ -79,12 +79,12 @@ def prefill(cache: AnswerCache, users: list[str], fetch: Fetch, rank: Rank, k: i
         asks, fingerprints = [], []
         for u in chunk:
             row = rows.get(u)
-            hist = purchase_history(row) if row is not None else None
+            hist = history_lines(row, engagement) if row is not None else None
             if hist is None:
                 continue
-            ids, stamps = hist
-            asks.append(HistoryAsk(ids, stamps, as_of, k, False, None, u))
-            fingerprints.append(cache.fingerprint(ids, stamps))
+            ids, stamps, kinds = hist
+            asks.append(HistoryAsk(ids, stamps, as_of, k, False, None, u, kinds if engagement else None))
+            fingerprints.append(cache.fingerprint(ids, stamps, kinds))
         if not asks:
             continue
         for ask, fp, answer in zip(asks, fingerprints, rank(asks), strict=True):

@@ -54,6 +54,7 @@ class HistoryAsk:
     exclude_history: bool = False
     rows: np.ndarray | None = None  # only these positions (category filter)
     user_id: str | None = None
+    history_types: list[str] | None = None  # each entry's event type (None: all purchases)
 
 
 @dataclass
@@ -384,7 +385,7 @@ def rank_two_stage(state: ServingState, asks: list[HistoryAsk],
     for a in asks:
         rows = None if a.rows is None else to_ranker[a.rows]
         core.append(Ask(a.history_ids, a.history_ts, a.as_of, a.k, a.exclude_history,
-                        None if rows is None else rows[rows >= 0], a.user_id))
+                        None if rows is None else rows[rows >= 0], a.user_id, a.history_types))
     titles = state.catalogue.titles
 
     def title_of(p: int) -> str | None:
@@ -430,9 +431,9 @@ class AnswerCache:
         return len(self._data)
 
     @staticmethod
-    def fingerprint(history_ids: Sequence[str], history_ts: Sequence[int]) -> int:
-        """A hash of the whole online history (ids and times, in order)."""
-        return hash((tuple(history_ids), tuple(history_ts)))
+    def fingerprint(history_ids: Sequence[str], history_ts: Sequence[int], history_types: Sequence[str] = ()) -> int:
+        """A hash of the history the model reads (ids, times and event types, in order)."""
+        return hash((tuple(history_ids), tuple(history_ts), tuple(history_types)))
 
     def get(self, key: Hashable, fingerprint: int, as_of: int) -> Any:
         """The cached answer for ``key`` if its history matches and it is not older than ``max_age_s``."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from recflow.ranker.log import purchase_history
+from recflow.ranker.log import history_lines
 from recflow.schemas import request_log_row
 from recflow.security import redact
 from recflow.settings import Settings
@@ -255,23 +255,26 @@ class RecommendHandler:
         if two_stage:
             cache = self.models.answer_cache_for(state)
             keys: dict[int, tuple[Any, int]] = {}
+            engaged = state.two_stage.reads_engagement  # type: ignore[union-attr]
             for i in with_feats:
                 j = jobs[i]
-                hist = purchase_history(feats[j.req.user_id])  # type: ignore[index]
+                hist = history_lines(feats[j.req.user_id], engaged)  # type: ignore[index]
                 if hist is not None:
-                    ids, stamps = hist
+                    ids, stamps, kinds = hist
+                    types = kinds if engaged else None
                     history_of[i] = len(ids)
                     as_of = int(j.now.timestamp())
                     if j.req.timestamp is None:  # "now": a recent answer for the same history will do
                         key = ranking.answer_key(j.req.user_id, ks[i], j.req.exclude_purchased, j.req.category)
-                        fp = cache.fingerprint(ids, stamps)
+                        fp = cache.fingerprint(ids, stamps, kinds)
                         hit = cache.get(key, fp, as_of)
                         if hit is not None:
                             cached[i] = hit
                             continue
                         keys[len(asks)] = (key, fp)
                     ask_of[i] = len(asks)
-                    asks.append(ranking.HistoryAsk(ids, stamps, as_of, ks[i], j.req.exclude_purchased, rows[i], j.req.user_id))
+                    asks.append(ranking.HistoryAsk(ids, stamps, as_of, ks[i], j.req.exclude_purchased, rows[i], j.req.user_id,
+                                                   types))
             ranked = ranking.rank_two_stage(state, asks, served)
             for n, (key, fp) in keys.items():
                 cache.put(key, fp, asks[n].as_of, (ranked[n], served[n]))

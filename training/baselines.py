@@ -13,7 +13,10 @@
 - ``tifu_knn``: TIFU-KNN (Hu et al., SIGIR 2020): time-decayed basket averages per user, blended
   with the mean vector of the most similar users (parameters from :func:`tune_tifu_knn`);
 - ``new_item_popularity``: the most-bought items among those first sold in the last
-  ``new_days`` (14) days, then every other item by global popularity.
+  ``new_days`` (14) days, then every other item by global popularity;
+- ``recently_viewed`` (shops whose events hold views or carts): the items the user viewed or put
+  in the cart in the last ``engaged_days`` (14) days, most recent first, then global popularity:
+  the "continue shopping" shelf, the reference for a ranker that reads views and carts.
 """
 
 from __future__ import annotations
@@ -368,6 +371,44 @@ def new_item_popularity_scorer(h: History, n: int, first_seen: np.ndarray, ancho
     return score
 
 
+def recently_viewed_scorer(events: pd.DataFrame, catalogue: Catalogue, ev: EvalSet, h: History, n: int,
+                           days: int = 14) -> Scorer | None:
+    """Each user's items viewed or carted in ``[anchor - days, anchor)``, most recent first (scores in
+    [1, 2]), then every item by global popularity (< 0.5); None when the events hold no view or cart."""
+    from recflow.ranker.log import epoch_seconds
+
+    if "event_type" not in events.columns:
+        return None
+    anchor_s = _anchor_s(ev)
+    e = events[events["event_type"].isin(["view", "cart"])]
+    ts = epoch_seconds(e["event_timestamp"])
+    keep = (ts < anchor_s) & (ts >= anchor_s - days * 86400)
+    if not keep.any():
+        return None
+    e, ts = e[keep], ts[keep]
+    row = pd.Index(ev.rows.user_ids.astype(str)).get_indexer(e["user_id"].astype(str).to_numpy())
+    item = catalogue.positions(e["item_id"].to_numpy())
+    ok = (row >= 0) & (item >= 0)
+    key, ts = row[ok].astype(np.int64) * n + item[ok], ts[ok]
+    order = np.lexsort((ts, key))
+    key, ts = key[order], ts[order]
+    last_of = np.flatnonzero(np.r_[key[1:] != key[:-1], True])  # the last (latest) line of each (user, item)
+    key, last = key[last_of], ts[last_of]
+    rows, items = key // n, key % n
+    val = torch.from_numpy(1.0 + (last - (anchor_s - days * 86400)) / (days * 86400)).float()
+    fill = _popularity_fill(h, n)
+    starts = np.searchsorted(rows, np.arange(len(ev) + 1))
+
+    def score(batch_rows: np.ndarray) -> torch.Tensor:
+        s = fill.expand(len(batch_rows), n).clone()
+        for b, r in enumerate(batch_rows):
+            lo, hi = starts[r], starts[r + 1]
+            s[b, torch.from_numpy(items[lo:hi])] = val[lo:hi]
+        return s
+
+    return score
+
+
 def _anchor_s(ev: EvalSet) -> int:
     return int(to_utc(ev.anchor).value // 10**9)
 
@@ -480,7 +521,8 @@ def baseline_scorers(
     new_days: int = 14,
 ) -> dict[str, Scorer]:
     """Every baseline's scorer on ``ev`` (``minilm_zero_shot`` only when text embeddings are given,
-    ``tifu_knn`` only with ``tifu_params``: the keyword arguments of :func:`tifu_knn_scorer`)."""
+    ``tifu_knn`` only with ``tifu_params``: the keyword arguments of :func:`tifu_knn_scorer`;
+    ``recently_viewed`` only when the events hold views or carts before the anchor)."""
     h = history_before(events, catalogue, ev)
     n = len(catalogue)
     anchor_s = _anchor_s(ev)
@@ -497,4 +539,7 @@ def baseline_scorers(
         out["tifu_knn"] = tifu_knn_scorer(h, n, **tifu_params)
     if text_emb is not None and item_text is not None:
         out["minilm_zero_shot"] = zero_shot_scorer(h, n, text_emb, item_text)
+    viewed = recently_viewed_scorer(events, catalogue, ev, h, n)
+    if viewed is not None:
+        out["recently_viewed"] = viewed
     return out

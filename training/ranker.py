@@ -236,14 +236,25 @@ def candidate_recall(week: Week, sold_before: np.ndarray | None = None) -> dict[
 
 
 
-def without_text(week: Week, features: tuple[str, ...]) -> Week:
-    """The week as a model without text would see it: no text-only candidates, only ``features`` columns
-    (``recflow_no_text``; equal to generating with the text sources off)."""
+def _without_sources(week: Week, features: tuple[str, ...], dropped: set[str], side: ItemSide | None) -> Week:
+    """The week without the candidates only ``dropped`` sources found, with only ``features`` columns."""
     f = week.cands.features
-    keep = np.any([f[f"src_{s}"] > 0 for s in SOURCES if f"src_{s}" not in TEXT_FEATURES], axis=0)
+    keep = np.any([f[f"src_{s}"] > 0 for s in SOURCES if s not in dropped], axis=0)
     names = list(week.features)
     cols = [names.index(n) for n in features]
     cands = Candidates(week.cands.user[keep], week.cands.item[keep], {k: v[keep] for k, v in f.items()})
-    side = ItemSide(week.side.stats, week.side.similarity, user_vectors=week.side.user_vectors,
-                    user_ids=week.side.user_ids)
     return Week(week.anchor, week.ctx, side, week.users, cands, week.x[keep][:, cols], week.y[keep], week.target_keys, tuple(features))
+
+
+def without_text(week: Week, features: tuple[str, ...]) -> Week:
+    """The week as a model without text would see it: no text-only candidates, only ``features`` columns
+    (``recflow_no_text``; equal to generating with the text sources off)."""
+    side = ItemSide(week.side.stats, week.side.similarity, user_vectors=week.side.user_vectors,
+                    user_ids=week.side.user_ids) if week.side is not None else None
+    return _without_sources(week, features, {s for s in SOURCES if f"src_{s}" in TEXT_FEATURES}, side)
+
+
+def without_engagement(week: Week, features: tuple[str, ...]) -> Week:
+    """The week as a model that reads purchases only would see it: no candidates only the users' views
+    and carts found, only ``features`` columns (``recflow_no_engagement``)."""
+    return _without_sources(week, features, {"engaged"}, week.side)

@@ -57,6 +57,23 @@ def synthetic_shop(
     return events, items
 
 
+def with_views(events: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """``events`` with browsing added: every purchase preceded by a view of the item up to 5 days
+    before (half of them also by a cart in between), plus as many views of other items as half the
+    purchases. For tests of the ranker's views-and-carts features and candidates."""
+    rng = np.random.default_rng(seed)
+    p = events[events["event_type"] == "purchase"]
+    before = pd.to_timedelta(rng.uniform(0.1, 5, len(p)), unit="D")
+    views = p.assign(event_type="view", event_timestamp=p["event_timestamp"] - before, basket_id=None)
+    carts = p.assign(event_type="cart", event_timestamp=p["event_timestamp"] - before / 2, basket_id=None)[rng.random(len(p)) < 0.5]
+    other = p.sample(frac=0.5, random_state=seed)
+    browse = other.assign(event_type="view", item_id=rng.permutation(p["item_id"].to_numpy())[: len(other)], basket_id=None,
+                          event_timestamp=other["event_timestamp"] - pd.to_timedelta(rng.uniform(0, 3, len(other)), unit="D"))
+    out = pd.concat([events, views, carts, browse], ignore_index=True)
+    out["event_id"] = [f"e{n}" for n in range(len(out))]
+    return out
+
+
 def features_frame(entities: pd.DataFrame, events: pd.DataFrame, history_length: int = 50) -> pd.DataFrame:
     """Training-set-like frame for ``entities`` (user_id, item_id, event_timestamp at midnight)."""
     ev = purchases(events).sort_values(["user_id", "event_timestamp"], kind="stable")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,7 +16,16 @@ import pandas as pd
 
 from recflow.modeling.build import unique_texts
 from recflow.ranker.log import PurchaseLog
-from recflow.ranker.model import FEATURES, TEXT_FEATURES, Ranker, RankerConfig, Scored, TwoStage, score_users
+from recflow.ranker.model import (
+    ENGAGED_FEATURES,
+    FEATURES,
+    TEXT_FEATURES,
+    Ranker,
+    RankerConfig,
+    Scored,
+    TwoStage,
+    score_users,
+)
 from recflow.schemas import LOG_COLUMNS
 from training.evaluate import EvalSet, Scorer
 from training.examples import Catalogue
@@ -80,11 +89,20 @@ def load_shop(settings: Settings, *, text: bool = True, progress: Progress | Non
     return events, items, emb
 
 
+ENGAGED_CANDIDATES = 50  # the engaged source's items per user where the events hold views or carts
+
+
 def config_for(inputs: Inputs, **overrides: Any) -> RankerConfig:
-    """The default config; without text vectors the text features are left out."""
+    """The default config, adapted to the shop: without text vectors the text features are left out;
+    where the events hold views or carts the ranker reads them too (the engaged candidates and
+    :data:`~recflow.ranker.model.ENGAGED_FEATURES`)."""
     cfg = RankerConfig(**overrides)
     if inputs.items.text_emb is None:
         cfg.features = tuple(f for f in cfg.features if f not in TEXT_FEATURES)
+    if inputs.log.has_engagement and "features" not in overrides:
+        cfg.features = (*cfg.features, *(f for f in ENGAGED_FEATURES if f not in cfg.features))
+        if "candidates" not in overrides:
+            cfg.candidates = replace(cfg.candidates, n_engaged=ENGAGED_CANDIDATES)
     return cfg
 
 

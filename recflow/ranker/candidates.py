@@ -15,7 +15,9 @@ For a batch of users as of ``ctx.as_of`` (see :mod:`recflow.ranker.features`):
 - ``neighbours``: the top unseen items of the user's nearest users (cosine of decayed purchase
   vectors, TIFU-KNN style): the user's live history against a snapshot of the other users' vectors;
 - ``new``: the best sellers among the items first sold in the last ``new_days`` days (launches the
-  item statistics already know but whose 30-day counts are still small).
+  item statistics already know but whose 30-day counts are still small);
+- ``engaged``: the items the user viewed or put in the cart in the last ``engaged_days`` days, most
+  recent first (``n_engaged``; 0, off, unless the shop's events hold views or carts).
 
 The co-purchase and text scores of every candidate are kept as ranker features, next to a bit
 per source.
@@ -33,7 +35,7 @@ import torch
 from recflow.ranker.features import Context, ItemStats
 from recflow.ranker.log import DAY_S, PurchaseLog
 
-SOURCES: tuple[str, ...] = ("history", "cooccur", "popular", "trending", "text", "cold", "neighbours", "new")
+SOURCES: tuple[str, ...] = ("history", "cooccur", "popular", "trending", "text", "cold", "neighbours", "new", "engaged")
 CANDIDATE_FEATURES: tuple[str, ...] = ("cand_cf", "cand_cf_rel", "cand_text", "cand_text_rel", "cand_ucf", "cand_ucf_rel",
                                        "cand_tgroup", "cand_tgroup_items",
                                        *(f"src_{s}" for s in SOURCES))
@@ -57,6 +59,8 @@ class CandidateConfig:
     min_trending_lines: int = 5
     n_new: int = 20
     new_days: float = 14.0
+    n_engaged: int = 0  # training.two_stage.config_for turns it on for a shop with views or carts
+    engaged_days: float = 14.0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -315,13 +319,15 @@ def _generate_batch(ctx: Context, side: ItemSide, users: np.ndarray, cfg: Candid
     if cfg.n_new > 0:
         fresh = side.new_items(cfg.new_days, cfg.n_new)
         picks.append((np.repeat(every, len(fresh)), np.tile(fresh, b), 128))
+    if cfg.n_engaged > 0 and ctx.eng is not None and len(ctx.eng.key):
+        picks.append((*_engaged(ctx, users, cfg), 256))
     # the union, one row per (user, item), sorted, with a bit per source
     key = np.concatenate([r * n + c for r, c, _ in picks])
-    bits = np.concatenate([np.full(len(r), bit, np.uint8) for r, _, bit in picks])
+    bits = np.concatenate([np.full(len(r), bit, np.uint16) for r, _, bit in picks])
     order = np.argsort(key, kind="stable")
     key, bits = key[order], bits[order]
     first = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1]))) if len(key) else np.zeros(0, np.int64)
-    f = np.bitwise_or.reduceat(bits, first) if len(key) else np.zeros(0, np.uint8)
+    f = np.bitwise_or.reduceat(bits, first) if len(key) else np.zeros(0, np.uint16)
     key = key[first]
     rows, cols = key // n, key % n
     cf, ucf = cf_at[rows, cols], ucf_at[rows, cols]
@@ -348,6 +354,23 @@ def _generate_batch(ctx: Context, side: ItemSide, users: np.ndarray, cfg: Candid
     for bit, name in enumerate(SOURCES):
         feats[f"src_{name}"] = ((f >> bit) & 1).astype(np.float32)
     return Candidates(users[rows], cols.astype(np.int64), {k: np.asarray(v, np.float32) for k, v in feats.items()})
+
+
+def _engaged(ctx: Context, users: np.ndarray, cfg: CandidateConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(row, item) of each user's ``cfg.n_engaged`` most recently viewed or carted items of the last
+    ``cfg.engaged_days`` days."""
+    e, n = ctx.eng, ctx.log.n_items
+    assert e is not None
+    u_of = e.key // n
+    lo, hi = np.searchsorted(u_of, users, side="left"), np.searchsorted(u_of, users, side="right")
+    lens = hi - lo
+    idx = np.repeat(lo - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
+    rows = np.repeat(np.arange(len(users), dtype=np.int64), lens)
+    last = e.last[idx]
+    ok = (ctx.as_of - last) <= cfg.engaged_days * DAY_S
+    rows, idx, last = rows[ok], idx[ok], last[ok]
+    top_r, top_c = _top_per_row(rows, idx, last, cfg.n_engaged)
+    return top_r, e.key[top_c] % n
 
 
 def _text_source(side: ItemSide, tsc: np.ndarray, seen: np.ndarray, k: int,

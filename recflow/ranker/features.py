@@ -10,6 +10,8 @@ evaluated at ``as_of``.
   re-buy rate, median re-buy gap, age, the popularity of the item's text group and category).
 - :func:`user_item_stats`: per (user, item) re-buy statistics (counts, decayed counts at several
   half-lives, purchase occasions, first/last purchase, mean and std of the re-buy gap).
+- :func:`engagement_stats`: per (user, item) views and carts (counts, decayed views, last times), for
+  shops whose events hold them; :data:`ENGAGEMENT_FEATURES` are read only by a ranker trained on such a shop.
 - :func:`pair_features`: the ranker's feature matrix for candidate pairs.
 """
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from recflow.ranker.log import DAY_S, PurchaseLog
+from recflow.ranker.log import DAY_S, Engagement, PurchaseLog
 
 HALF_LIVES_DAYS: tuple[float, ...] = (7.0, 30.0, 90.0, 365.0)
 TRIP_DECAYS: tuple[float, ...] = (0.9, 0.7)  # per-trip decay of the trip-decayed counts (TIFU's within-user decay)
@@ -266,6 +268,77 @@ def user_category_counts(log: PurchaseLog, as_of: int, category: np.ndarray | No
     return k, cnt.astype(np.float64)
 
 
+ENGAGEMENT_HALF_LIFE_DAYS = 7.0
+ENGAGEMENT_FEATURES: tuple[str, ...] = (
+    "ue_views", "ue_view_dec_7d", "ue_days_since_view", "ue_carts", "ue_days_since_cart", "ue_after_buy",
+)
+
+
+@dataclass
+class EngagementStats:
+    """Per (user, item) views and carts before an as-of time, sorted by ``key = user * n_items + item``."""
+
+    key: np.ndarray
+    views: np.ndarray
+    view_dec: np.ndarray  # views weighted 2^(-age / ENGAGEMENT_HALF_LIFE_DAYS)
+    carts: np.ndarray
+    last_view: np.ndarray  # epoch s; NaN without a view
+    last_cart: np.ndarray  # NaN without a cart
+    last: np.ndarray  # the later of the two
+
+    def lookup(self, key: np.ndarray) -> np.ndarray:
+        """Row of each ``key`` (-1 where the user neither viewed nor carted the item)."""
+        if not len(self.key):
+            return np.full(len(key), -1, np.int64)
+        pos = np.minimum(np.searchsorted(self.key, key), len(self.key) - 1)
+        return np.where(self.key[pos] == key, pos, -1)
+
+
+def engagement_stats(engaged: Engagement, n_items: int, as_of: int) -> EngagementStats:
+    """The views and carts of every (user, item) pair before ``as_of``."""
+    e = engaged.select(engaged.ts < as_of)
+    key = e.user * n_items + e.item
+    uniq, run = np.unique(key, return_inverse=True)
+    n = len(uniq)
+    view, cart = e.kind == 1, e.kind == 2
+    age = (as_of - e.ts) / DAY_S
+
+    def last_of(mask: np.ndarray) -> np.ndarray:
+        out = np.full(n, -np.inf)
+        np.maximum.at(out, run[mask], e.ts[mask].astype(np.float64))
+        return np.where(np.isfinite(out), out, np.nan)
+
+    last_view, last_cart = last_of(view), last_of(cart)
+    return EngagementStats(uniq, np.bincount(run, weights=view, minlength=n),
+                           np.bincount(run, weights=view * np.exp2(-age / ENGAGEMENT_HALF_LIFE_DAYS), minlength=n),
+                           np.bincount(run, weights=cart, minlength=n), last_view, last_cart, np.fmax(last_view, last_cart))
+
+
+def _engagement_features(ctx: Context, user: np.ndarray, item: np.ndarray) -> dict[str, np.ndarray]:
+    """:data:`ENGAGEMENT_FEATURES` of the pairs: 0 counts and NaN times without views or carts."""
+    p = len(user)
+    if ctx.eng is None or not len(ctx.eng.key):
+        zero, nan = np.zeros(p), np.full(p, np.nan)
+        return {"ue_views": zero, "ue_view_dec_7d": zero, "ue_days_since_view": nan, "ue_carts": zero,
+                "ue_days_since_cart": nan, "ue_after_buy": nan}
+    e, t = ctx.eng, ctx.as_of
+    r = e.lookup(user * ctx.log.n_items + item)
+    has = r >= 0
+    rr = np.maximum(r, 0)
+
+    def col(values: np.ndarray, missing: float) -> np.ndarray:
+        return np.where(has, values[rr], missing).astype(np.float64)
+
+    b = ctx.uis.lookup(user * ctx.log.n_items + item)
+    bought = b >= 0
+    last_buy = ctx.uis.last[np.maximum(b, 0)] if len(ctx.uis.key) else np.zeros(p)
+    with np.errstate(invalid="ignore"):
+        after = np.where(has & bought, (col(e.last, np.nan) > last_buy).astype(np.float64), np.nan)
+    return {"ue_views": col(e.views, 0.0), "ue_view_dec_7d": col(e.view_dec, 0.0),
+            "ue_days_since_view": (t - col(e.last_view, np.nan)) / DAY_S, "ue_carts": col(e.carts, 0.0),
+            "ue_days_since_cart": (t - col(e.last_cart, np.nan)) / DAY_S, "ue_after_buy": after}
+
+
 @dataclass
 class Context:
     """What :func:`pair_features` needs besides the candidate pairs: the as-of statistics of a log."""
@@ -277,13 +350,16 @@ class Context:
     users: UserStats
     category: np.ndarray | None
     ucat: tuple[np.ndarray, np.ndarray] | None
+    eng: EngagementStats | None = None  # the users' views and carts (None: a log without them)
 
 
 def user_context(log: PurchaseLog, items: ItemStats, as_of: int, category: np.ndarray | None = None) -> Context:
     """The user-side statistics of ``log`` as of ``as_of``, with item statistics ``items`` (same or earlier time)."""
     log = log.before(as_of)
     uis = user_item_stats(log, as_of)
-    return Context(as_of, log, items, uis, user_stats(log, as_of, uis), category, user_category_counts(log, as_of, category))
+    eng = engagement_stats(log.engaged, log.n_items, as_of) if log.engaged is not None else None
+    return Context(as_of, log, items, uis, user_stats(log, as_of, uis), category, user_category_counts(log, as_of, category),
+                   eng)
 
 
 PAIR_FEATURES: tuple[str, ...] = (
@@ -350,8 +426,8 @@ def _hazards(ctx: Context, user: np.ndarray, item: np.ndarray, has: np.ndarray, 
 def pair_features(ctx: Context, user: np.ndarray, item: np.ndarray) -> dict[str, np.ndarray]:
     """Features ``[P]`` of the pairs ``(user[k], item[k])`` (user codes of ``ctx.log``) as of ``ctx.as_of``.
 
-    Returns :data:`PAIR_FEATURES` as float32 arrays (NaN where undefined, e.g. a never-bought item's
-    gap). Candidate-source features (scores, flags) are added by :mod:`recflow.ranker.candidates`.
+    Returns :data:`PAIR_FEATURES` and :data:`ENGAGEMENT_FEATURES` as float32 arrays (NaN where
+    undefined, e.g. a never-bought item's gap). Candidate-source features (scores, flags) are added by :mod:`recflow.ranker.candidates`.
     """
     user = np.asarray(user, dtype=np.int64)
     item = np.asarray(item, dtype=np.int64)
@@ -410,4 +486,5 @@ def pair_features(ctx: Context, user: np.ndarray, item: np.ndarray) -> dict[str,
         out["ucat_share"] = np.full(len(user), np.nan)
     for name in ITEM_FEATURES:
         out[name] = ctx.items[name][item]
+    out.update(_engagement_features(ctx, user, item))
     return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}

@@ -30,9 +30,11 @@ import scipy.sparse as sp
 
 from recflow.durable import replace_durably
 from recflow.ranker.candidates import CANDIDATE_FEATURES, CandidateConfig, Candidates, ItemSide, generate
-from recflow.ranker.features import PAIR_FEATURES, Context, ItemStats, pair_features
+from recflow.ranker.features import ENGAGEMENT_FEATURES, PAIR_FEATURES, Context, ItemStats, pair_features
 
-FEATURES: tuple[str, ...] = (*PAIR_FEATURES, *CANDIDATE_FEATURES)
+# what a shop's views and carts add (training.two_stage.config_for adds them where the events hold any)
+ENGAGED_FEATURES: tuple[str, ...] = (*ENGAGEMENT_FEATURES, "src_engaged")
+FEATURES: tuple[str, ...] = tuple(f for f in (*PAIR_FEATURES, *CANDIDATE_FEATURES) if f not in ENGAGED_FEATURES)
 _PARALLEL_PREDICT_ROWS = 20_000
 TEXT_FEATURES: frozenset[str] = frozenset({"cand_text", "cand_text_rel", "src_text", "src_cold", "item_text_pop_30d",
                                            "cand_tgroup", "cand_tgroup_items"})
@@ -328,6 +330,13 @@ class TwoStage:
 
     def __post_init__(self) -> None:
         self.item_index = pd.Index(np.asarray(self.item_ids).astype(str))
+
+    @property
+    def reads_engagement(self) -> bool:
+        """Whether the ranker reads views and carts (features or candidates): the service then hands it
+        those entries of the online history too, not only the purchases."""
+        cfg = self.ranker.config
+        return cfg.candidates.n_engaged > 0 or any(f in ENGAGED_FEATURES for f in cfg.features)
 
 
 def save_two_stage(model: TwoStage, folder: Path) -> Path:

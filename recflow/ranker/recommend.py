@@ -30,6 +30,7 @@ class Ask:
     exclude_history: bool = False
     rows: np.ndarray | None = None
     user_id: str | None = None  # who asks (never their own neighbour); None: an anonymous history
+    history_types: Sequence[str] | None = None  # each line's event type (None: all purchases); views and carts
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class Pick:
 def history_log(model: TwoStage, asks: Sequence[Ask]) -> PurchaseLog:
     """The asks' histories as one log (user ``k`` = ``asks[k]``)."""
     ids = [a.user_id if a.user_id is not None else f"\x00anonymous-{n}" for n, a in enumerate(asks)]
-    return PurchaseLog.from_histories([(a.history_ids, a.history_ts) for a in asks], model.item_index, ids)
+    types = [a.history_types for a in asks] if any(a.history_types is not None for a in asks) else None
+    return PurchaseLog.from_histories([(a.history_ids, a.history_ts) for a in asks], model.item_index, ids, types)
 
 
 def score_asks(model: TwoStage, asks: Sequence[Ask]) -> tuple[PurchaseLog, list[Scored], list[np.ndarray], list[Context]]:
@@ -145,6 +147,15 @@ def _explain(model: TwoStage, log: PurchaseLog, u: int, rows: np.ndarray, sc: Sc
                 facts["every_days"] = float((ts.max() - ts.min()) / 86400 / (len(np.unique(ts)) - 1))
             picks.append(Pick(int(p), score, "repeat", int(p), facts))
             continue
+        if f["src_engaged"][r] > 0 and log.engaged is not None:
+            e = log.engaged
+            mine = (e.user == u) & (e.item == p) & (e.ts < sc.as_of)
+            if mine.any():
+                carted = mine & (e.kind == 2)
+                last = e.ts[carted].max() if carted.any() else e.ts[mine].max()
+                picks.append(Pick(int(p), score, "viewed", int(p), {"carted": float(carted.any()),
+                                                                     "days_since": float((sc.as_of - last) / 86400)}))
+                continue
         if f["src_cooccur"][r] > 0 and sim is not None and len(history):
             col = np.asarray(sim[history][:, p].todense()).ravel()
             if col.max() > 0:
@@ -173,6 +184,8 @@ def reason_text(pick: Pick, title_of: Callable[[int], str | None]) -> str:
         if "every_days" in f:
             return f"you buy this about every {_days(f['every_days'])}{ago}"
         return f"you bought this before{ago}"
+    if pick.kind == "viewed":
+        return f"{'in your cart' if f.get('carted') else 'you looked at this'} {_days(f.get('days_since', 0.0))} ago"
     other = title_of(pick.reason) if pick.reason is not None else None
     if pick.kind == "similar" and other:
         return f"often bought with {other}"

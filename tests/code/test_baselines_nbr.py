@@ -215,6 +215,25 @@ def test_new_item_popularity_picks_recent_first_sales() -> None:
     assert baseline_scorers(events, cat, ev)["new_item_popularity"](np.array([0]))[0].tolist() == s.tolist()
 
 
+def test_recently_viewed_lists_the_latest_views_and_carts_then_popularity() -> None:
+    """u viewed item 2 three days before the anchor, carted item 4 one day before, viewed item 6 twenty
+    days before (outside the 14 days) and item 3 after the anchor; v's views are not u's."""
+    events = _events(SHOP)
+    browse = pd.DataFrame({
+        "user_id": ["a", "a", "a", "a", "b"], "basket_id": None, "item_id": ["i2", "i4", "i6", "i3", "i7"],
+        "event_timestamp": [ANCHOR + pd.Timedelta(days=d) for d in (-3, -1, -20, 1, -2)],
+        "event_type": ["view", "cart", "view", "view", "view"],
+    })
+    cat = _catalogue()
+    ev = _evalset(["a", "b"], [[3, 5], [4, 6]], [[0, 1, 2, 3], [4, 5]])
+    scorers = baseline_scorers(pd.concat([events, browse], ignore_index=True), cat, ev)
+    s = scorers["recently_viewed"](np.array([0, 1]))
+    assert torch.argsort(s[0], descending=True, stable=True)[:3].tolist() == [4, 2, 1], "latest first, then popularity"
+    assert s[0, 4] > s[0, 2] >= 1.0 > 0.5 >= s[0, 6], "the 20-day-old view is only popularity"
+    assert int(torch.argmax(s[1])) == 7 and s[1, 2] < 1.0
+    assert "recently_viewed" not in baseline_scorers(events, cat, ev), "purchases only: no such baseline"
+
+
 def test_baseline_scorers_names() -> None:
     events, cat, ev = _shop()
     names = set(baseline_scorers(events, cat, ev))

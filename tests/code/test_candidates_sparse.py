@@ -65,7 +65,7 @@ def _dense_reference(ctx, side: ItemSide, users: np.ndarray, cfg: CandidateConfi
     h = _history_matrix(ctx, users)
     seen = h.toarray() > 0
     sold = side.stats.sold[None, :]
-    flags = np.zeros((b, n), np.uint8)
+    flags = np.zeros((b, n), np.uint16)
     flags[seen] |= 1
     cf = np.asarray((h @ side.similarity).todense(), dtype=np.float32)
     flags[_top_mask(cf, ~seen & (cf > 0), cfg.n_cooccur)] |= 2
@@ -87,6 +87,12 @@ def _dense_reference(ctx, side: ItemSide, users: np.ndarray, cfg: CandidateConfi
     ucf = _dense_neighbours(side, h, ctx.log.user_ids[users], cfg.user_neighbours)
     flags[_top_mask(ucf, ~seen & (ucf > 0), cfg.n_neighbour_items)] |= 64
     flags[:, side.new_items(cfg.new_days, cfg.n_new)] |= 128
+    if cfg.n_engaged > 0 and ctx.eng is not None:  # the most recently viewed or carted items
+        last = np.full((b, n), -np.inf)
+        u_of = ctx.eng.key // n
+        at = np.isin(u_of, users)
+        last[np.searchsorted(users, u_of[at]), ctx.eng.key[at] % n] = ctx.eng.last[at]
+        flags[_top_mask(last, ctx.as_of - last <= cfg.engaged_days * 86400, cfg.n_engaged)] |= 256
     rows, cols = np.nonzero(flags)
     f = flags[rows, cols]
     cf_max = np.maximum(cf.max(axis=1), 1e-12)
@@ -125,17 +131,17 @@ def _random_side(log: PurchaseLog, as_of: int, seed: int, share_texts: bool) -> 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sparse_candidates_equal_the_dense_reference(seed: int) -> None:
-    from training.synthetic import synthetic_shop
+    from training.synthetic import synthetic_shop, with_views
 
     events, items = synthetic_shop(n_users=50, n_items=160, days=70, seed=seed)
     idx = pd.Index(items["item_id"].astype(str))
-    log = PurchaseLog.from_events(events, idx)
+    log = PurchaseLog.from_events(with_views(events, seed), idx)  # views and carts: the engaged source
     as_of = int(pd.Timestamp("2024-02-26", tz="UTC").value // 10**9)  # late items are still unsold: cold
     side = _random_side(log, as_of, seed, share_texts=False)
     assert (~side.stats.sold).sum() > 5
     ctx = user_context(log, side.stats, as_of)
     cfg = CandidateConfig(n_cooccur=7, n_popular=5, n_trending=3, n_text=6, n_cold=4, n_neighbour_items=8,
-                          user_neighbours=5, min_trending_lines=1, n_new=4, new_days=28)
+                          user_neighbours=5, min_trending_lines=1, n_new=4, new_days=28, n_engaged=6)
     users = np.arange(log.n_users)
     got = generate(ctx, side, users, cfg, batch_size=16)
     parts = [_dense_reference(ctx, side, users[s:s + 16], cfg) for s in range(0, len(users), 16)]

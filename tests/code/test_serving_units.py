@@ -474,10 +474,10 @@ def test_prefill_puts_exactly_what_a_request_would_look_up() -> None:
     assert fetched == [["u0", "u1"], ["u2", "u3"], ["u4", "unknown"]]
     assert {a.user_id for a in ranked} == {"u0", "u1", "u2", "u4"}
     assert all(a.k == 10 and a.as_of == 1_000 and not a.exclude_history and a.rows is None for a in ranked)
-    fp = cache.fingerprint(["x", "i4"], [20, 10])
+    fp = cache.fingerprint(["x", "i4"], [20, 10], ["purchase", "purchase"])
     assert cache.get(answer_key("u4", 10), fp, 1_010) is not None  # what /recommend {"user_id": "u4"} looks up
     assert cache.get(answer_key("u4", 5), fp, 1_010) is None  # other options are not prefilled
-    assert cache.get(answer_key("u4", 10), cache.fingerprint(["y", "x", "i4"], [30, 20, 10]), 1_010) is None
+    assert cache.get(answer_key("u4", 10), cache.fingerprint(["y", "x", "i4"], [30, 20, 10], ["purchase"] * 3), 1_010) is None
 
     down = prefill(AnswerCache("v1", 100, 900), users, lambda u: None, rank, 10, 60)
     assert down.answered == 0 and down.stopped == "the online store did not answer"

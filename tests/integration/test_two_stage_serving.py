@@ -6,38 +6,66 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from tests.integration.test_serving import AUTH, _online, _post, _serving
 
 NOW = pd.Timestamp("2024-05-20T12:00:00Z")
 
 
-def _toy_ranker(features: tuple[str, ...]):  # noqa: ANN202
-    """A real LightGBM booster over the ranker's features that prefers frequent, recent re-buys."""
+def _toy_ranker(features: tuple[str, ...], signal: tuple[str, str] = ("ui_cnt", "ui_dec_30d")):  # noqa: ANN202
+    """A real LightGBM booster over the ranker's features that prefers frequent, recent re-buys (high
+    values of the two ``signal`` features)."""
     import lightgbm as lgb
 
     from recflow.ranker import Ranker, RankerConfig
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, len(features))).astype(np.float32)
-    cnt, last = features.index("ui_cnt"), features.index("ui_dec_30d")
+    cnt, last = features.index(signal[0]), features.index(signal[1])
     y = (x[:, cnt] + x[:, last] > 0).astype(float)
     cfg = RankerConfig(features=features, objective="binary", max_rounds=10, min_data_in_leaf=5, threads=1)
     booster = lgb.train(cfg.lgb_params(), lgb.Dataset(x, y, feature_name=list(features)), num_boost_round=10)
     return Ranker(cfg, booster)
 
 
-def _two_stage(settings, model):  # noqa: ANN001, ANN202
+def _two_stage(settings, model, engagement: bool = False):  # noqa: ANN001, ANN202
+    from dataclasses import replace
+
     from recflow.ranker import TwoStage
     from recflow.ranker.log import PurchaseLog
-    from recflow.ranker.model import FEATURES, TEXT_FEATURES
+    from recflow.ranker.model import ENGAGED_FEATURES, FEATURES, TEXT_FEATURES
     from training.ranker import ItemInputs, item_side_at
 
     events = pd.read_parquet(settings.paths.events)
     ids = pd.Index(list(model.item_ids))
     log = PurchaseLog.from_events(events, ids)
     side = item_side_at(log, int(NOW.value // 10**9), ItemInputs(), neighbors=10)
-    return TwoStage(_toy_ranker(tuple(f for f in FEATURES if f not in TEXT_FEATURES)), side, ids.to_numpy())
+    features = tuple(f for f in FEATURES if f not in TEXT_FEATURES) + (ENGAGED_FEATURES if engagement else ())
+    ranker = _toy_ranker(features, ("ue_views", "ui_dec_30d") if engagement else ("ui_cnt", "ui_dec_30d"))
+    if engagement:
+        ranker = replace(ranker, config=replace(ranker.config, candidates=replace(ranker.config.candidates, n_engaged=10)))
+    return TwoStage(ranker, side, ids.to_numpy())
+
+
+def _offline_events(settings, ts, user: str, at: pd.Timestamp, k: int, views: bool = True) -> dict[str, float]:  # noqa: ANN001
+    """The offline scorer's top ``k`` (item id: score, best first) for ``user`` at ``at`` over the event log
+    (canonical + journal) with its views and carts (``views=False``: its purchases only): the training and
+    evaluation path (PurchaseLog.from_events, score_users)."""
+    from recflow.event_log import EventLog
+    from recflow.ranker.features import user_context
+    from recflow.ranker.log import PurchaseLog
+    from recflow.ranker.model import score_users
+
+    events = pd.concat([pd.read_parquet(settings.paths.events), EventLog(settings.paths.event_log).read()])
+    events = events.drop_duplicates("event_id")
+    log = PurchaseLog.from_events(events if views else events[events.event_type == "purchase"], ts.item_index)
+    t = int(at.value // 10**9)
+    ctx = user_context(log, ts.side.stats, t, ts.category)
+    code = int(np.flatnonzero(log.user_ids == user)[0])
+    sc = score_users(ts.ranker, ctx, ts.side, np.array([code]))
+    order = np.argsort(-sc.score, kind="stable")[:k]
+    return {str(ts.item_ids[p]): float(v) for p, v in zip(sc.cands.item[order], sc.score[order], strict=True)}
 
 
 def _offline(settings, ts, user: str, at: pd.Timestamp, k: int):  # noqa: ANN001, ANN202
@@ -152,6 +180,22 @@ def test_recommend_serves_the_two_stage_model(tiny_features, shop_model) -> None
         want = _offline(settings, fresh, "a", t, 4)
         assert [i["item_id"] for i in got["items"]] == [model.item_ids[p.position] for p in want]
         np.testing.assert_allclose([i["score"] for i in got["items"]], [p.score for p in want], atol=1e-6)
+
+        # A model that reads views and carts (what config_for trains for a shop with them): the service hands
+        # it every interaction of the online history with its type, and the answer is the offline scorer's
+        # on the whole event log (canonical + journal: a's views and cart above included).
+        engaged = _two_stage(settings, model, engagement=True)
+        tag2 = registry.register(settings, model, {"note": "two-stage, views and carts"}, two_stage=engaged)
+        registry.set_champion(settings, tag2, "test")
+        reload_service(settings, svc.url)
+        t2 = t + pd.Timedelta(hours=1)
+        got = _post(c, "/recommend", {"user_id": "a", "k": 5, "timestamp": t2.isoformat()}).json()
+        assert got["model_version"] == tag2 and got["fallback"] is False, got
+        want = _offline_events(settings, engaged, "a", t2, 5)
+        assert [i["item_id"] for i in got["items"]] == list(want), (got["items"], want)
+        np.testing.assert_allclose([i["score"] for i in got["items"]], list(want.values()), atol=1e-6)
+        blind = _offline_events(settings, engaged, "a", t2, 5, views=False)  # the same model without the views
+        assert blind["w"] != pytest.approx(want["w"], abs=1e-6), (blind, want)  # w: viewed twice and carted
 
     # The features these answers were served with equal the offline ones for the same user and time,
     # recomputed from the purchase events (canonical + journal) by the skew report: zero skew.

@@ -427,3 +427,53 @@ def test_compiled_ranker_scores_as_lightgbm_and_serves_the_offline_answer(shop: 
     assert isinstance(cbag.booster, BoosterBag) and len(members(cbag.booster)) == 2 and cbag.seen is None
     np.testing.assert_allclose(cbag.score(week.x, week.cands.user), bag.score(week.x, week.cands.user),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_a_shop_with_views_gets_a_ranker_that_reads_them_and_serves_the_offline_answer() -> None:
+    """Where the events hold views and carts, config_for adds the engaged candidates and features; the
+    ranker learns from them (it beats the same pipeline on the purchases alone), and the served answer
+    from the online history with its event types is the offline scorer's on the event log."""
+    from recflow.ranker.log import history_lines
+    from recflow.ranker.model import ENGAGED_FEATURES
+    from training.synthetic import with_views
+
+    events, items = synthetic_shop(n_users=150, n_items=200, days=120, seed=7)
+    viewed = with_views(events, seed=3)
+    protocol = Protocol.make("2024-04-08", train_weeks=5, test_weeks=1)
+    scores = {}
+    for name, ev_ in (("views", viewed), ("purchases", events)):
+        inputs = Inputs.build(ev_, items, None)
+        cfg = config_for(inputs, max_rounds=40, early_stopping_rounds=10, min_data_in_leaf=5, threads=1, negative_share=0.5)
+        fitted = fit(inputs, protocol, cfg)
+        ev = week_evalset("test", ev_, inputs.catalogue, protocol.tests[0])
+        scores[name] = evaluate(week_scorer(inputs, fitted.ranker, ev, cfg)[0], ev)["ndcg@10"]
+        if name == "views":
+            gain = dict(zip(cfg.features, fitted.ranker.booster.feature_importance("gain"), strict=True))
+            assert set(ENGAGED_FEATURES) <= set(gain) and sum(gain[f] for f in ENGAGED_FEATURES) > 0
+            model_inputs, model_fit = inputs, fitted
+    assert scores["views"] > scores["purchases"], scores
+
+    as_of = seconds(protocol.tests[0]) + 3 * 3600
+    model = final_model(model_inputs, model_fit.ranker, as_of)
+    assert model.reads_engagement
+    log = model_inputs.log.before(as_of)
+    users = [str(u) for u in log.user_ids[:25]]
+    asks = []
+    for u in users:
+        mine = viewed[(viewed.user_id == u) & (viewed.event_timestamp < pd.Timestamp(as_of, unit="s", tz="UTC"))]
+        mine = mine.sort_values("event_timestamp", ascending=False, kind="stable")
+        row = {"user_history__history_item_ids": mine.item_id.tolist(),
+               "user_history__history_ts": [int(t.timestamp()) for t in mine.event_timestamp],
+               "user_history__history_types": mine.event_type.tolist()}
+        ids, stamps, kinds = history_lines(row, engagement=True)
+        asks.append(Ask(ids, stamps, as_of, 10, user_id=u, history_types=kinds))
+    served = recommend(model, asks)
+    ctx = user_context(model_inputs.log, model.side.stats, as_of, model.category)
+    codes = np.arange(len(users))
+    sc = score_users(model.ranker, ctx, model.side, codes)
+    for k in codes:
+        m = sc.cands.user == k
+        order = np.argsort(-sc.score[m], kind="stable")[:10]
+        assert [p.position for p in served[k]] == sc.cands.item[m][order].tolist()
+    texts = [reason_text(p, lambda i: f"item {i}") for picks in served for p in picks]
+    assert any(t.startswith(("you looked at this", "in your cart")) for t in texts), texts[:20]
