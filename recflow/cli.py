@@ -162,6 +162,8 @@ def _print_ingest(report: dict[str, Any]) -> None:
             ", ".join(f"{k}={v:,}" for k, v in t["rejected"].items()) or "-", t["quarantine_path"] or "-",
         )
     console.print(table)
+    if report.get("note"):
+        console.print(f"[yellow]source[/yellow]: {report['note']}")
     for name, t in report["tables"].items():
         for reason, rows in t["examples"].items():
             console.print(f"[yellow]{name}[/yellow] {reason}, e.g. row {rows[0].get('_row')}: "

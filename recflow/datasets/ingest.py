@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from datetime import UTC, datetime
@@ -28,6 +30,69 @@ from recflow.progress import report
 from recflow.schemas import ITEMS_SCHEMA, USER_PROFILE_COLUMNS, USERS_SCHEMA, conform
 from recflow.settings import Settings
 from recflow.timeutil import to_utc
+
+log = logging.getLogger(__name__)
+SOURCE_MANIFEST = "source.json"  # under the canonical folder: where its tables came from
+_SOURCE_FIELDS = ("source", "interactions_path", "items_path", "users_path")
+
+
+def home_source(settings: Settings) -> dict[str, str | None] | None:
+    """The source the home's canonical tables were last ingested from (None: never, or unknown)."""
+    path = settings.paths.canonical / SOURCE_MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("source") in ("completejourney", "generic") else None
+
+
+def _legacy_source(settings: Settings, default: str) -> str:
+    """The source named by an ``ingest_report.json`` of a home ingested before the source was recorded."""
+    try:
+        source = json.loads((settings.paths.canonical / "ingest_report.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return default
+    return source if source in ("completejourney", "generic") else default
+
+
+def _describe(src: dict[str, str | None]) -> str:
+    return "Complete Journey" if src["source"] == "completejourney" else f"your files ({src.get('interactions_path')})"
+
+
+def sticky_source(settings: Settings) -> tuple[Settings, str | None]:
+    """The settings to ingest with, and a note when they differ from the given ones. A home keeps the
+    source it was ingested from: when no source setting is given (no ``--source``/``--interactions``,
+    no ``RECFLOW_DATA__*`` or TOML value) and the home's tables came from another source, that source
+    is ingested again, so an hourly ``build_features`` run on a shop's home never replaces the shop's
+    events with the default dataset. A given source is obeyed, with a note that it replaces the other."""
+    recorded = home_source(settings)
+    given = settings.data.model_fields_set & set(_SOURCE_FIELDS)
+    if recorded is None and not given and settings.data.source != _legacy_source(settings, settings.data.source):
+        raise IngestError(
+            f"this home's canonical tables ({settings.paths.canonical}) came from your own files, but no data "
+            "source is given and the home does not record which files: pass --interactions PATH (and --items, "
+            "--users) or set data.source, so that they are not replaced with Complete Journey.")
+    if recorded is None or recorded["source"] == settings.data.source and not given:
+        return settings, None
+    if given:
+        if recorded["source"] != settings.data.source:
+            return settings, (f"replacing this home's canonical tables, ingested from {_describe(recorded)}, "
+                              f"with {_describe({'source': settings.data.source, 'interactions_path': str(settings.data.interactions_path)})}")
+        return settings, None
+    update = {k: (Path(v) if k != "source" and v else v) for k, v in recorded.items() if k in _SOURCE_FIELDS}
+    data = settings.data.model_copy(update=update)
+    note = (f"no data source given: ingesting this home's own source again, {_describe(recorded)} "
+            "(pass --source/--interactions or set data.source to change it)")
+    return settings.model_copy(update={"data": data}), note
+
+
+def _record_source(settings: Settings) -> None:
+    from recflow.durable import write_text_durably
+
+    d = settings.data
+    record = {"source": d.source, **{k: str(getattr(d, k)) if getattr(d, k) else None for k in _SOURCE_FIELDS[1:]},
+              "ingested_at": datetime.now(UTC).isoformat()}
+    write_text_durably(settings.paths.canonical / SOURCE_MANIFEST, json.dumps(record, indent=1) + "\n")
 
 
 def finalise_items(items: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
@@ -76,6 +141,10 @@ def ingest(settings: Settings) -> IngestReport:
     share of bad rows passes ``data.max_bad_share``; the quarantine file is written even then.
     """
     started = time.perf_counter()
+    settings, note = sticky_source(settings)
+    if note:
+        log.warning("ingest: %s", note)
+        report("ingest", 0, 3, note)
     cfg = settings.data
     paths = settings.paths
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -160,11 +229,13 @@ def ingest(settings: Settings) -> IngestReport:
         paths.users: conform(users, USERS_SCHEMA, name="users"),
     }
     write_tables_atomically(tables)
+    _record_source(settings)
     result = IngestReport(
         source=cfg.source,
         tables=reports,
         outputs=outputs,
         seconds=time.perf_counter() - started,
+        note=note,
     )
     (paths.canonical / "ingest_report.json").write_text(result.to_json())
     report("ingest", 3, 3, "done")

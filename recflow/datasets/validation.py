@@ -82,10 +82,12 @@ class IngestReport:
     tables: dict[str, TableReport]
     outputs: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    note: str | None = None  # e.g. that the home's own source was ingested again (none was given)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
+            **({"note": self.note} if self.note else {}),
             "seconds": round(self.seconds, 3),
             "outputs": self.outputs,
             "tables": {k: v.to_dict() for k, v in self.tables.items()},

@@ -179,3 +179,34 @@ def test_until_keeps_later_events_as_holdout(make_settings, tiny_shop) -> None:
     assert any("holdout" in n for n in report.tables["events"].notes)
     items = pd.read_parquet(s.paths.items).set_index("item_id")
     assert pd.isna(items.loc["w", "first_seen"]), "first sold after 'until': unseen as of the canonical data"
+
+
+def test_a_home_keeps_its_source_when_none_is_given(make_settings, tiny_shop: dict[str, Path], monkeypatch) -> None:
+    """A shop's home ingested from its files, then ingested with no source given (an hourly build_features
+    run, `recflow features` without options): its own files again, never Complete Journey over them."""
+    import json
+
+    from recflow.datasets import completejourney as cj
+    from recflow.datasets.ingest import SOURCE_MANIFEST
+
+    shop = make_settings(data=DataSettings(source="generic", interactions_path=tiny_shop["interactions"],
+                                           items_path=tiny_shop["items"]))
+    ingest(shop)
+    recorded = json.loads((shop.paths.canonical / SOURCE_MANIFEST).read_text())
+    assert recorded["source"] == "generic" and recorded["interactions_path"] == str(tiny_shop["interactions"])
+    before = pd.read_parquet(shop.paths.events)
+
+    def no_cj() -> None:
+        raise AssertionError("Complete Journey loaded over the shop's home")
+
+    monkeypatch.setattr(cj, "load_raw", no_cj)
+    again = ingest(make_settings())  # the defaults say completejourney; nothing was given
+    assert again.source == "generic" and again.note and "own source" in again.note
+    pd.testing.assert_frame_equal(pd.read_parquet(shop.paths.events), before)
+    with pytest.raises(AssertionError, match="Complete Journey loaded"):  # a source given is obeyed
+        ingest(make_settings(data=DataSettings(source="completejourney")))
+    # a home ingested before the source was recorded: refused with what to do, not overwritten
+    (shop.paths.canonical / SOURCE_MANIFEST).unlink()
+    with pytest.raises(IngestError, match="--interactions PATH"):
+        ingest(make_settings())
+    pd.testing.assert_frame_equal(pd.read_parquet(shop.paths.events), before)
