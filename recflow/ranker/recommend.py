@@ -185,7 +185,9 @@ def reason_text(pick: Pick, title_of: Callable[[int], str | None]) -> str:
             return f"you buy this about every {_days(f['every_days'])}{ago}"
         return f"you bought this before{ago}"
     if pick.kind == "viewed":
-        return f"{'in your cart' if f.get('carted') else 'you looked at this'} {_days(f.get('days_since', 0.0))} ago"
+        days = f.get("days_since", 0.0)
+        when = "today" if round(days) <= 0 else f"{_days(days)} ago"
+        return f"{'in your cart' if f.get('carted') else 'you looked at this'} {when}"
     other = title_of(pick.reason) if pick.reason is not None else None
     if pick.kind == "similar" and other:
         return f"often bought with {other}"

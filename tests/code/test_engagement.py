@@ -90,3 +90,14 @@ def test_the_config_adapts_to_a_shop_with_views() -> None:
     viewed = config_for(Inputs.build(with_views(events), items, None))
     assert set(ENGAGED_FEATURES) <= set(viewed.features) and viewed.candidates.n_engaged == ENGAGED_CANDIDATES
     assert viewed.features[: len(plain.features)] == plain.features
+
+
+def test_the_reason_of_an_engaged_pick() -> None:
+    from recflow.ranker.recommend import Pick, reason_text
+
+    def title(_p: int) -> str:
+        return "x"
+
+    assert reason_text(Pick(1, 1.0, "viewed", 1, {"carted": 1.0, "days_since": 0.2}), title) == "in your cart today"
+    assert reason_text(Pick(1, 1.0, "viewed", 1, {"carted": 0.0, "days_since": 3.4}), title) == "you looked at this 3 days ago"
+    assert reason_text(Pick(1, 1.0, "viewed", 1, {"carted": 1.0, "days_since": 1.0}), title) == "in your cart 1 day ago"
