@@ -2,9 +2,10 @@
 
 A :class:`PurchaseLog` is a set of timestamped purchase lines ``(user, item, ts)`` with integer
 codes, sorted by ``(user, ts)``. Offline it comes from the canonical events (all users, cut at an
-as-of time); online it comes from the purchases of one user's ``user_history`` row (item ids,
-epoch-second timestamps and event types, which a push appends to exactly; :func:`purchase_history`). A shopping trip is one user's purchases on one UTC
-day, so the online history (which carries no basket ids) gives the same trips as the event log.
+as-of time); online it comes from one user's ``user_history`` row (item ids, epoch-second
+timestamps and event types, which a push appends to exactly; :func:`history_lines`). A shopping
+trip is one user's purchases on one UTC day, so the online history (which carries no basket ids)
+gives the same trips as the event log. Views and carts ride along as :class:`Engagement`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def epoch_seconds(values: pd.Series | pd.DatetimeIndex | np.ndarray) -> np.ndarr
     """UTC timestamps as int64 seconds since the epoch (any input resolution; naive = UTC)."""
     idx = pd.DatetimeIndex(pd.to_datetime(values, utc=True))
     return (idx.as_unit("us").asi8 // 10**6).astype(np.int64)
+
+
+ENGAGEMENT_KINDS: dict[str, int] = {"view": 1, "cart": 2}  # the non-purchase events a log keeps beside its purchases
 
 
 def history_lines(features: Mapping[str, Any], engagement: bool = False
@@ -54,9 +58,6 @@ def purchase_history(features: Mapping[str, Any]) -> tuple[list[str], list[int]]
     return None if lines is None else (lines[0], lines[1])
 
 
-ENGAGEMENT_KINDS: dict[str, int] = {"view": 1, "cart": 2}  # the non-purchase events a log keeps beside its purchases
-
-
 @dataclass(frozen=True)
 class Engagement:
     """Views and carts ``(user, item, ts, kind)`` sorted by ``(user, ts)``, with the user codes of the
@@ -79,11 +80,6 @@ class Engagement:
         user, item, ts, kind = user[keep], item[keep], ts[keep], kind[keep]
         order = np.lexsort((item, ts, user))
         return cls(user[order], item[order], ts[order], kind[order])
-
-    @classmethod
-    def empty(cls) -> Engagement:
-        z = np.zeros(0, np.int64)
-        return cls(z, z, z, np.zeros(0, np.int8))
 
     def select(self, mask: np.ndarray) -> Engagement:
         return Engagement(self.user[mask], self.item[mask], self.ts[mask], self.kind[mask])
