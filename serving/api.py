@@ -49,7 +49,9 @@ class RecommendRequest(_Strict):
 
     user_id: Id
     k: K | None = Field(default=None, description="Default: serving.default_k.")
-    exclude_purchased: bool = Field(default=False, description="Leave out items in the user's history.")
+    exclude_purchased: bool = Field(default=False, description=(
+        "Leave out items the user bought (with a two-tower model, which has no ranker, every item of the user's "
+        "interaction history: views and carts too)."))
     category: str | None = Field(
         default=None, min_length=1, max_length=200, description="Only items of this category or department."
     )
