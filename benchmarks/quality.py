@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     from training.baselines import baseline_scorers, tune_decayed_frequency, tune_tifu_knn
     from training.evaluate import evaluate, paired_bootstrap
     from training.protocol import Protocol, check_users, week_evalset
-    from training.ranker import candidate_recall, without_engagement, without_text
+    from training.ranker import build_week, candidate_recall, fit_ranker, without_engagement, without_text
     from training.two_stage import Inputs, config_for, fit, load_shop, ranker_search_args, week_scorer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> dict:
     has_text = emb is not None
     if has_text:
         # the same weeks without the text sources and features: recflow_no_text
-        from training.ranker import build_week, fit_ranker
-
         cfg_nt = replace(cfg, features=no_text_feats)
         say("recflow_no_text: re-using the weekly examples without text candidates and features")
         weeks_nt = [without_text(build_week(inputs.log, int(a.value // 10**9), args.days, inputs.items, cfg), no_text_feats)
@@ -100,8 +98,6 @@ def main(argv: list[str] | None = None) -> dict:
     has_engagement = no_eng_feats != cfg.features
     if has_engagement:
         # the same weeks without the views and carts: recflow_no_engagement (the purchases-only ranker)
-        from training.ranker import build_week, fit_ranker
-
         cfg_ne = replace(cfg, features=no_eng_feats, candidates=replace(cfg.candidates, n_engaged=0))
         say("recflow_no_engagement: re-using the weekly examples without engaged candidates and features")
         weeks_ne = [without_engagement(build_week(inputs.log, int(a.value // 10**9), args.days, inputs.items, cfg),

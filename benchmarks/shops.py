@@ -54,18 +54,26 @@ def films(n_users: int = 3000, n_weeks: int = 30, releases_per_week: int = 60, s
             bought[u, picks] = True
             for it in picks:
                 rows.append((u, int(it), w * 7 + float(rng.uniform(0, 7))))
-    ev = pd.DataFrame(rows, columns=["u", "i", "day"])
+    ev = pd.DataFrame(rows, columns=["u", "i", "day"]).assign(event_type="purchase")
+    return _files(ev, start, ("u", "f"), [GENRES[g] for g in genre], "film")
+
+
+def _files(ev: pd.DataFrame, start: pd.Timestamp, prefixes: tuple[str, str], categories: list[str],
+           noun: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The interactions and items files of a generated shop: ``ev`` holds user and item numbers
+    (``u``, ``i``), days since ``start`` and the event type; item ``n`` is of ``categories[n]``."""
+    user, item = prefixes
     interactions = pd.DataFrame({
-        "user_id": "u" + ev["u"].astype(str),
-        "item_id": "f" + ev["i"].astype(str),
+        "user_id": user + ev["u"].astype(str),
+        "item_id": item + ev["i"].astype(str),
         "timestamp": (start + pd.to_timedelta(ev["day"], unit="D")).dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "event_type": "purchase",
+        "event_type": ev["event_type"].to_numpy(),
         "quantity": 1,
     })
     items = pd.DataFrame({
-        "item_id": "f" + pd.Series(np.arange(n_items)).astype(str),
-        "title": [f"{GENRES[g]} film {n}" for n, g in enumerate(genre)],
-        "category": [GENRES[g] for g in genre],
+        "item_id": item + pd.Series(np.arange(len(categories))).astype(str),
+        "title": [f"{c} {noun} {n}" for n, c in enumerate(categories)],
+        "category": categories,
     })
     return interactions, items
 
@@ -109,20 +117,7 @@ def fashion(n_users: int = 3000, n_weeks: int = 26, new_per_week: int = 150, see
                             bought[u, it] = True  # bought in the session or within a few days
                             rows.append((u, int(it), tv + 0.002 + rng.exponential(1.5) * (rng.random() < 0.5), "purchase"))
     ev = pd.DataFrame(rows, columns=["u", "i", "day", "event_type"])
-    ev = ev[ev["day"] < n_weeks * 7]
-    interactions = pd.DataFrame({
-        "user_id": "s" + ev["u"].astype(str),
-        "item_id": "a" + ev["i"].astype(str),
-        "timestamp": (start + pd.to_timedelta(ev["day"], unit="D")).dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "event_type": ev["event_type"].to_numpy(),
-        "quantity": 1,
-    })
-    items = pd.DataFrame({
-        "item_id": "a" + pd.Series(np.arange(n_items)).astype(str),
-        "title": [f"{STYLES[g]} piece {n}" for n, g in enumerate(style)],
-        "category": [STYLES[g] for g in style],
-    })
-    return interactions, items
+    return _files(ev[ev["day"] < n_weeks * 7], start, ("s", "a"), [STYLES[g] for g in style], "piece")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,16 @@ from serving.launcher import ROOT, _start_time, descendants
 pytestmark = pytest.mark.integration
 
 
+def _kill_all(cli: subprocess.Popen, tree: dict[int, str]) -> None:
+    """Never leave a server behind, even when a test fails: the CLI and every recorded descendant."""
+    if cli.poll() is None:
+        cli.kill()
+    for pid, started in tree.items():
+        if _start_time(pid) == started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_forwards_the_signal_and_leaves_no_child(tmp_path, sig) -> None:  # noqa: ANN001
     if not Path("/proc").is_dir():
@@ -45,13 +55,8 @@ def test_serve_forwards_the_signal_and_leaves_no_child(tmp_path, sig) -> None:  
         left = [p for p, started in tree.items() if _start_time(p) == started]
         assert not left, f"left behind: {left}"
     finally:
-        if cli.poll() is None:
-            cli.kill()
+        _kill_all(cli, tree)
         log.close()
-        for pid, started in tree.items():  # never leave a server behind, even when the test fails
-            if _start_time(pid) == started:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
 
 
 def _slow_two_stage(settings, model):  # noqa: ANN001, ANN202
@@ -117,10 +122,5 @@ def test_a_worker_still_loading_its_model_stops_at_once_on_sigterm(tiny_features
         left = [p for p, started in tree.items() if _start_time(p) == started]
         assert not left, f"left behind: {left}"
     finally:
-        if cli.poll() is None:
-            cli.kill()
+        _kill_all(cli, tree)
         log.close()
-        for pid, started in tree.items():
-            if _start_time(pid) == started:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
