@@ -9,7 +9,10 @@
    the ``refresh_items`` flow and a reload (``demo.refresh_items``), as the daily deployment would;
 5. every ``demo.monitor_every_days`` simulated days: the ``monitor`` flow; on a drift decision the
    ``retrain`` flow (incremental, gated) runs, as the ``retrain/on-drift`` deployment would on the
-   ``recflow.drift.detected`` event against a Prefect server, and reloads the service;
+   ``recflow.drift.detected`` event against a Prefect server, and reloads the service; with
+   ``demo.scheduled_retrain`` it also runs without drift while a monitor window of the replay is left.
+   A challenger that passes the gate becomes the canary for ``demo.canary_share`` of the users
+   (``recflow.canary``), and the next monitor run promotes it or rolls it back on their feedback;
 6. after the replay: NDCG@10 of the first champion, the final champion, every challenger and personal
    top-frequency on the week after the replay (held out, never seen by any), every gate decision
    scored on the week after it, the on-call index page, a final table, and the summary JSON at
@@ -132,6 +135,7 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
     from flows.refresh_items import refresh_items
     from flows.retrain import retrain
     from flows.train import train
+    from recflow import canary as canary_pointer
     from recflow import registry
     from recflow.reload import reload_service
     from recflow.replay import replay
@@ -148,10 +152,11 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
     # replayed day asks for a few hundred of them, each ranked on its first request anyway.
     serving = {"request_log_rotate_s": 5.0, "answer_prefill_users": 0}
     overrides: dict[str, dict[str, Any]] = {"data": {"until": start.isoformat()}, "training": {"train_weeks": d.train_weeks},
-                                            "serving": serving}
+                                            "serving": serving, "canary": {"share": d.canary_share}}
     settings = _with(settings, "data", until=start.to_pydatetime())
     settings = _with(settings, "training", train_weeks=d.train_weeks)
     settings = _with(settings, "serving", **serving, **({"token": d.token} if d.token else {}))
+    settings = _with(settings, "canary", share=d.canary_share)
     flow_args: dict[str, Any] = {"home": str(settings.home), "overrides": overrides}
 
     def lap(name: str, t0: float) -> None:
@@ -167,6 +172,8 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
     say(f"[demo] 2/6 train: {d.trials} trials, {d.max_minutes} min search, {d.train_weeks} weeks")
     trained = train(trials=d.trials, max_minutes=d.max_minutes, **flow_args)
     first = trained["tag"]
+    if canary_pointer.get(settings) is not None:  # of an earlier run in this home (or the first model itself)
+        canary_pointer.end(settings, "rollback", "demo: a new first model")
     if registry.get_champion(settings)["tag"] != first:  # type: ignore[index]
         registry.set_champion(settings, first, reason="demo: first model")
     bento = deploy(**flow_args)["bento"]
@@ -186,6 +193,7 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
 
     monitors: list[dict[str, Any]] = []
     retrains: list[dict[str, Any]] = []
+    canaries: list[dict[str, Any]] = []
     days: list[dict[str, Any]] = []
     drift_on: str | None = None
     t0 = time.perf_counter()
@@ -220,15 +228,32 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
             monitors.append(m)
             say(f"[demo] monitor: {m['verdict']}: {'; '.join(m['reasons'])[:400]}")
             say(f"[demo] skew: {m['skew']['verdict']}: {m['skew']['reason']}")
+            if m.get("canary"):
+                canary_verdict(m["canary"], end)
             if m["drift"]:
                 drift_on = drift_on or m["window"]
+            if m["drift"] or (d.scheduled_retrain and d.replay_days - n >= d.monitor_every_days):
                 before = registry.get_champion(settings)["tag"]  # type: ignore[index]
-                r = retrain(as_of=end.isoformat(), reason=f"drift {m['window']}", **flow_args)
-                if r["promoted"]:
+                why = f"drift {m['window']}" if m["drift"] else f"scheduled, after {m['window']}"
+                r = retrain(as_of=end.isoformat(), reason=why, **flow_args)
+                if r["promoted"] or r.get("canary"):
                     reload_service(settings, service.url)
                 retrains.append({**r, "decided_at": end.isoformat(), "champion_before": before})
-                say(f"[demo] retrain: challenger {r['challenger']} {'promoted' if r['promoted'] else 'rejected'}: "
-                    f"{r['gate']['reason']}")
+                verdict = ("promoted" if r["promoted"] else
+                           f"the canary for {r['canary']['share']:.0%} of users" if r.get("canary") else "rejected")
+                say(f"[demo] retrain ({why}): challenger {r['challenger']} {verdict}: {r['gate']['reason']}")
+
+        def canary_verdict(c: dict[str, Any], end: pd.Timestamp) -> None:
+            """The monitor's canary step: a verdict ends the challenger's canary, which decides the retrain."""
+            canaries.append({k: c.get(k) for k in ("canary", "action", "reason", "arms", "hit_rate@10_diff", "ci95_lo",
+                                                   "ci95_hi", "age_days")} | {"at": end.isoformat()})
+            say(f"[demo] canary {c['canary']}: {c['action']}: {c['reason']}")
+            if c["action"] == "wait":
+                return
+            for r in retrains:
+                if r["challenger"] == c["canary"]:
+                    r.update(promoted=c["action"] == "promote", decided_at=end.isoformat(), canary_verdict=c["action"])
+            reload_service(settings, service.url)
 
         replay(settings, service.url, start, d.replay_days, concurrency=d.concurrency, on_day=on_day)
         timings["replay_monitor_retrain"] = round(time.perf_counter() - t_replay, 1)
@@ -246,6 +271,10 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
                    "final_champion": paired_diff(scores, final, BASELINE)}
     decisions = []
     for r in retrains:  # each gate decision against the week after it
+        if r.get("canary") and r.get("canary_verdict") is None:  # its canary had no verdict when the replay ended
+            decisions.append({"decided_at": r["decided_at"], "challenger": r["challenger"], "promoted": False,
+                              "correct": None, "note": "its canary had no verdict by the end of the replay"})
+            continue
         week = pd.Timestamp(r["decided_at"])
         try:
             week_scores = scores if week == after_replay else next_week_ndcg(
@@ -292,8 +321,9 @@ def run_demo(settings: Settings, *, out: Path | None, say: Say = print) -> dict[
         "retrained_beat_first_on_next_week": {t: scores[t]["ndcg@10"] > before for t in challengers},
         "monitor_runs": [{k: m.get(k) for k in ("window", "verdict", "reasons", "run_dir", "skew")} for m in monitors],
         "skew": skew_summary([m.get("skew") or {} for m in monitors]),
-        "retrains": [{k: r[k] for k in ("challenger", "champion_before", "decided_at", "promoted", "gate", "window", "mode",
-                                        "seconds")} for r in retrains],
+        "retrains": [{k: r.get(k) for k in ("challenger", "champion_before", "decided_at", "promoted", "gate", "window",
+                                            "mode", "reason", "canary", "canary_verdict", "seconds")} for r in retrains],
+        "canary": {"share": d.canary_share, "verdicts": canaries},
         "replay": {"from": str(start.date()), "days": d.replay_days, **replay_totals, "per_day": days},
         "first_model_test_week": trained["test"].get("recflow"),
         "reports_index": str(index),

@@ -3,7 +3,9 @@ decision, and a ``recflow.drift.detected`` Prefect event when it says drift.
 
 Thin: the reports and the policy are ``monitoring.monitor_run.run_monitor``; the reference (the champion's
 answers for its validation week, through the serving code path) is ``monitoring.reference``. The
-``retrain/on-drift`` deployment (``flows/deployments.py``) is triggered by the event.
+``retrain/on-drift`` deployment (``flows/deployments.py``) is triggered by the event. While a canary
+runs (``recflow.canary``), the run also compares its users with the champion's and promotes it, rolls it
+back or lets it run (``monitoring.canary``).
 """
 
 from __future__ import annotations
@@ -96,6 +98,18 @@ def emit_drift_task(window: str, champion: str, reasons: list[str], summary: Pat
     return str(event.id) if event else None
 
 
+@task(name="canary-analysis", cache_policy=NO_CACHE)
+def canary_task(settings: Settings, until: pd.Timestamp) -> dict[str, Any] | None:
+    """While a canary runs: compare its users' hit rate with the champion's up to ``until``, then promote it,
+    roll it back or let it run (``monitoring.canary.run``); None when no canary runs."""
+    from monitoring.canary import run
+
+    record = run(settings, until=until)
+    if record is not None:
+        get_run_logger().info("canary %s: %s: %s", record["canary"], record["action"], record["reason"])
+    return record
+
+
 @flow(name="monitor", log_prints=True)
 def monitor(end: str | None = None, days: int | None = None, home: str | None = None, emit: bool = True,
             overrides: dict[str, dict[str, Any]] | None = None, offline: bool = False) -> dict[str, Any]:
@@ -135,16 +149,19 @@ def monitor(end: str | None = None, days: int | None = None, home: str | None = 
     skew = result.summary.get("skew") or {}
     if skew.get("verdict") == "skew":
         log.warning("SKEW in %s: %s", window, skew.get("reason"))
+    canary = None if offline else canary_task(settings, end_ts)
     create_markdown_artifact(
         key="recflow-monitor",
         markdown=(f"# Monitor {window}: {verdict}\n\nChampion `{pointer['tag']}`.\n\n"
                   + "\n".join(f"- {r}" for r in d.reasons)
                   + f"\n\nSkew (served vs offline features, apart from drift): {skew.get('verdict', 'n/a')}: "
                     f"{skew.get('reason', '')}"
+                  + (f"\n\nCanary `{canary['canary']}`: **{canary['action']}**: {canary['reason']}" if canary else "")
                   + f"\n\nReports: `{result.run_dir}` (index: `{result.index_path}`)\n"),
         description=f"recflow monitor {window}: {verdict}",
     )
     return {"window": window, "champion": pointer["tag"], "drift": d.drift, "verdict": verdict,
             "reasons": list(d.reasons), "run_dir": str(result.run_dir), "summary": str(result.summary_path),
             "index": str(result.index_path), "event_id": event_id,
-            "skew": {k: skew.get(k) for k in ("verdict", "compared", "features_mismatched", "max_abs_diff", "reason")}}
+            "skew": {k: skew.get(k) for k in ("verdict", "compared", "features_mismatched", "max_abs_diff", "reason")},
+            "canary": canary}

@@ -1,4 +1,4 @@
-"""Prefect flow ``refresh_items``: the champion's two-stage item side recomputed as of a day (popularity
+"""Prefect flow ``refresh_items``: the champion's (and a running canary's) two-stage item side recomputed as of a day (popularity
 windows, trend, launches, re-buy gaps, co-purchase neighbours, user vectors), with its weights unchanged.
 
 Thin: the item side is ``training.two_stage.refresh`` (the function training, evaluation and retraining
@@ -28,6 +28,7 @@ def refresh_items(as_of: str | None = None, home: str | None = None, service_url
     """Refresh the champion's item side as of ``as_of`` (default: today 00:00 UTC); with ``service_url``,
     ask that service to reload. Returns ``{model, as_of, folder, seconds, events}`` (``model`` None, and
     nothing written, when the champion has no two-stage ranker)."""
+    from recflow import canary as canary_pointer
     from recflow import item_refresh, registry
     from recflow.event_log import EventLog
     from recflow.features.training_set import load_events
@@ -52,6 +53,12 @@ def refresh_items(as_of: str | None = None, home: str | None = None, service_url
     model = refresh(load_two_stage(folder), events, int(ts.timestamp()))
     seconds = round(time.perf_counter() - started, 2)
     out = item_refresh.write(settings, pointer["tag"], model, ts, seconds=seconds, events=len(events))
+    canary = canary_pointer.get(settings)  # a canary is compared on the same day's item side as the champion
+    canary_folder = registry.model_path(settings, canary["tag"]) / registry.RANKER_DIR if canary else None
+    if canary is not None and canary_folder is not None and canary_folder.is_dir() and canary["tag"] != pointer["tag"]:
+        item_refresh.write(settings, canary["tag"], refresh(load_two_stage(canary_folder), events, int(ts.timestamp())),
+                           ts, seconds=seconds, events=len(events))
+        log.info("item side of the canary %s refreshed as of %s", canary["tag"], ts)
     log.info("item side of %s refreshed as of %s from %d purchase lines in %.1f s", pointer["tag"], ts, len(events),
              seconds)
     create_markdown_artifact(

@@ -94,6 +94,14 @@ def promote_task(settings: Settings, tag: str, reason: str) -> dict[str, Any]:
     return registry.set_champion(settings, tag, reason=reason)
 
 
+@task(name="start-canary", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def canary_task(settings: Settings, tag: str, reason: str) -> dict[str, Any]:
+    """Make the challenger that passed the gate the canary for ``canary.share`` of users (``recflow.canary``)."""
+    from recflow import canary
+
+    return canary.start(settings, tag, settings.canary.share, reason)
+
+
 @task(name="reload-service", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def reload_task(settings: Settings, url: str) -> dict[str, Any]:
     """Ask the running service at ``url`` to load the promoted champion."""
@@ -124,8 +132,10 @@ def retrain(
 
     ``as_of`` (ISO date) ends the gate week; default: the day after the newest event. With
     ``reload_url``, a promoted model is loaded by the running service there (no downtime).
-    Returns ``{challenger, champion_before, champion_after, promoted, gate, window, seconds}`` and
-    writes it to ``<reports>/retrain/<time>.json``.
+    With ``canary.share`` > 0 a challenger that passes the gate is not promoted but becomes the canary
+    for that share of users; the monitor flow promotes it or rolls it back on their feedback
+    (``monitoring.canary``). Returns ``{challenger, champion_before, champion_after, promoted, canary, gate,
+    window, seconds}`` and writes it to ``<reports>/retrain/<time>.json``.
     """
     from dataclasses import asdict
 
@@ -199,13 +209,19 @@ def retrain(
     tag = registry.register(settings, result.model, metadata, two_stage=two_stage)
     after = pointer["tag"]
     reload: dict[str, Any] | None = None
-    if decision.promote:
+    canary: dict[str, Any] | None = None
+    if decision.promote and settings.canary.share > 0:  # first a share of users, then the monitor decides
+        canary = canary_task(settings, tag, f"retrain ({reason}): {decision.reason}")
+        if reload_url:
+            reload = reload_task(settings, reload_url)
+    elif decision.promote:
         after = promote_task(settings, tag, f"retrain ({reason}): {decision.reason}")["tag"]
         if reload_url:
             reload = reload_task(settings, reload_url)
     timings["total"] = round(time.perf_counter() - started, 1)
     summary = {
-        "challenger": tag, "champion_before": pointer["tag"], "champion_after": after, "promoted": decision.promote,
+        "challenger": tag, "champion_before": pointer["tag"], "champion_after": after,
+        "promoted": decision.promote and canary is None, "canary": canary,
         "gate": decision.to_dict(), "gate_model": metadata["gate_model"],
         "window": {"gate_week": f"{cutoff.date()} .. {end.date()}", **data.window},
         "mode": "full" if full else "incremental", "reason": reason, "reload": reload, "seconds": timings,
@@ -215,11 +231,13 @@ def retrain(
     out = settings.paths.reports / "retrain" / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{tag.split(':')[-1]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1, default=str))
-    verdict = "promoted" if decision.promote else "rejected"
+    verdict = ("in canary" if canary else "promoted") if decision.promote else "rejected"
     create_markdown_artifact(
         key="recflow-retrain", description=f"recflow retrain: challenger {verdict}",
         markdown=retrain_markdown(pointer["tag"], tag, champ_metrics, chall_metrics, decision,
-                                  f"{cutoff.date()} .. {end.date()}", after),
+                                  f"{cutoff.date()} .. {end.date()}", after)
+        + (f"\nPassed the gate, so it is the **canary** for {canary['share']:.0%} of users: the monitor promotes it or "
+           "rolls it back on their feedback.\n" if canary else ""),
     )
     log.info("challenger %s %s; champion: %s (%ss)", tag, verdict, after, timings["total"])
     return summary

@@ -155,14 +155,21 @@ def champion_task(settings: Settings, data: Any, events: pd.DataFrame, items: pd
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register_task(settings: Settings, model: Any, metadata: dict[str, Any], promote: bool, reason: str,
                   two_stage: Any = None) -> dict[str, Any]:
-    """Register the model; make it the champion only when ``promote`` (the gate's decision)."""
-    from recflow import registry
+    """Register the model; make it the champion only when ``promote`` (the gate's decision), or, with
+    ``canary.share`` > 0 and a champion to compare with, the canary for that share of users (``recflow.canary``)."""
+    from recflow import canary, registry
 
     tag = registry.register(settings, model, metadata, two_stage=two_stage)
-    pointer = (registry.set_champion(settings, tag, reason=f"train flow: {reason}") if promote
-               else registry.get_champion(settings))
-    _log(f"registered {tag}; {reason}; champion: {pointer['tag'] if pointer else None}")
-    return {"tag": tag, "champion": pointer["tag"] if pointer else None, "path": str(registry.model_path(settings, tag))}
+    pointer = registry.get_champion(settings)
+    started = None
+    if promote and pointer is not None and settings.canary.share > 0:
+        started = canary.start(settings, tag, settings.canary.share, f"train flow: {reason}")
+    elif promote:
+        pointer = registry.set_champion(settings, tag, reason=f"train flow: {reason}")
+    _log(f"registered {tag}; {reason}; champion: {pointer['tag'] if pointer else None}"
+         + (f"; canary for {started['share']:.0%} of users" if started else ""))
+    return {"tag": tag, "champion": pointer["tag"] if pointer else None, "path": str(registry.model_path(settings, tag)),
+            "canary": started}
 
 
 @flow(name="train", log_prints=True)
@@ -180,7 +187,8 @@ def train(
     ``settings.training.cutoff`` or, unset, (last event day + 1) - 2 * eval_days.
     The model is promoted only when it passes ``training.incremental.gate`` (the retrain flow's gate:
     ``training.promotion_metric`` / ``promotion_margin``, the new-to-user guard) against the champion
-    evaluated on the same test week; the first model of an empty registry is promoted without one.
+    evaluated on the same test week; the first model of an empty registry is promoted without one. With
+    ``canary.share`` > 0 a model that passes the gate becomes the canary instead (``recflow.canary``).
     Returns a summary: ``tag``, ``champion`` (after), ``champion_before``, ``promoted``,
     ``promotion`` (``reason``, ``gate``: the gate's figures or None), ``cutoff``, ``window``,
     ``validation`` (best trial), ``test`` (all models on the test week), ``goals``, ``best_config``,
@@ -263,7 +271,8 @@ def train(
         "tag": reg["tag"],
         "champion": reg["champion"],
         "champion_before": champion["tag"] if champion else None,
-        "promoted": decision["promote"],
+        "promoted": decision["promote"] and reg["canary"] is None,
+        "canary": reg["canary"],
         "promotion": {"reason": decision["reason"], "gate": decision["gate"]},
         "model_path": reg["path"],
         "cutoff": cut.isoformat(),

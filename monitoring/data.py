@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from recflow.schemas import EVENTS_SCHEMA, REQUEST_LOG_SCHEMA
 from recflow.timeutil import to_utc
@@ -90,24 +91,37 @@ def _readable(files: Sequence[Path]) -> list[Path]:
     return good
 
 
+def _has_column(path: Path, column: str) -> bool:
+    """Whether the parquet file ``path`` has ``column`` (False for a file that cannot be read)."""
+    try:
+        return column in pq.read_schema(path).names
+    except (OSError, ValueError):
+        return False
+
+
 def load_request_log(path: Path, start: datetime | str, end: datetime | str,
-                     endpoints: Iterable[str] | None = ("recommend",)) -> pd.DataFrame:
-    """Request-log rows with ``start <= ts < end`` from every parquet file under ``path``.
+                     endpoints: Iterable[str] | None = ("recommend",), *, arms_only: bool = False) -> pd.DataFrame:
+    """Request-log rows with ``start <= ts < end`` from every parquet file under ``path`` (``arms_only``:
+    only rows answered while a canary ran, those with an ``arm``).
 
     Returns an empty frame with the request-log columns when there are no files or no rows.
     """
     import duckdb
 
+    empty = REQUEST_LOG_SCHEMA.empty_table().to_pandas()
     files = _parquet_files(Path(path))
+    if arms_only:
+        files = [f for f in files if _has_column(f, "arm")]
     if not files:
-        return REQUEST_LOG_SCHEMA.empty_table().to_pandas()
+        return empty
+    where = "AND arm IS NOT NULL" if arms_only else ""
     try:
-        table = _read_window(files, "ts", to_utc(start), to_utc(end))
+        table = _read_window(files, "ts", to_utc(start), to_utc(end), where=where)
     except duckdb.Error:  # a damaged file: find it, set it aside, read the rest
         files = _readable(files)
         if not files:
-            return REQUEST_LOG_SCHEMA.empty_table().to_pandas()
-        table = _read_window(files, "ts", to_utc(start), to_utc(end))
+            return empty
+        table = _read_window(files, "ts", to_utc(start), to_utc(end), where=where)
     df = table.to_pandas()
     if endpoints is not None and "endpoint" in df.columns:
         df = df[df["endpoint"].isin(list(endpoints))]

@@ -78,6 +78,7 @@ def synthetic_log(n_requests: int, n_users: int, start: str | pd.Timestamp, days
         "features": features,
         "item_ids": list(ids[top]),
         "scores": list(scores),
+        "arm": None,
     })
 
 

@@ -375,7 +375,9 @@ def train(
     for name, values in summary["test"].items():
         table.add_row(name, *(f"{values.get(m, float('nan')):.4f}" for m in metrics))
     console.print(table)
-    verdict = "[green]promoted[/green]" if summary["promoted"] else "[yellow]not promoted[/yellow]"
+    verdict = ("[green]promoted[/green]" if summary["promoted"] else
+               f"[cyan]the canary for {summary['canary']['share']:.0%} of users[/cyan]" if summary.get("canary") else
+               "[yellow]not promoted[/yellow]")
     console.print(f"Registered [bold]{summary['tag']}[/bold], {verdict}: {summary['promotion']['reason']}")
     console.print(f"Champion: {summary['champion']}; {summary['seconds'].get('total', 0):.0f} s")
 
@@ -468,6 +470,46 @@ def rollback(
 
 
 @app.command()
+def canary(
+    start: Annotated[str | None, typer.Option(help="Make this registered model (name:version) the canary.")] = None,
+    share: Annotated[float | None, typer.Option(help="With --start: the share of users it serves (default: "
+                                                 "canary.share, or 0.1 when that is 0).")] = None,
+    decide: Annotated[bool, typer.Option("--decide", help="Compare the arms now and promote or roll back on a "
+                                         "verdict (what the monitor flow does).")] = False,
+    end: Annotated[str | None, typer.Option(help="End it by hand: promote or rollback.")] = None,
+    reason: Annotated[str, typer.Option(help="Why (kept in the canary history and the champion pointer).")] = "manual",
+) -> None:
+    """The canary before promotion: show the running one and how its users fare against the champion's;
+    start one, decide now, or end it by hand. Workers that serve the champion follow it within
+    serving.champion_poll_s."""
+    from monitoring import canary as analysis
+    from recflow import canary as pointer_io
+
+    settings = _settings()
+    try:
+        if start:
+            chosen = share if share is not None else (settings.canary.share or 0.1)
+            p = pointer_io.start(settings, start, chosen, reason)
+            console.print(f"canary [bold]{p['tag']}[/bold] serves {p['share']:.0%} of users (champion {p['champion']})")
+            return
+        if end:
+            if end not in ("promote", "rollback"):
+                raise ValueError(f"--end {end!r}: say promote or rollback")
+            record = pointer_io.end(settings, end, reason)  # type: ignore[arg-type]
+            console.print(f"canary {record['tag']} ended: {end}")
+            return
+        result = analysis.run(settings, act=decide)
+    except (LookupError, ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+    if result is None:
+        console.print("No canary is running (start one with --start, or set canary.share so retrain starts one).")
+        return
+    console.print(f"canary [bold]{result['canary']}[/bold] ({result['share']:.0%} of users) vs champion "
+                  f"{result['champion']}: {result['action']}{' (done)' if result['acted'] else ''}\n  {result['reason']}")
+    console.print(f"Report: {result['report']}")
+
+
+@app.command()
 def monitor(
     end: Annotated[str | None, typer.Option(help="Window end (ISO date/time, UTC). Default: the end of today.")] = None,
     days: Annotated[int | None, typer.Option(help="Window length in days (default: monitoring.window_days).")] = None,
@@ -530,7 +572,9 @@ def retrain(
                              home=str(settings.home))
     except (FileNotFoundError, ValueError, LookupError) as exc:
         raise _fail(exc) from exc
-    verdict = "[green]promoted[/green]" if r["promoted"] else "[yellow]rejected[/yellow]"
+    verdict = ("[green]promoted[/green]" if r["promoted"] else
+               f"[cyan]the canary for {r['canary']['share']:.0%} of users[/cyan]" if r.get("canary") else
+               "[yellow]rejected[/yellow]")
     console.print(f"challenger {r['challenger']} {verdict}: {r['gate']['reason']}\nchampion: {r['champion_after']}")
 
 

@@ -190,6 +190,8 @@ REQUEST_LOG_SCHEMA: Final = pa.schema(
         pa.field("features", pa.string()),
         pa.field("item_ids", pa.list_(pa.string())),
         pa.field("scores", pa.list_(pa.float32())),
+        # "champion" or "canary" while a canary runs (recflow.canary), else null
+        pa.field("arm", pa.string()),
     ]
 )
 
@@ -198,13 +200,14 @@ def request_log_row(
     *, request_id: str, ts: Any, user_id: str | None, model_version: str, k: int, item_ids: list[str],
     scores: list[float], features: str | None, endpoint: str = "recommend", item_id: str | None = None,
     fallback: bool = False, degraded: bool = False, feature_age_s: float | None = None, latency_ms: float | None = None,
+    arm: str | None = None,
 ) -> dict[str, Any]:
     """One request-log row (:data:`REQUEST_LOG_SCHEMA`), as the service writes it and the monitoring reference
     builds it. ``user_id`` must already be the keyed pseudonym (``recflow.privacy``), never the raw id."""
     return {
         "request_id": request_id, "ts": ts, "endpoint": endpoint, "user_id": user_id, "item_id": item_id, "k": k,
         "model_version": model_version, "fallback": fallback, "degraded": degraded, "feature_age_s": feature_age_s,
-        "latency_ms": latency_ms, "features": features, "item_ids": item_ids, "scores": scores,
+        "latency_ms": latency_ms, "features": features, "item_ids": item_ids, "scores": scores, "arm": arm,
     }
 
 

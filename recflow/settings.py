@@ -429,6 +429,34 @@ class MonitoringSettings(BaseModel):
     seed: int = 0
 
 
+class CanarySettings(BaseModel):
+    """Canary before promotion (``recflow/canary.py``, ``monitoring/canary.py``): a challenger that passes the
+    retrain gate first serves a share of users, and the monitor promotes it or rolls it back on their feedback."""
+
+    share: float = Field(
+        default=0.0, ge=0, le=0.5,
+        description="Share of users, chosen by a hash of the user id, that a challenger passing the retrain gate "
+                    "serves first, while the champion serves the rest (0: a passing challenger is promoted at once).",
+    )
+    min_users: int = Field(
+        default=200, ge=10,
+        description="No verdict before each arm has served this many users whose purchases after the answer are known.",
+    )
+    min_days: float = Field(
+        default=3.0, ge=0, description="No promotion before the canary has served this many days."
+    )
+    max_days: float = Field(
+        default=14.0, gt=0,
+        description="A canary with no verdict after this many days is rolled back: the champion keeps serving.",
+    )
+    k: int = Field(default=10, ge=1, le=100, description="The arms are compared on hit rate@k of their answers.")
+    horizon_days: float = Field(
+        default=7.0, gt=0, description="An answer is a hit when the user buys one of its top k within this many days."
+    )
+    resamples: int = Field(default=1000, ge=100, description="Bootstrap resamples of the arms' hit-rate difference.")
+    seed: int = 0
+
+
 class PrivacySettings(BaseModel):
     """What recflow keeps about users, and for how long (``recflow/privacy.py``)."""
 
@@ -568,6 +596,16 @@ class DemoSettings(BaseModel):
         default=True, description="Refresh the champion's item side after every replayed day (refresh_items flow) "
                                   "and reload the service, as the daily deployment does in production.",
     )
+    scheduled_retrain: bool = Field(
+        default=True,
+        description="Also run the retrain flow at a monitor run that says no drift, as a weekly schedule would, when "
+                    "at least monitor_every_days of the replay are left (so that a canary it starts can be judged).",
+    )
+    canary_share: float = Field(
+        default=0.2, ge=0, le=0.5,
+        description="canary.share during the demo: a challenger that passes the gate serves this share of the replayed "
+                    "users until the next monitor run promotes it or rolls it back (0: promoted at once).",
+    )
     max_minutes: float = Field(default=4.0, gt=0, description="Search budget of the demo's first model (minutes).")
     concurrency: int = Field(default=8, ge=1, le=64, description="Users replayed concurrently.")
     token: SecretStr | None = Field(
@@ -595,6 +633,7 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = FeedbackSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
     privacy: PrivacySettings = PrivacySettings()
+    canary: CanarySettings = CanarySettings()
     demo: DemoSettings = DemoSettings()
 
     @field_validator("home")

@@ -191,3 +191,5 @@ class Status(BaseModel):
     pending_feedback: int | None
     item_side_as_of: str | None = None  # the two-stage item side's as-of time (a daily refresh moves it on)
     worker_pid: int  # which worker process answered (with serving.workers > 1, each has its own model)
+    canary_version: str | None = None  # the canary model answering a share of /recommend users (recflow.canary)
+    canary_share: float | None = None

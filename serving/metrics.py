@@ -47,6 +47,8 @@ def metrics() -> dict[str, Any]:
                         ["endpoint", "status"]),
         "pending": Gauge("recflow_feedback_pending", "Accepted feedback events not yet pushed to the online store "
                          "(the push loop's last count).", multiprocess_mode="livemax"),
+        "canary": Gauge("recflow_canary_share", "Share of users a worker answers with the canary model (0 once it "
+                        "ended; recflow.canary).", ["model"], multiprocess_mode="liveall"),
         "model": Gauge("recflow_model_info", "1 for the model version a worker serves (one series per worker: "
                        "alert when live workers serve different versions).", ["model"], multiprocess_mode="liveall"),
     }

@@ -5,7 +5,8 @@ champion pointer, warm-up and the answer-cache prefill, and the atomic swap of t
 Loading runs on one loader thread. A worker is ready once a model and the feature store are in;
 before that, :meth:`ModelHolder.require_state` answers 503 saying what is missing. A reload builds
 the new state next to the old one (warmed up, its answer cache prefilled) and then swaps one
-reference, so requests never see a half-loaded model.
+reference, so requests never see a half-loaded model. A running canary (``serving.canary``) is
+loaded and swapped the same way, next to the champion.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from recflow.settings import Settings
 from serving import prefill, ranking, tower
 from serving.aio import cancel_tasks
 from serving.api import ReloadResponse
+from serving.canary import CanaryModel, settings_for, wanted
 from serving.errors import BadRequest, NotFound, NotReady
 from serving.metrics import metrics, note_model
 from serving.model_source import ModelNotFound, files_signature, resolve_model
@@ -58,6 +60,8 @@ class ModelHolder:
     load_error: str | None = None
     answer_cache: ranking.AnswerCache | None = None
     query_cache: tower.UserQueryCache | None = None
+    canary: CanaryModel | None = None  # the canary model serving its share of users (recflow.canary)
+    _canary_failed: str | None = None  # the canary tag whose load failed: not retried at every poll
     registry_epoch: int = 0  # bumped when a reload refreshed the Feast registry (the push executor follows)
     _loader: Executor | None = None
     _first_load: asyncio.Event | None = None
@@ -120,6 +124,55 @@ class ModelHolder:
         finally:
             if self._first_load is not None:
                 self._first_load.set()
+        await self.follow_canary()  # after ready: a canary never delays the champion's first answer
+
+    async def follow_canary(self) -> None:
+        """Load, replace or drop the canary so that it matches the canary pointer (see ``serving.canary``).
+        A failed load is logged once per tag, and the champion answers every user."""
+        if self._reload_lock is None:
+            return
+        async with self._reload_lock:
+            await self._follow_canary()
+
+    async def _follow_canary(self) -> None:
+        state = self.state
+        if state is None:
+            return
+        try:
+            found = await self._run(wanted, self.settings, state)
+        except Exception as exc:  # noqa: BLE001 - an unreadable pointer: the champion serves everyone
+            log.warning("canary pointer unreadable (%s: %s): the champion serves every user", type(exc).__name__, exc)
+            found = None
+        current = self.canary
+        if found is None:
+            if current is not None:
+                self.canary = None
+                metrics()["canary"].labels(current.state.version).set(0)
+                log.info("canary %s ended: the champion %s serves every user", current.state.version, state.version)
+            return
+        tag, share = str(found["tag"]), float(found["share"])
+        if current is not None and current.state.version == tag and not self.item_side_changed(current.state):
+            current.share, current.salt = share, str(found.get("salt") or tag)
+            metrics()["canary"].labels(tag).set(share)
+            return
+        if tag == self._canary_failed and current is None:
+            return
+        try:
+            new = await self._run(load_state, settings_for(self.settings, tag), self.online.store)
+            await self._run(self.warm_up, new)
+        except Exception as exc:  # noqa: BLE001 - the champion keeps serving every user
+            self._canary_failed = tag
+            metrics()["reloads"].labels("canary_error").inc()
+            log.error("canary %s cannot be loaded (%s: %s): the champion serves every user", tag, type(exc).__name__,
+                      redact(str(exc)[:300], self.settings))
+            return
+        self._canary_failed = None
+        self.canary = CanaryModel(new, share, str(found.get("salt") or tag))
+        if current is not None and current.state.version != tag:
+            metrics()["canary"].labels(current.state.version).set(0)
+        metrics()["canary"].labels(tag).set(share)
+        await self._run(freeze_heap)
+        log.info("canary %s serves %.0f%% of users (champion %s)", tag, 100 * share, state.version)
 
     async def _load_until_ready(self) -> None:
         last_error = None
@@ -212,6 +265,8 @@ class ModelHolder:
                     log.info("%s: loading it", f"a newer item side of {new.version}" if same
                              else f"champion pointer now names {new.version}")
                     await self.reload()
+                else:
+                    await self.follow_canary()
             except Exception:  # noqa: BLE001 - the loop must survive; /status and the reload metric report it
                 log.exception("following the champion pointer failed")
 
@@ -247,7 +302,13 @@ class ModelHolder:
         return ranking.AnswerCache(state.version, s.user_cache_size, s.answer_cache_s)
 
     def answer_cache_for(self, state: ServingState) -> ranking.AnswerCache:
-        """The two-stage answer cache of the loaded model (a new model starts an empty one)."""
+        """The two-stage answer cache of the loaded model, or of the canary for its state (a new model
+        starts an empty one)."""
+        canary = self.canary
+        if canary is not None and state is canary.state:
+            if canary.answer_cache is None:
+                canary.answer_cache = self.new_answer_cache(state)
+            return canary.answer_cache
         cache = self.answer_cache
         if cache is None or cache.version != state.version:
             cache = self.answer_cache = self.new_answer_cache(state)
@@ -307,8 +368,7 @@ class ModelHolder:
         settings = self.settings
         if model_tag:
             await self._run(self._tag_folder, model_tag)  # a clean 404 for an unknown tag
-            serving = settings.serving.model_copy(update={"model_tag": model_tag, "model_path": None})
-            settings = settings.model_copy(update={"serving": serving})
+            settings = settings_for(settings, model_tag)
         async with self._reload_lock:
             previous = self.state.version if self.state else None
             started = time.perf_counter()
@@ -330,5 +390,7 @@ class ModelHolder:
             await self._run(freeze_heap)
             metrics()["reloads"].labels("ok").inc()
             log.info("reloaded: %s -> %s", previous, state.version)
-            return ReloadResponse(model_version=state.version, previous_version=previous, items=state.n_items,
-                                  seconds=round(time.perf_counter() - started, 3))
+            seconds = round(time.perf_counter() - started, 3)
+        await self.follow_canary()
+        return ReloadResponse(model_version=state.version, previous_version=previous, items=state.n_items,
+                              seconds=seconds)

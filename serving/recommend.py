@@ -61,6 +61,7 @@ class Answer:
     fallback: bool
     degraded: bool
     feature_age_s: float | None
+    arm: str | None = None  # "champion" or "canary" while a canary runs (recflow.canary)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class RecommendHandler:
     request_ids: RequestIds
     _batcher: MicroBatcher[Job, Answer] | None = None
     _row_warn: RateLimitedLog = field(default_factory=RateLimitedLog)
-    _categories: tuple[ServingState, frozenset[str]] | None = None
+    _categories: dict[int, tuple[ServingState, frozenset[str]]] = field(default_factory=dict)
 
     def start(self, compute: Executor) -> None:
         s = self.settings.serving
@@ -141,17 +142,19 @@ class RecommendHandler:
             request_id=request_id, ts=now, user_id=self.pseudonym(req.user_id), k=answer.k,
             model_version=answer.model_version, fallback=answer.fallback, degraded=answer.degraded,
             feature_age_s=answer.feature_age_s, latency_ms=(time.perf_counter() - started) * 1e3,
-            features=answer.features_json, item_ids=answer.item_ids, scores=answer.scores,
+            features=answer.features_json, item_ids=answer.item_ids, scores=answer.scores, arm=answer.arm,
         ))
         metrics()["latency"].labels("recommend").observe(time.perf_counter() - started)
         return answer.body
 
     def user_queries(self, state: ServingState, user_ids: list[str], features: list[dict[str, Any]]) -> list[UserQuery]:
         """The user tower's queries, from the cache where the users' rows are unchanged (compute thread only)."""
-        cache = self.models.query_cache
+        canary = self.models.canary
+        holder: Any = canary if canary is not None and state is canary.state else self.models
+        cache = holder.query_cache
         if cache is None or cache.version != state.version:
             s = self.settings.serving
-            cache = self.models.query_cache = tower.UserQueryCache(state.version, self.online.stamp_keys,
+            cache = holder.query_cache = tower.UserQueryCache(state.version, self.online.stamp_keys,
                                                                    s.user_cache_size, s.user_cache_ttl_s)
         hits, misses = cache.hits, cache.misses
         out = cache.queries(user_ids, features,
@@ -188,7 +191,7 @@ class RecommendHandler:
 
     def _failed_answer(self, job: Job, exc: BaseException) -> Answer | BaseException:
         """Popularity for a request whose own ranking failed (flagged ``fallback`` and ``degraded``)."""
-        state = self.models.require_state()
+        state, arm = self._state_for(job)
         metrics()["store_errors"].labels("row").inc()
         self._row_warn.warn("ranking failed for one request, answered with popularity (degraded): %s: %s",
                             type(exc).__name__, redact(str(exc)[:200], self.settings))
@@ -203,23 +206,50 @@ class RecommendHandler:
         body = dumps({"request_id": job.request_id, "user_id": job.req.user_id, "items": picked,
                       "model_version": state.version, "feature_age_s": None, "fallback": True, "degraded": True})
         return Answer(body, logged_features(None, 0), k, [it["item_id"] for it in picked],
-                      [it["score"] for it in picked], state.version, True, True, None)
+                      [it["score"] for it in picked], state.version, True, True, None, arm)
+
+    def _state_for(self, job: Job) -> tuple[ServingState, str | None]:
+        """The model that answers ``job``'s user and its arm: the canary for its share of users while one
+        runs (``recflow.canary``), else the champion (arm None when no canary runs)."""
+        state = self.models.require_state()
+        canary = self.models.canary
+        if canary is None:
+            return state, None
+        return (canary.state, "canary") if canary.serves(job.req.user_id) else (state, "champion")
 
     def _category_rows(self, state: ServingState, category: str) -> np.ndarray | None:
         """``state.catalogue.category_rows`` behind a set of the catalogue's categories and departments
-        (built once per model), so an unknown category costs a set lookup, not a catalogue scan."""
-        known = self._categories
+        (built once per model: the champion's and a canary's), so an unknown category costs a set lookup,
+        not a catalogue scan."""
+        known = self._categories.get(id(state))
         if known is None or known[0] is not state:
             cat = state.catalogue
             names = np.concatenate([np.char.lower(np.asarray(cat.categories, dtype=str)),
                                     np.char.lower(np.asarray(cat.departments, dtype=str))])
-            known = self._categories = (state, frozenset(names.tolist()))
+            if len(self._categories) >= 2:
+                self._categories.clear()
+            known = self._categories[id(state)] = (state, frozenset(names.tolist()))
         if category.strip().casefold() not in known[1]:
             return None
         return state.catalogue.category_rows(category)
 
     def _rank_batch(self, jobs: list[Job]) -> list[Answer | BaseException]:
+        """Rank a batch with the champion, or, while a canary runs, each arm's users with its model."""
         state = self.models.require_state()
+        if self.models.canary is None:
+            return self._rank_with(state, None, jobs)
+        arms = [self._state_for(j) for j in jobs]
+        out: list[Answer | BaseException | None] = [None] * len(jobs)
+        for arm in ("champion", "canary"):
+            picked = [i for i, (_, a) in enumerate(arms) if a == arm]
+            if picked:
+                ranked = self._rank_with(arms[picked[0]][0], arm, [jobs[i] for i in picked])
+                for i, answer in zip(picked, ranked, strict=True):
+                    out[i] = answer
+        return out  # type: ignore[return-value]
+
+    def _rank_with(self, state: ServingState, arm: str | None, jobs: list[Job]) -> list[Answer | BaseException]:
+        """Rank ``jobs`` with ``state`` (the champion's or the canary's model), their answers marked ``arm``."""
         t0 = time.perf_counter()
         users = list(dict.fromkeys(j.req.user_id for j in jobs))
         feats = self.online.fetch(users)
@@ -314,7 +344,7 @@ class RecommendHandler:
             logged = logged_features(f, n_history, profile=self.settings.privacy.log_profile, model_features=model_feats)
             out[i] = Answer(body, logged, ks[i],
                              [it["item_id"] for it in picked], [it["score"] for it in picked], state.version,
-                             fallback, degraded, age)
+                             fallback, degraded, age, arm)
         t4 = time.perf_counter()
         times = StageTimes(len(jobs), t1 - t0, t2 - t1, (t3 - t2) + (t4 - t3))
         m = metrics()["stage"]

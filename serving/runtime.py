@@ -200,7 +200,7 @@ class Runtime:
 
     async def status(self) -> Status:
         """What is loaded, and how many feedback events wait to be pushed."""
-        state = self.models.state
+        state, canary = self.models.state, self.models.canary
         pending = self.feedback_path.pending_feedback  # kept by the push loop: no journal query on a request
         load_error = self.models.load_error
         return Status(
@@ -211,6 +211,7 @@ class Runtime:
             loaded_at=state.loaded_at if state else None,
             load_error=redact(load_error, self.settings) if load_error else None, pending_feedback=pending,
             item_side_as_of=_as_of(state), worker_pid=os.getpid(),
+            canary_version=canary.state.version if canary else None, canary_share=canary.share if canary else None,
         )
 
 

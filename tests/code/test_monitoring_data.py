@@ -18,7 +18,7 @@ T0 = pd.Timestamp("2017-10-01", tz="UTC")
 def _log(rows: list[dict]) -> pd.DataFrame:
     base = {"request_id": None, "ts": T0, "endpoint": "recommend", "user_id": None, "item_id": None, "k": 3,
             "model_version": "v1", "fallback": False, "degraded": False, "feature_age_s": 1.0,
-            "latency_ms": 5.0, "features": "{}", "item_ids": [], "scores": []}
+            "latency_ms": 5.0, "features": "{}", "item_ids": [], "scores": [], "arm": None}
     out = pd.DataFrame([{**base, "request_id": f"r{i}", **r} for i, r in enumerate(rows)])
     out["k"] = out["k"].astype("int32")
     return out
@@ -152,6 +152,28 @@ def test_load_request_log_reads_all_files_in_window(tmp_path) -> None:
     assert sorted(out["user_id"]) == ["u2", "u3"]  # [start, end), recommend only
     assert list(out.loc[out["user_id"] == "u2", "item_ids"].iloc[0]) == []
     assert md.load_request_log(tmp_path / "missing", T0, T0 + pd.Timedelta(days=1)).empty
+
+
+def test_request_logs_written_before_the_arm_column_still_read(tmp_path) -> None:
+    """Files of an older service have no ``arm``: they read with it null, and a canary's rows only come from
+    files that have it."""
+    import pyarrow as pa
+
+    folder = tmp_path / "request_log"
+    folder.mkdir()
+    old_schema = pa.schema([f for f in REQUEST_LOG_SCHEMA if f.name != "arm"])
+    old = _log([{"user_id": "u1", "ts": T0}]).drop(columns="arm")
+    pq.write_table(conform(old, old_schema, name="log"), folder / "old.parquet")
+    new = _log([{"user_id": "u2", "ts": T0, "arm": "canary"}, {"user_id": "u3", "ts": T0, "arm": None}])
+    pq.write_table(conform(new, REQUEST_LOG_SCHEMA, name="log"), folder / "new.parquet")
+    every = md.load_request_log(folder, T0, T0 + pd.Timedelta(days=1))
+    assert sorted(every["user_id"]) == ["u1", "u2", "u3"] and every.set_index("user_id")["arm"].isna().to_dict() == {
+        "u1": True, "u2": False, "u3": True}
+    armed = md.load_request_log(folder, T0, T0 + pd.Timedelta(days=1), arms_only=True)
+    assert list(armed["user_id"]) == ["u2"]
+    assert md.load_request_log(folder, T0, T0 + pd.Timedelta(days=1), arms_only=True).shape[0] == 1
+    (folder / "new.parquet").unlink()
+    assert md.load_request_log(folder, T0, T0 + pd.Timedelta(days=1), arms_only=True).empty
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])

@@ -217,3 +217,58 @@ def _cache_count(c, result: str) -> float:  # noqa: ANN001
         if line.startswith("recflow_user_cache_total{") and f'result="{result}"' in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def test_a_canary_answers_its_share_of_users_until_it_ends(tiny_features, shop_model) -> None:  # noqa: ANN001
+    """A running canary (``recflow.canary``): every worker loads it next to the champion, answers the users
+    its hash picks with it (each arm's answer is that model's offline answer), records the arm in the
+    request log, and serves the champion to everyone once the canary is rolled back."""
+    import httpx
+
+    from monitoring.data import load_request_log
+    from recflow import canary, registry
+    from recflow.privacy import pseudonym, pseudonym_key
+    from serving.launcher import start_local
+
+    settings = _serving(tiny_features, champion_poll_s=0.3)
+    _online(settings)
+    model = shop_model(settings)
+    ts = _two_stage(settings, model)
+    champion = registry.register(settings, model, {"note": "champion"}, two_stage=ts)
+    registry.set_champion(settings, champion, "test")
+    engaged = _two_stage(settings, model, engagement=True)  # another ranker: reads views and carts
+    challenger = registry.register(settings, model, {"note": "canary"}, two_stage=engaged)
+    canary.start(settings, challenger, 0.5, "test")
+    users = ["a", "b", "c"] + [f"new-{i}" for i in range(24)]
+    arm_of = {u: "canary" if canary.serves_canary(u, challenger, 0.5) else "champion" for u in users}
+    assert set(arm_of.values()) == {"canary", "champion"}
+    with start_local(settings) as svc, httpx.Client(base_url=svc.url, timeout=30) as c:
+        _wait_for(lambda: _post(c, "/status", {}).json()["canary_version"] == challenger, "the canary loaded")
+        assert _post(c, "/status", {}).json()["canary_share"] == 0.5
+        for u in users:
+            body = _post(c, "/recommend", {"user_id": u, "k": 4, "timestamp": NOW.isoformat()}).json()
+            assert body["model_version"] == (challenger if arm_of[u] == "canary" else champion), (u, body)
+            if u in ("a", "b", "c"):
+                want = (list(_offline_events(settings, engaged, u, NOW, 4)) if arm_of[u] == "canary" else
+                        [model.item_ids[p.position] for p in _offline(settings, ts, u, NOW, 4)])
+                # the offline scorer ranks candidates only; the service fills a short list with popular items
+                assert [i["item_id"] for i in body["items"]][:len(want)] == want, (u, arm_of[u], body["items"], want)
+        canary.end(settings, "rollback", "test")
+        _wait_for(lambda: _post(c, "/status", {}).json()["canary_version"] is None, "the canary dropped")
+        assert {_post(c, "/recommend", {"user_id": u, "k": 4}).json()["model_version"] for u in users} == {champion}
+    log = load_request_log(settings.paths.request_log, "1970-01-01", "2100-01-01")
+    key = pseudonym_key(settings)
+    first = log[log["ts"] == NOW].set_index("user_id")["arm"]
+    assert first.to_dict() == {pseudonym(u, key): arm_of[u] for u in users}
+    assert log.loc[log["ts"] != NOW, "arm"].isna().all(), "no arm once the canary ended"
+
+
+def _wait_for(predicate, what: str, timeout: float = 60.0) -> None:  # noqa: ANN001
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
