@@ -632,6 +632,11 @@ def demo(
     for m in summary["monitor_runs"]:
         table.add_row(f"monitor {m['window']}", f"{m['verdict']}: " + "; ".join(m["reasons"])[:300])
     table.add_row("drift detected", str(summary["drift_detected_on"]))
+    for c in summary.get("canary", {}).get("verdicts", []):
+        table.add_row(f"canary {c['canary']} at {c['at'][:10]}", f"{c['action']}: {c['reason']}"[:300])
+    for g in summary["gate_decisions"]:
+        right = {True: "right", False: "WRONG", None: "not judged"}[g["correct"]]
+        table.add_row(f"gate decision {g['decided_at'][:10]}", f"{'promoted' if g['promoted'] else 'not promoted'}: {right}")
     table.add_row(f"NDCG@10 week from {summary['next_week']['start']}, first champion", f"{summary['ndcg_next_week_before']:.4f}")
     table.add_row(f"NDCG@10 week from {summary['next_week']['start']}, final champion", f"{summary['ndcg_next_week_after']:.4f}")
     for tag, values in summary["next_week"]["challengers"].items():
