@@ -166,7 +166,10 @@ def run(settings: Settings, until: pd.Timestamp | str | None = None, act: bool =
     cfg = settings.canary
     until_ts = to_utc(until) if until is not None else pd.Timestamp.now(tz="UTC")
     champion = registry.get_champion(settings) or {}
-    log = mdata.load_request_log(settings.paths.request_log, "1970-01-01", until_ts, arms_only=True)
+    # answers since the canary started; answers carry the request's time, which a replay sets in the past, so also
+    # the max_days before `until` (a canary older than that is rolled back anyway)
+    since_at = min(to_utc(pointer["started_at"]), until_ts - pd.Timedelta(days=cfg.max_days + 1))
+    log = mdata.load_request_log(settings.paths.request_log, since_at, until_ts, arms_only=True)
     canary_log = log[(log["arm"] == "canary") & (log["model_version"] == pointer["tag"])] if len(log) else log
     since = pd.to_datetime(canary_log["ts"], utc=True).min() if len(canary_log) else until_ts
     paths = [p for p, on in ((settings.paths.event_log, "event_log"), (settings.paths.events, "canonical"))

@@ -151,7 +151,8 @@ class ModelHolder:
                 log.info("canary %s ended: the champion %s serves every user", current.state.version, state.version)
             return
         tag, share = str(found["tag"]), float(found["share"])
-        if current is not None and current.state.version == tag and not self.item_side_changed(current.state):
+        if (current is not None and current.state.version == tag
+                and not await self._run(self.item_side_changed, current.state)):
             current.share, current.salt = share, str(found.get("salt") or tag)
             metrics()["canary"].labels(tag).set(share)
             return

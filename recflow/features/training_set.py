@@ -74,7 +74,8 @@ def get_historical(
 
     ``entity_df`` needs ``event_timestamp`` and the join keys the service's views use
     (``user_id`` and/or ``item_id``). Returns the frame (entity columns first, original row order
-    kept) and the number of unique lookups made per join key.
+    kept) and the number of unique lookups made per join key. Feast is asked ``feast.historical_batch_rows``
+    lookups at a time, which bounds the offline store's memory.
     """
     from recflow.feature_store import get_store
 
@@ -82,10 +83,15 @@ def get_historical(
     by_key = _refs_by_key(store, service or settings.feast.training_service)
     out = _validate(entity_df, sorted(by_key)).reset_index(drop=True)
     lookups: dict[str, int] = {}
+    batch = settings.feast.historical_batch_rows
     for key, refs in by_key.items():
         unique = out[[key, "event_timestamp"]].drop_duplicates().reset_index(drop=True)
         lookups[key] = len(unique)
-        joined = store.get_historical_features(entity_df=unique, features=refs, full_feature_names=True).to_df()
+        # in batches (feast.historical_batch_rows): each row is joined with every earlier snapshot of its entity
+        parts = [store.get_historical_features(entity_df=unique.iloc[i:i + batch], features=refs,
+                                               full_feature_names=True).to_df()
+                 for i in range(0, len(unique), batch)]
+        joined = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
         joined["event_timestamp"] = pd.to_datetime(joined["event_timestamp"], utc=True)
         joined[key] = joined[key].astype("string")
         out = out.merge(joined, on=[key, "event_timestamp"], how="left", validate="many_to_one")

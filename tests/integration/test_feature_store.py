@@ -208,3 +208,21 @@ def test_push_rows_write_what_the_data_frame_path_writes(applied) -> None:
         assert t_direct == t_frame
     assert v_direct["last_purchase_ts"].WhichOneof("val") is None  # null stays null
     assert v_direct["days_since_last_purchase"].WhichOneof("val") is None  # NaN is null, as in a frame
+
+
+def test_point_in_time_features_in_batches_equal_one_query(applied) -> None:
+    """feast.historical_batch_rows bounds the offline store's memory; the rows it returns do not depend on it."""
+    from recflow.features.training_set import get_historical
+
+    settings, store, _ = applied
+    entity = pd.DataFrame({"user_id": ["a", "b", "c", "a", "b", "c", "a"],
+                           "item_id": ["x", "y", "z", "w", "x", "y", "z"],
+                           "event_timestamp": ["2024-01-05T12:00:00Z", "2024-01-05T12:00:00Z", "2024-01-06T00:00:00Z",
+                                               "2024-01-20T00:00:00Z", "2024-02-01T00:00:00Z", "2024-01-02T00:00:00Z",
+                                               "2024-05-01T00:00:00Z"]})
+    whole, lookups = get_historical(settings, entity, store=store)
+    small = settings.model_copy(update={"feast": settings.feast.model_copy(update={"historical_batch_rows": 2})})
+    batched, same = get_historical(small, entity, store=store)
+    assert lookups == same == {"user_id": 7, "item_id": 7}
+    assert whole["user_history__history_item_ids"].map(lambda v: v is not None and len(v) > 0).sum() >= 3
+    pd.testing.assert_frame_equal(whole, batched)
