@@ -265,7 +265,7 @@ class ModelHolder:
                     same = self.state is not None and new.version == self.state.version
                     log.info("%s: loading it", f"a newer item side of {new.version}" if same
                              else f"champion pointer now names {new.version}")
-                    await self.reload()
+                    await self.reload(only_if_changed=True)
                 else:
                     await self.follow_canary()
             except Exception:  # noqa: BLE001 - the loop must survive; /status and the reload metric report it
@@ -362,8 +362,13 @@ class ModelHolder:
             raise NotFound(f"model_tag {tag!r} is not in the model registry (see `recflow models`)",
                            field="model_tag") from exc
 
-    async def reload(self, model_tag: str | None = None) -> ReloadResponse:
-        """Load the champion (or the registry's ``model_tag``), build its index, then swap it in atomically."""
+    async def reload(self, model_tag: str | None = None, only_if_changed: bool = False) -> ReloadResponse | None:
+        """Load the champion (or the registry's ``model_tag``), build its index, then swap it in atomically.
+
+        ``only_if_changed`` (the champion poll): once the reload lock is held, load only if the champion
+        pointer or the item side still differ from what is served, and return None otherwise. A ``/reload``
+        that ran while the poll waited for the lock has already loaded it; without the check, the daily
+        refresh's ``/reload`` cost a worker two loads."""
         assert self._reload_lock is not None
         self.require_state()  # before the first load there is nothing to swap: the load loop is on it
         settings = self.settings
@@ -371,6 +376,8 @@ class ModelHolder:
             await self._run(self._tag_folder, model_tag)  # a clean 404 for an unknown tag
             settings = settings_for(settings, model_tag)
         async with self._reload_lock:
+            if only_if_changed and await self._run(self.champion_changed) is None:
+                return None
             previous = self.state.version if self.state else None
             started = time.perf_counter()
             try:

@@ -196,7 +196,9 @@ class Runtime:
 
     async def reload(self, model_tag: str | None = None) -> ReloadResponse:
         """See :meth:`ModelHolder.reload`."""
-        return await self.models.reload(model_tag)
+        answer = await self.models.reload(model_tag)
+        assert answer is not None  # only the champion poll's reload may skip
+        return answer
 
     async def status(self) -> Status:
         """What is loaded, and how many feedback events wait to be pushed."""
