@@ -399,6 +399,9 @@ class ModelHolder:
             metrics()["reloads"].labels("ok").inc()
             log.info("reloaded: %s -> %s", previous, state.version)
             seconds = round(time.perf_counter() - started, 3)
-        await self.follow_canary()
+        # the canary follows in the background: /reload answers once the champion is swapped in (loading a
+        # canary too took a reload past the service's 30 s request timeout in the demo)
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.get_running_loop().create_task(self.follow_canary(), name="recflow-canary"))
         return ReloadResponse(model_version=state.version, previous_version=previous, items=state.n_items,
                               seconds=seconds)
