@@ -89,7 +89,7 @@ def _fill_home(settings, pseudo_of) -> None:  # noqa: ANN001
     rows = [{"request_id": f"r{i}", "ts": datetime(2024, 5, 22, tzinfo=UTC), "endpoint": "recommend",
              "user_id": pseudo_of(u), "item_id": None, "k": 1, "model_version": "m", "fallback": False,
              "degraded": False, "feature_age_s": None, "latency_ms": 1.0, "features": "{}", "item_ids": ["x"],
-             "scores": [1.0]}
+             "scores": [1.0], "arm": None}
             for i, u in enumerate([GONE, "a", "b", GONE])]
     day = settings.paths.request_log / "2024-05-22"
     day.mkdir(parents=True)
