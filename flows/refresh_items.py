@@ -55,7 +55,7 @@ def refresh_items(as_of: str | None = None, home: str | None = None, service_url
     out = item_refresh.write(settings, pointer["tag"], model, ts, seconds=seconds, events=len(events))
     canary = canary_pointer.get(settings)  # a canary is compared on the same day's item side as the champion
     canary_folder = registry.model_path(settings, canary["tag"]) / registry.RANKER_DIR if canary else None
-    if canary is not None and canary_folder is not None and canary_folder.is_dir() and canary["tag"] != pointer["tag"]:
+    if canary_folder is not None and canary_folder.is_dir() and canary["tag"] != pointer["tag"]:  # type: ignore[index]
         item_refresh.write(settings, canary["tag"], refresh(load_two_stage(canary_folder), events, int(ts.timestamp())),
                            ts, seconds=seconds, events=len(events))
         log.info("item side of the canary %s refreshed as of %s", canary["tag"], ts)

@@ -156,6 +156,7 @@ def run(settings: Settings, until: pd.Timestamp | str | None = None, act: bool =
     """Compare the running canary's arms up to ``until`` (default now; the demo passes its replay time),
     decide, and (``act``) end the canary on a verdict: promote or roll back (``recflow.canary.end``). Writes
     ``<reports>/canary/<time>.json``. Returns the record, or None when no canary runs."""
+    from monitoring.monitor_run import purchase_paths
     from recflow import canary as pointer_io
     from recflow import registry
     from recflow.privacy import pseudonym_key, pseudonymise_frame
@@ -170,11 +171,8 @@ def run(settings: Settings, until: pd.Timestamp | str | None = None, act: bool =
     # the max_days before `until` (a canary older than that is rolled back anyway)
     since_at = min(to_utc(pointer["started_at"]), until_ts - pd.Timedelta(days=cfg.max_days + 1))
     log = mdata.load_request_log(settings.paths.request_log, since_at, until_ts, arms_only=True)
-    canary_log = log[(log["arm"] == "canary") & (log["model_version"] == pointer["tag"])] if len(log) else log
-    since = pd.to_datetime(canary_log["ts"], utc=True).min() if len(canary_log) else until_ts
-    paths = [p for p, on in ((settings.paths.event_log, "event_log"), (settings.paths.events, "canonical"))
-             if on in settings.monitoring.feedback_sources]
-    purchases = pseudonymise_frame(mdata.load_events(paths, since, until_ts), pseudonym_key(settings))
+    purchases = pseudonymise_frame(mdata.load_events(purchase_paths(settings), since_at, until_ts),
+                                   pseudonym_key(settings))
     cmp = compare_arms(log, purchases, canary_tag=pointer["tag"], until=until_ts, k=cfg.k,
                        horizon_days=cfg.horizon_days, resamples=cfg.resamples, seed=cfg.seed)
     if champion.get("tag") not in (pointer.get("champion"), pointer["tag"]):

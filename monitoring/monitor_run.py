@@ -52,7 +52,8 @@ def run_id_for(end: pd.Timestamp) -> str:
     return end.strftime("%Y-%m-%dT%H%M%SZ")
 
 
-def _purchase_paths(settings: Settings) -> list[Path]:
+def purchase_paths(settings: Settings) -> list[Path]:
+    """Where purchases are read from: the event log and/or the canonical events (``monitoring.feedback_sources``)."""
     sources = settings.monitoring.feedback_sources
     paths = []
     if "event_log" in sources:
@@ -185,7 +186,7 @@ def run_monitor(
     q_start, q_end = start_ts - horizon, end_ts - horizon
     quality_log = log[(log["ts"] >= q_start) & (log["ts"] < q_end)]
 
-    paths = _purchase_paths(settings)
+    paths = purchase_paths(settings)
     if feedback is None:
         feedback = mdata.load_events(paths, q_start, end_ts)
     if reference_feedback is None:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.integration.test_serving import AUTH, _online, _post, _serving
+from tests.integration.test_serving import AUTH, _online, _post, _serving, _wait
 
 NOW = pd.Timestamp("2024-05-20T12:00:00Z")
 
@@ -243,7 +243,7 @@ def test_a_canary_answers_its_share_of_users_until_it_ends(tiny_features, shop_m
     arm_of = {u: "canary" if canary.serves_canary(u, challenger, 0.5) else "champion" for u in users}
     assert set(arm_of.values()) == {"canary", "champion"}
     with start_local(settings) as svc, httpx.Client(base_url=svc.url, timeout=30) as c:
-        _wait_for(lambda: _post(c, "/status", {}).json()["canary_version"] == challenger, "the canary loaded")
+        _wait(lambda: _post(c, "/status", {}).json()["canary_version"] == challenger, 60, "the canary loaded")
         assert _post(c, "/status", {}).json()["canary_share"] == 0.5
         for u in users:
             body = _post(c, "/recommend", {"user_id": u, "k": 4, "timestamp": NOW.isoformat()}).json()
@@ -254,7 +254,7 @@ def test_a_canary_answers_its_share_of_users_until_it_ends(tiny_features, shop_m
                 # the offline scorer ranks candidates only; the service fills a short list with popular items
                 assert [i["item_id"] for i in body["items"]][:len(want)] == want, (u, arm_of[u], body["items"], want)
         canary.end(settings, "rollback", "test")
-        _wait_for(lambda: _post(c, "/status", {}).json()["canary_version"] is None, "the canary dropped")
+        _wait(lambda: _post(c, "/status", {}).json()["canary_version"] is None, 60, "the canary dropped")
         assert {_post(c, "/recommend", {"user_id": u, "k": 4}).json()["model_version"] for u in users} == {champion}
     log = load_request_log(settings.paths.request_log, "1970-01-01", "2100-01-01")
     key = pseudonym_key(settings)
@@ -262,13 +262,3 @@ def test_a_canary_answers_its_share_of_users_until_it_ends(tiny_features, shop_m
     assert first.to_dict() == {pseudonym(u, key): arm_of[u] for u in users}
     assert log.loc[log["ts"] != NOW, "arm"].isna().all(), "no arm once the canary ended"
 
-
-def _wait_for(predicate, what: str, timeout: float = 60.0) -> None:  # noqa: ANN001
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
